@@ -1,0 +1,205 @@
+"""Datasets and image transforms shared by pretrain.py and the evaluation scripts.
+
+- `build_dataset(name, split, ...)`: one table of datasets by name, for pretraining ('pretrain'
+  split) and for labelled evaluation ('train' and 'val' splits).
+- `MultiCropAugmentation`: the paper's 2 global + M local views of an image.
+- `eval_transform`: resize the short side to size / 0.875, centre-crop, normalise.
+- `SyntheticImages`: a deterministic, procedurally generated labelled image dataset that needs no
+  download (quick demo, tests).
+"""
+import math
+import os
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(Exception):
+    """Data that cannot be used as given; the message says what was expected and how to fix it."""
+
+
+# ============ transforms ============
+
+def to_normalized_tensor():
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def eval_transform(image_size=224):
+    """Evaluation view: short side to image_size / 0.875 (256 for 224), bicubic, centre crop."""
+    return v2.Compose([
+        v2.Resize(int(round(image_size / 0.875)), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(image_size),
+        to_normalized_tensor(),
+    ])
+
+
+def blur_kernel_size(crop_size):
+    """Odd Gaussian-blur kernel of ~10% of the crop (23 px at 224, as in SimCLR), at least 3.
+    NOTE(authors' code): PIL's GaussianBlur has no kernel size; sigma in 0.1-2.0 is the same."""
+    return max(3, int(0.1 * crop_size) // 2 * 2 + 1)
+
+
+class MultiCropAugmentation:
+    """The paper's views of one image: 2 global crops and `local_crops_number` local crops.
+
+    All views: bicubic RandomResizedCrop, horizontal flip p 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1)
+    p 0.8, grayscale p 0.2, then Gaussian blur (sigma 0.1-2.0) and solarisation that differ per
+    view: global view 1 blur p 1.0; global view 2 blur p 0.1 and solarise p 0.2; local views blur
+    p 0.5. Returns a list of 2 + M normalised float tensors (3, H, W), global views first.
+    """
+
+    def __init__(self, global_crops_scale=(0.2, 1.0), local_crops_scale=(0.05, 0.2), local_crops_number=6,
+                 global_crops_size=224, local_crops_size=96):
+        def view(size, scale, blur_p, solarize_p=0.0):
+            return v2.Compose([
+                v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.RandomHorizontalFlip(p=0.5),
+                v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                v2.RandomGrayscale(p=0.2),
+                v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=blur_p),
+                v2.RandomSolarize(threshold=128, p=solarize_p),
+                to_normalized_tensor(),
+            ])
+
+        self.global_view1 = view(global_crops_size, global_crops_scale, blur_p=1.0)
+        self.global_view2 = view(global_crops_size, global_crops_scale, blur_p=0.1, solarize_p=0.2)
+        self.local_view = view(local_crops_size, local_crops_scale, blur_p=0.5)
+        self.local_crops_number = local_crops_number
+
+    def __call__(self, image):
+        views = [self.global_view1(image), self.global_view2(image)]
+        views += [self.local_view(image) for _ in range(self.local_crops_number)]
+        return views
+
+
+# ============ the synthetic dataset ============
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """Deterministic procedurally generated RGB images in 10 classes; no download.
+
+    Class c draws a periodic pattern of one of 5 kinds (horizontal stripes, vertical stripes,
+    checkerboard, diagonal lattice, rings around a random centre) at one of 2 spatial frequencies.
+    Phase, exact frequency, the two colours, contrast and pixel noise are random per image, so the
+    class is carried by shape and scale, not by colour or by pixel positions: k-NN on raw pixels does
+    poorly, a network has something to learn, and the labels still allow a k-NN check. Image i of a
+    split is generated from (seed, split, i): the same every time, in every process.
+    """
+
+    n_classes = 10
+    classes = [f"{kind}-{freq}" for freq in ("low", "high") for kind in ("hstripes", "vstripes", "checker", "lattice", "rings")]
+
+    def __init__(self, split="train", n_images=5000, image_size=32, seed=0, transform=None):
+        self.split_id = {"train": 0, "val": 1}[split]
+        self.n_images, self.image_size, self.seed, self.transform = n_images, image_size, seed, transform
+        self.targets = [i % self.n_classes for i in range(n_images)]
+
+    def __len__(self):
+        return self.n_images
+
+    def render(self, index):
+        rng = np.random.default_rng((self.seed, self.split_id, index))
+        label = self.targets[index]
+        kind, freq = label % 5, (3.0, 7.0)[label // 5] * rng.uniform(0.9, 1.1)
+        y, x = (np.mgrid[0:self.image_size, 0:self.image_size] + 0.5) / self.image_size  # (H, W) each, in (0, 1)
+        phase = rng.uniform(0, 2 * math.pi, size=2)
+        wave = lambda t, ph: np.sin(2 * math.pi * freq * t + ph)  # noqa: E731
+        if kind == 0:
+            pattern = wave(y, phase[0])
+        elif kind == 1:
+            pattern = wave(x, phase[0])
+        elif kind == 2:
+            pattern = wave(x, phase[0]) * wave(y, phase[1])
+        elif kind == 3:
+            pattern = wave((x + y) / math.sqrt(2), phase[0]) * wave((x - y) / math.sqrt(2), phase[1])
+        else:
+            cy, cx = rng.uniform(0.25, 0.75, size=2)
+            pattern = wave(np.hypot(x - cx, y - cy), phase[0])
+        contrast = rng.uniform(0.6, 1.0)
+        pattern = 0.5 + contrast * ((pattern > 0) - 0.5)  # (H, W), two levels
+        background = rng.uniform(0, 1, size=3)
+        foreground = (background + rng.uniform(0.35, 0.65, size=3)) % 1.0  # always a visible contrast
+        image = background + pattern[..., None] * (foreground - background)  # (H, W, 3)
+        image += rng.normal(0, 0.05, size=image.shape)
+        return Image.fromarray((image.clip(0, 1) * 255).astype(np.uint8)), label
+
+    def __getitem__(self, index):
+        image, label = self.render(index)
+        return (self.transform(image) if self.transform else image), label
+
+
+# ============ the table of datasets ============
+
+def load_image(path):
+    """RGB image from a file; a file that cannot be read raises an error that names it."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except Exception as e:
+        raise DataError(f"cannot read image {path}: {e}. Remove or replace the file.") from None
+
+
+def image_folder(root, split, transform):
+    """ImageNet layout: root/train/<class>/<image> and root/val/<class>/<image>. For pretraining,
+    root may also be a plain folder of class sub-folders (labels are then unused)."""
+    folder = os.path.join(root, "train" if split == "pretrain" else split)
+    if split == "pretrain" and not os.path.isdir(folder):
+        folder = root
+    if not os.path.isdir(folder):
+        raise DataError(f"image folder {folder} does not exist; --data_path should hold train/ and val/ "
+                        f"folders of class sub-folders (the ImageNet layout)")
+    try:
+        return torchvision.datasets.ImageFolder(folder, transform=transform, loader=load_image)
+    except FileNotFoundError as e:
+        raise DataError(f"no images in {folder}: {e}. Expected {folder}/<class name>/<image>.jpg") from None
+
+
+def torchvision_dataset(cls, splits):
+    """Builder for a torchvision dataset class; `splits` maps our split name to the constructor's
+    keyword arguments."""
+    def build(root, split, transform, download):
+        if root is None:
+            raise DataError(f"{cls.__name__} needs --data_path, the folder that holds (or will hold) its files")
+        try:
+            return cls(root, transform=transform, download=download, **splits[split])
+        except RuntimeError as e:
+            raise DataError(f"{cls.__name__} not found in {root} ({e}). Pass --download to fetch it "
+                            f"there, or point --data_path to the folder that holds it.") from None
+    return build
+
+
+DATASETS = {
+    "imagefolder": lambda root, split, transform, download: image_folder(root, split, transform),
+    "cifar10": torchvision_dataset(torchvision.datasets.CIFAR10,
+                                   {"pretrain": {"train": True}, "train": {"train": True}, "val": {"train": False}}),
+    "cifar100": torchvision_dataset(torchvision.datasets.CIFAR100,
+                                    {"pretrain": {"train": True}, "train": {"train": True}, "val": {"train": False}}),
+    # NOTE(paper): STL-10 pretraining uses the 5k labelled train images and the 100k unlabeled ones.
+    "stl10": torchvision_dataset(torchvision.datasets.STL10,
+                                 {"pretrain": {"split": "train+unlabeled"}, "train": {"split": "train"},
+                                  "val": {"split": "test"}}),
+}
+
+
+def build_dataset(name, split, transform=None, data_path=None, download=False, synthetic_images=5000,
+                  synthetic_size=32):
+    """Dataset `name` for `split`: 'pretrain' (all images available for self-supervision),
+    'train' (the labelled training split) or 'val' (the labelled evaluation split)."""
+    if split not in ("pretrain", "train", "val"):
+        raise ValueError(f"unknown split {split!r}")
+    if name == "synthetic":
+        n_images = synthetic_images if split != "val" else max(1, synthetic_images // 5)
+        dataset = SyntheticImages("val" if split == "val" else "train", n_images, synthetic_size, transform=transform)
+    elif name in DATASETS:
+        dataset = DATASETS[name](data_path, split, transform, download)
+    else:
+        raise DataError(f"unknown dataset {name!r}; choose one of: synthetic, {', '.join(DATASETS)}")
+    if len(dataset) == 0:
+        raise DataError(f"dataset {name!r} ({split} split, {data_path}) has no images")
+    return dataset

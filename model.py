@@ -1,0 +1,155 @@
+"""The CARP networks: backbone, projector + prototypes head, multi-crop wrapper, teacher update.
+
+    image view --backbone f--> h (D)  --projector g--> z (256)  --prototypes--> logits (K)
+
+The student and the teacher are two `MultiCropWrapper(backbone, CARPHead)` of identical
+architecture; the teacher is an exponential moving average (EMA) of the student and is what the
+evaluation scripts use (its backbone). State-dict keys are `backbone.*` and `head.*`, as in the
+authors' release and in DINO, so checkpoints load both ways.
+"""
+import torch
+import torch.nn as nn
+import torchvision
+
+
+RESNET_ARCHS = sorted(name for name in torchvision.models.list_models(module=torchvision.models)
+                      if name.startswith(("resnet", "resnext", "wide_resnet")))
+
+
+def build_backbone(arch="resnet50", small_image_stem=False, zero_init_residual=True):
+    """A torchvision ResNet without its classifier: (B, 3, H, W) -> pooled features (B, D).
+
+    small_image_stem: for 32x32-pixel data (CIFAR), replace the 7x7 stride-2 conv + max-pool,
+    which would shrink a 32x32 image to 8x8 before the first block, by a 3x3 stride-1 conv.
+    zero_init_residual: the last BN of every residual block starts at 0, so every block starts as
+    the identity (NOTE(paper): on in the recipe, as in DINO's ResNet runs).
+    The feature dimension is stored in `backbone.embed_dim` (2048 for ResNet-50, 512 for ResNet-18).
+    """
+    if arch not in RESNET_ARCHS:
+        raise ValueError(f"unknown --arch {arch!r}; choose a torchvision ResNet: {', '.join(RESNET_ARCHS)}")
+    backbone = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
+    if small_image_stem:
+        backbone.conv1 = nn.Conv2d(3, backbone.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(backbone.conv1.weight, mode="fan_out", nonlinearity="relu")
+        backbone.maxpool = nn.Identity()
+    backbone.embed_dim = backbone.fc.in_features
+    backbone.fc = nn.Identity()
+    return backbone
+
+
+class CARPHead(nn.Module):
+    """Projector g (an MLP) followed by the K prototypes.
+
+    mlp:        Linear(D, 2048) -> BN -> GELU -> Linear(2048, 2048) -> BN -> GELU -> Linear(2048, 256)
+    last_layer: weight-normalised Linear(256, K, bias=False); row k is prototype c_k, and with the
+                norm g fixed to 1 the logit of prototype k is s_k(z) = <c_k / ||c_k||, z>.
+    NOTE(paper): unlike DINO, z is NOT L2-normalised before the prototypes and there is no
+    temperature: the loss takes a softmax of these raw logits inside each block.
+    """
+
+    def __init__(self, in_dim, out_dim=65536, use_bn=True, norm_last_layer=True, nlayers=3,
+                 hidden_dim=2048, bottleneck_dim=256):
+        super().__init__()
+        layers = []
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1)
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(d_in, d_out)] + ([nn.BatchNorm1d(d_out)] if use_bn else []) + [nn.GELU()]
+        layers.append(nn.Linear(dims[-1], bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.apply(self._init_weights)
+        # Prototypes. parametrizations.weight_norm stores weight = g * v / ||v|| as `original0` (g,
+        # shape (K, 1)) and `original1` (v, shape (K, 256)); it also loads the older
+        # `weight_g` / `weight_v` keys of checkpoints made with nn.utils.weight_norm.
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.last_layer.parametrizations.weight.original0.data.fill_(1)
+        if norm_last_layer:
+            # Fixed norm 1: only the prototype directions are learned.
+            self.last_layer.parametrizations.weight.original0.requires_grad = False
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, h):
+        z = self.mlp(h)  # (B, 256)
+        return self.last_layer(z)  # (B, K)
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone and head over a list of views of mixed resolutions.
+
+    The backbone runs once per group of consecutive views of equal resolution (the global views
+    together, then the local views together), so BatchNorm sees one batch per resolution as in the
+    authors' code; the head runs once on all the features.
+    Input: a list of V tensors (B, 3, H_v, W_v). Output: logits (V, B, K).
+    """
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, views):
+        if torch.is_tensor(views):
+            views = [views]
+        # Boundaries between groups of equal resolution, e.g. [2, 8] for 2 x 224 + 6 x 96.
+        sizes = torch.tensor([v.shape[-1] for v in views])
+        ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
+        features, start = [], 0
+        for end in ends:
+            features.append(self.backbone(torch.cat(views[start:end])))  # ((end - start) * B, D)
+            start = end
+        logits = self.head(torch.cat(features))  # (V * B, K)
+        return logits.view(len(views), views[0].shape[0], -1)  # (V, B, K)
+
+
+@torch.no_grad()
+def update_teacher(student, teacher, momentum):
+    """EMA of the weights: xi <- m * xi + (1 - m) * theta, over all parameters (not BN buffers:
+    the teacher's BatchNorm keeps its own running statistics, as in DINO). m = 1 leaves the
+    teacher unchanged, m = 0 copies the student."""
+    teacher_params = list(teacher.parameters())
+    student_params = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+
+
+def backbone_state_dict(state_dict):
+    """The backbone weights of a CARP/DINO-style network state dict, with the `module.` (DDP) and
+    `backbone.` prefixes stripped and the head left out, ready for a bare torchvision ResNet."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        if key.startswith("backbone."):
+            out[key.removeprefix("backbone.")] = value
+    return out
+
+
+def load_backbone(path, arch="resnet50", small_image_stem=False, checkpoint_key="teacher"):
+    """A backbone with the weights of `checkpoint_key` ('teacher' or 'student') of a checkpoint
+    written by pretrain.py (or the authors' code), or randomly initialised when path == 'random'.
+
+    Safe loading: `weights_only=True` never runs code from the file. Architecture options stored
+    in our checkpoints' `args` override the given ones so that the weights fit.
+    """
+    if path == "random":
+        return build_backbone(arch, small_image_stem)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    saved_args = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
+    if isinstance(saved_args, dict):
+        arch = saved_args.get("arch", arch)
+        small_image_stem = saved_args.get("small_image_stem", small_image_stem)
+    if checkpoint_key not in checkpoint:
+        raise KeyError(f"{path} has no {checkpoint_key!r} entry; it has {sorted(checkpoint)}. "
+                       f"Use --checkpoint_key teacher or student.")
+    backbone = build_backbone(arch, small_image_stem)
+    weights = backbone_state_dict(checkpoint[checkpoint_key])
+    missing, unexpected = backbone.load_state_dict(weights, strict=False)
+    if len(missing) == len(backbone.state_dict()):
+        raise ValueError(f"no backbone weight of {path} [{checkpoint_key}] matches a {arch}")
+    if missing or unexpected:
+        print(f"loading {path} [{checkpoint_key}]: missing keys {missing}, unexpected keys {unexpected}")
+    return backbone
