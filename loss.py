@@ -62,7 +62,7 @@ def partition_for_step(n_prototypes, partition_size, seed, step):
     seeded from (seed, step) gives every rank the same partition with no communication, and a run
     resumed from a checkpoint draws exactly the partitions it would have drawn.
     """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    generator = torch.Generator().manual_seed((seed << 32) + step)  # distinct for every (seed, step < 2**32)
     return random_partition(n_prototypes, partition_size, generator)
 
 

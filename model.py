@@ -7,6 +7,8 @@ architecture; the teacher is an exponential moving average (EMA) of the student 
 evaluation scripts use (its backbone). State-dict keys are `backbone.*` and `head.*`, as in the
 authors' release and in DINO, so checkpoints load both ways.
 """
+import argparse
+
 import torch
 import torch.nn as nn
 import torchvision
@@ -132,13 +134,17 @@ def load_backbone(path, arch="resnet50", small_image_stem=False, checkpoint_key=
     """A backbone with the weights of `checkpoint_key` ('teacher' or 'student') of a checkpoint
     written by pretrain.py (or the authors' code), or randomly initialised when path == 'random'.
 
-    Safe loading: `weights_only=True` never runs code from the file. Architecture options stored
-    in our checkpoints' `args` override the given ones so that the weights fit.
+    Safe loading: `weights_only=True` never runs code from the file. The authors' checkpoints
+    pickle an argparse.Namespace under `args`: that one class is allow-listed, nothing else.
+    Architecture options stored in a checkpoint's `args` override the given ones so the weights fit.
     """
     if path == "random":
         return build_backbone(arch, small_image_stem)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     saved_args = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
+    if isinstance(saved_args, argparse.Namespace):
+        saved_args = vars(saved_args)
     if isinstance(saved_args, dict):
         arch = saved_args.get("arch", arch)
         small_image_stem = saved_args.get("small_image_stem", small_image_stem)

@@ -314,9 +314,9 @@ def train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader, sc
 
         # ---- optimizer step ----
         for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr_schedule[it]
+            group["lr"] = float(lr_schedule[it])
             if i == 0:  # only the regularised group has weight decay
-                group["weight_decay"] = wd_schedule[it]
+                group["weight_decay"] = float(wd_schedule[it])
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)

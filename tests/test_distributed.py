@@ -1,0 +1,150 @@
+"""CARP under a process group: W processes on their shares of a batch == one process on all of it.
+
+Two CPU processes on the gloo backend run `carp_loss` on their halves of one global batch and
+compare against one process on the concatenated batch. The workers run once per module (spawning
+imports torch in each child, a few seconds); every test reads their saved results.
+
+Sizes: V = 4 student views, V_t = 2 teacher views, B = 3 images per process (6 in all), K = 24
+prototypes, N_B = 6 per block, so N_P = 4 blocks.
+"""
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from loss import carp_loss, global_mean, partition_for_step
+
+WORLD_SIZE = 2
+V, V_T, B, K, N_B = 4, 2, 3, 24, 6
+SEED, STEP = 0, 7
+TIMEOUT_S = 120
+
+
+def global_logits():
+    """The same student (V, W*B, K) and teacher (V_t, W*B, K) logits in every process."""
+    generator = torch.Generator().manual_seed(1234)
+    student = 3 * torch.randn(V, WORLD_SIZE * B, K, generator=generator)  # (V, W*B, K)
+    teacher = 3 * torch.randn(V_T, WORLD_SIZE * B, K, generator=generator)  # (V_t, W*B, K)
+    return student, teacher
+
+
+def _worker(rank, port, out_dir):
+    """One rank: CARP loss and gradient on this rank's B images, partitions, global_mean."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        # ---- carp_loss on this rank's slice of the global batch ----
+        student, teacher = global_logits()
+        rows = slice(rank * B, (rank + 1) * B)
+        student_local = student[:, rows].clone().requires_grad_(True)  # (V, B, K)
+        teacher_local = teacher[:, rows].clone()  # (V_t, B, K)
+        partition = partition_for_step(K, N_B, SEED, STEP)  # (N_P, N_B)
+        consistency, entropy = carp_loss(student_local, teacher_local, partition)
+        # DDP averages gradients over ranks: the same as backpropagating loss / W on each rank.
+        ((consistency + entropy) / WORLD_SIZE).backward()
+
+        # ---- partitions drawn independently on every rank, then gathered ----
+        partitions = torch.stack([partition_for_step(K, N_B, SEED, step) for step in range(3)])  # (3, N_P, N_B)
+        gathered = [torch.empty_like(partitions) for _ in range(WORLD_SIZE)]
+        dist.all_gather(gathered, partitions)
+
+        # ---- global_mean on hand-derivable numbers: rank r holds [2r + 1, 2r + 2] ----
+        x = torch.tensor([2.0 * rank + 1, 2.0 * rank + 2], requires_grad=True)
+        mean = global_mean(x, n_local=2)
+        mean.sum().backward()
+
+        torch.save({
+            "consistency": consistency.detach(), "entropy": entropy.detach(), "grad": student_local.grad,
+            "partition": partition, "gathered_partitions": torch.stack(gathered),
+            "global_mean": mean.detach(), "global_mean_grad": x.grad,
+        }, out_dir / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Run the workers once; the saved results of rank 0 and rank 1."""
+    out_dir = tmp_path_factory.mktemp("distributed")
+    context = mp.spawn(_worker, args=(free_port(), out_dir), nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        # join() re-raises a worker's exception (with its traceback) and returns True when all are done.
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"distributed workers still running after {TIMEOUT_S} s (hung collective?)")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """carp_loss and its gradient in one process (no process group) on the concatenated batch."""
+    student, teacher = global_logits()
+    student.requires_grad_(True)
+    consistency, entropy = carp_loss(student, teacher, partition_for_step(K, N_B, SEED, STEP))
+    (consistency + entropy).backward()
+    return {"consistency": consistency.detach(), "entropy": entropy.detach(), "grad": student.grad}
+
+
+def test_consistency_averaged_over_ranks_equals_one_process_on_global_batch(ranks, single_process):
+    """L_c is a mean over images: the mean of the W ranks' L_c (equal B) is L_c of the global batch."""
+    mean_over_ranks = torch.stack([r["consistency"] for r in ranks]).mean()
+    torch.testing.assert_close(mean_over_ranks, single_process["consistency"], atol=1e-6, rtol=1e-6)
+    # Different images on the two ranks: the per-rank values are not trivially equal.
+    assert not torch.allclose(ranks[0]["consistency"], ranks[1]["consistency"])
+
+
+def test_entropy_uses_global_marginal_on_every_rank(ranks, single_process):
+    """L_H is computed from the block marginal pbar over the global batch: every rank gets the one-process value."""
+    for r in ranks:
+        torch.testing.assert_close(r["entropy"], single_process["entropy"], atol=1e-6, rtol=1e-6)
+
+
+def test_gradient_of_ddp_step_equals_one_process_gradient_on_global_batch(ranks, single_process):
+    """A W-process step takes the one-process gradient of L_c + L_H on the concatenated batch.
+
+    Every rank computes the same L_H from the global marginal pbar; `_AllReduceSum`'s backward sums
+    dL_H/dpbar over the ranks and hands it to each rank's own slice, and DDP averages the ranks'
+    gradients, i.e. each rank backpropagates (L_c + L_H) / W. So d/dz(rank r) of that equals the
+    one-process gradient of L_c + L_H on rank r's rows: L_c's 1/B_local * 1/W = 1/B_global, and
+    L_H's W identical copies * 1/W = one copy.
+    """
+    for rank, r in enumerate(ranks):
+        expected = single_process["grad"][:, rank * B:(rank + 1) * B]  # (V, B, K)
+        torch.testing.assert_close(r["grad"], expected, atol=1e-6, rtol=1e-5)
+    assert single_process["grad"].abs().max() > 1e-4  # the comparison is not between zeros
+
+
+def test_partition_identical_on_every_rank(ranks):
+    """The step's partition is the same on every process with no communication (seeded from (seed, step))."""
+    gathered = ranks[0]["gathered_partitions"]  # (W, steps, N_P, N_B)
+    assert gathered.shape == (WORLD_SIZE, 3, K // N_B, N_B)
+    torch.testing.assert_close(gathered[0], gathered[1], rtol=0, atol=0)
+    torch.testing.assert_close(ranks[1]["gathered_partitions"], gathered, rtol=0, atol=0)
+    # ... equal to what this (parent) process draws for the same (seed, step): resume-exact.
+    for step in range(3):
+        torch.testing.assert_close(gathered[0, step], partition_for_step(K, N_B, SEED, step), rtol=0, atol=0)
+    # ... and a different partition at each step.
+    assert not torch.equal(gathered[0, 0], gathered[0, 1])
+
+
+def test_global_mean_divides_sum_over_ranks_by_total_count(ranks):
+    """global_mean: (x_0 + x_1) / (n_local * W) = ([1, 2] + [3, 4]) / 4 = [1, 1.5] on every rank; the
+    gradient of the sum of all ranks' sum(mean) w.r.t. each local x is W / (n_local * W) = 0.5."""
+    for r in ranks:
+        torch.testing.assert_close(r["global_mean"], torch.tensor([1.0, 1.5]))
+        torch.testing.assert_close(r["global_mean_grad"], torch.tensor([0.5, 0.5]))

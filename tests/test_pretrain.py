@@ -1,0 +1,176 @@
+"""pretrain.py end to end on the synthetic dataset with a tiny configuration: checkpoints, exact
+resume, logs, and a clear message for every kind of bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ResNet-18 on 16x16 global and 8x8 local views, K = 32 prototypes in 4 blocks of 8, 16 images.
+TINY = ["--dataset", "synthetic", "--synthetic_images", "16", "--arch", "resnet18",
+        "--global_crops_size", "16", "--local_crops_size", "8", "--local_crops_number", "1",
+        "--out_dim", "32", "--partition_size", "8", "--batch_size_per_gpu", "4", "--num_workers", "0",
+        "--momentum_teacher", "0.9", "--log_every", "2"]
+
+
+def run_main(tmp_path, *extra):
+    pretrain.main(TINY + ["--output_dir", str(tmp_path)] + list(extra))
+    return torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+
+
+def run_script(*argv, script="pretrain.py"):
+    """Run a script as a user would; returns the finished process (stdout and stderr captured)."""
+    return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_checkpoint_holds_the_whole_run_and_loads_with_weights_only(tmp_path):
+    """checkpoint.pth loads with weights_only=True and holds student, teacher (backbone.* / head.*
+    keys), optimizer, scaler, epoch, global step, RNG state and the arguments as a plain dict;
+    checkpoint0002.pth is kept at --saveckp_freq 2."""
+    checkpoint = run_main(tmp_path, "--epochs", "2", "--saveckp_freq", "2")
+    assert {"student", "teacher", "optimizer", "scaler", "epoch", "global_step", "rng", "args"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 2 * 4  # 16 images / batch 4 = 4 steps
+    assert isinstance(checkpoint["args"], dict) and checkpoint["args"]["out_dim"] == 32
+    assert {k.split(".")[0] for k in checkpoint["teacher"]} == {"backbone", "head"}
+    assert checkpoint["teacher"].keys() == checkpoint["student"].keys()
+    assert (tmp_path / "checkpoint0002.pth").exists() and not (tmp_path / "checkpoint0001.pth").exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_log_has_the_losses_and_prototype_usage(tmp_path):
+    """log.jsonl: one line per 2 steps and one per epoch, with loss = consistency + entropy,
+    prototype usage and the per-block entropy log N_B - L_H."""
+    run_main(tmp_path, "--epochs", "1")
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    steps = [r for r in records if "step" in r]
+    assert [r["step"] for r in steps] == [2, 4]
+    for r in records:
+        assert r["loss"] == pytest.approx(r["consistency"] + r["entropy"], rel=1e-5)
+        assert 1 <= r["prototypes_used"] <= 32
+        assert r["block_entropy"] == pytest.approx(torch.log(torch.tensor(8.0)).item() - r["entropy"], rel=1e-5)
+    assert {"lr", "wd", "momentum", "images_per_s"} <= set(steps[0])
+    assert records[-1]["epoch_summary"] and records[-1]["epoch"] == 0
+
+
+def test_teacher_is_an_ema_not_a_copy_of_the_student(tmp_path):
+    """After training, the teacher (an EMA of the student, m < 1) differs from the student."""
+    checkpoint = run_main(tmp_path, "--epochs", "1")
+    key = "head.mlp.0.weight"
+    assert not torch.equal(checkpoint["teacher"][key], checkpoint["student"][key])
+
+
+def test_a_killed_run_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """Killing a 3-epoch run during epoch 2 and running the same command again resumes at epoch 2,
+    step 8, and ends with exactly the weights of an uninterrupted run (same data order, views,
+    partitions and optimizer state)."""
+    straight = run_main(tmp_path / "straight", "--epochs", "3")
+
+    calls = []
+    original = pretrain.train_one_epoch
+
+    def killed_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "train_one_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(tmp_path / "resumed", "--epochs", "3")
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(pretrain, "train_one_epoch", original)
+    capsys.readouterr()
+    resumed = run_main(tmp_path / "resumed", "--epochs", "3")
+    assert "resuming from" in capsys.readouterr().out and resumed["global_step"] == 12
+    for key, value in straight["teacher"].items():
+        assert torch.allclose(resumed["teacher"][key].float(), value.float(), atol=1e-6), key
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    """--gradient_accumulation_steps 2: 4 forward passes of 4 images per epoch make 2 optimizer
+    steps, and the schedules and logs are indexed by them."""
+    checkpoint = run_main(tmp_path, "--epochs", "1", "--gradient_accumulation_steps", "2", "--log_every", "1")
+    assert checkpoint["global_step"] == 2
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl") if '"step"' in line]
+    assert steps == [1, 2]
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A NaN loss stops the run naming the optimizer step, and checkpoint.pth from the last good
+    epoch is left byte for byte as it was."""
+    run_main(tmp_path, "--epochs", "1")
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    original = pretrain.carp_loss
+
+    def nan_loss(*args):
+        consistency, entropy = original(*args)
+        return consistency * float("nan"), entropy
+
+    monkeypatch.setattr(pretrain, "carp_loss", nan_loss)
+    with pytest.raises(pretrain.NonFiniteLoss, match="step 4 .*epoch 1"):
+        run_main(tmp_path, "--epochs", "2")
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before
+
+
+def test_knn_monitor_reports_random_init_and_trained_teacher(tmp_path, capsys):
+    """--knn_every 1 measures the teacher before training (the random-init baseline) and after each
+    epoch, and prints both at the end."""
+    run_main(tmp_path, "--epochs", "1", "--knn_every", "1", "--synthetic_images", "40")
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    knn = [r for r in records if "knn_top1" in r]
+    assert [r["epoch"] for r in knn] == [-1, 0]
+    assert all(0 <= r["knn_top1"] <= 100 for r in knn)
+    assert "randomly initialised backbone" in capsys.readouterr().out
+
+
+def test_resuming_with_another_architecture_is_refused(tmp_path):
+    """Resuming with a different --out_dim would load mismatched weights: refused, with the flag named."""
+    run_main(tmp_path, "--epochs", "1")
+    with pytest.raises(pretrain.DataError, match="--out_dim 32"):
+        pretrain.main(TINY + ["--output_dir", str(tmp_path), "--epochs", "2", "--out_dim", "64"])
+
+
+# ---------------------------------------------------------------- bad input, as a user sees it ----
+
+def corrupt_image_folder(root):
+    for cls in ("a", "b"):
+        os.makedirs(root / cls)
+        for i in range(4):
+            Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(root / cls / f"{i}.png")
+    (root / "b" / "broken.png").write_bytes(b"not an image")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset", "nope"], "unknown dataset 'nope'"),
+    (["--arch", "resnet7"], "unknown --arch 'resnet7'"),
+    (["--partition_size", "64"], "--partition_size 64 must be between 1 and --out_dim 32"),
+    (["--batch_size_per_gpu", "1"], "BatchNorm needs at least 2 images per process"),
+    (["--dataset", "imagefolder", "--data_path", "EMPTY"], "no images in"),
+    (["--dataset", "cifar10", "--data_path", "EMPTY"], "Pass --download"),
+    (["--synthetic_images", "3"], "cannot fill one optimizer step"),
+    (["--dataset", "imagefolder", "--data_path", "CORRUPT", "--batch_size_per_gpu", "9"], "broken.png"),
+])
+def test_bad_input_gets_a_clear_message_and_no_traceback(tmp_path, flags, message):
+    """Each bad input stops the script with one clear message naming the bad value, no traceback."""
+    (tmp_path / "empty").mkdir()
+    corrupt_image_folder(tmp_path / "corrupt")
+    flags = [str(tmp_path / "empty") if f == "EMPTY" else str(tmp_path / "corrupt") if f == "CORRUPT" else f
+             for f in flags]
+    result = run_script(*TINY, "--epochs", "1", "--output_dir", str(tmp_path / "out"), *flags)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_partition_size_that_does_not_divide_out_dim_warns(tmp_path):
+    """N_B = 12 of K = 32: 8 prototypes are left out of every step, and the run says so."""
+    with pytest.warns(UserWarning, match="8 prototypes are left out"):
+        run_main(tmp_path, "--epochs", "1", "--partition_size", "12")
