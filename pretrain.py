@@ -55,8 +55,11 @@ def get_args(argv=None):
     g.add_argument("--gradient_accumulation_steps", type=int, default=1,
                    help="forward passes per optimizer step; the effective batch is "
                         "batch_size_per_gpu x processes x gradient_accumulation_steps")
+    g.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"],
+                   help="lars (the paper); sgd (momentum 0.9) or adamw for short runs on small data, where "
+                        "LARS's small per-layer steps (trust coefficient 0.001) need many steps to move the weights")
     g.add_argument("--lr", type=float, default=0.45,
-                   help="peak LARS learning rate for an effective batch of 256; scaled linearly with the batch")
+                   help="peak learning rate for an effective batch of 256; scaled linearly with the batch")
     g.add_argument("--min_lr", type=float, default=0.0048, help="learning rate at the end of the cosine schedule")
     g.add_argument("--warmup_epochs", type=int, default=0, help="linear warm-up epochs (paper: 0)")
     g.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay at the start (cosine schedule)")
@@ -216,14 +219,14 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-ARCH_ARGS = ("arch", "small_image_stem", "out_dim", "use_bn_in_head")
+RESUME_ARGS = ("arch", "small_image_stem", "out_dim", "use_bn_in_head", "optimizer")
 
 
 def load_checkpoint(path, args, student, teacher, optimizer, scaler, rank):
     """Restore a run from `path`; returns (start_epoch, extra) where extra holds the k-NN baseline."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     changed = [f"--{k} {checkpoint['args'][k]} (now {getattr(args, k)})"
-               for k in ARCH_ARGS if checkpoint["args"].get(k) != getattr(args, k)]
+               for k in RESUME_ARGS if checkpoint["args"].get(k) != getattr(args, k)]
     if changed:
         raise DataError(f"{path} was trained with {', '.join(changed)}; use the same architecture flags "
                         f"to resume, or another --output_dir to start a new run")
@@ -429,7 +432,12 @@ def main(argv=None):
     # ============ preparing optimizer and schedules ... ============
     effective_batch = args.batch_size_per_gpu * world_size * args.gradient_accumulation_steps
     base_lr = args.lr * effective_batch / 256  # linear scaling rule
-    optimizer = LARS(param_groups(student_module))
+    if args.optimizer == "lars":
+        optimizer = LARS(param_groups(student_module))
+    elif args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(param_groups(student_module), lr=0.0, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(param_groups(student_module), lr=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=args.use_fp16 and not args.use_bf16 and device.type == "cuda")
     lr_schedule = cosine_schedule(base_lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs)
     wd_schedule = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)

@@ -83,7 +83,7 @@ def test_synthetic_classes_carried_by_shape_not_pixels():
         f = np.abs(np.fft.fft2(gray)).reshape(len(x), -1)
         return f / np.linalg.norm(f, axis=1, keepdims=True)
 
-    assert one_nn_accuracy(x_train, x_val) < 0.7  # measured 0.41; chance is 0.1
+    assert one_nn_accuracy(x_train, x_val) < 0.7  # measured 0.46; chance is 0.1
     assert one_nn_accuracy(fourier_magnitude(x_train), fourier_magnitude(x_val)) > 0.9  # measured 1.0
 
 

@@ -174,3 +174,18 @@ def test_partition_size_that_does_not_divide_out_dim_warns(tmp_path):
     """N_B = 12 of K = 32: 8 prototypes are left out of every step, and the run says so."""
     with pytest.warns(UserWarning, match="8 prototypes are left out"):
         run_main(tmp_path, "--epochs", "1", "--partition_size", "12")
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """`torchrun --nproc_per_node=2 pretrain.py` on CPU (gloo): DDP with gradient accumulation
+    (no_sync on the first forward pass), the distributed sampler and the gathered RNG states; the
+    checkpoint holds one RNG state per process and the effective batch is 2 x 4 x 2 = 16."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "pretrain.py", *TINY, "--synthetic_images", "32", "--gradient_accumulation_steps", "2",
+         "--epochs", "1", "--output_dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "effective batch 16" in result.stdout
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert len(checkpoint["rng"]) == 2 and checkpoint["global_step"] == 2  # 32 images / 16 per step
