@@ -97,7 +97,7 @@ def get_args(argv=None):
     return parser, parser.parse_args(argv)
 
 
-def check_args(parser, args, world_size):
+def check_args(parser, args):
     """Refuse settings that cannot work, with a message that says what to do instead."""
     if args.partition_size < 1 or args.partition_size > args.out_dim:
         parser.error(f"--partition_size {args.partition_size} must be between 1 and --out_dim {args.out_dim} "
@@ -371,7 +371,7 @@ def interval_stats(sums, n_forward, used, partition_size):
 def main(argv=None):
     parser, args = get_args(argv)
     rank, world_size, device = init_distributed()
-    check_args(parser, args, world_size)
+    check_args(parser, args)
     os.makedirs(args.output_dir, exist_ok=True)
     log_path = os.path.join(args.output_dir, "log.jsonl")
 
