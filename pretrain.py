@@ -225,10 +225,10 @@ RESUME_ARGS = ("arch", "small_image_stem", "out_dim", "use_bn_in_head", "optimiz
 def load_checkpoint(path, args, student, teacher, optimizer, scaler, rank):
     """Restore a run from `path`; returns (start_epoch, extra) where extra holds the k-NN baseline."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    changed = [f"--{k} {checkpoint['args'][k]} (now {getattr(args, k)})"
+    changed = [f"--{k} {checkpoint['args'].get(k)} (now {getattr(args, k)})"
                for k in RESUME_ARGS if checkpoint["args"].get(k) != getattr(args, k)]
     if changed:
-        raise DataError(f"{path} was trained with {', '.join(changed)}; use the same architecture flags "
+        raise DataError(f"{path} was trained with {', '.join(changed)}; use the same flags "
                         f"to resume, or another --output_dir to start a new run")
     student.load_state_dict(checkpoint["student"])
     teacher.load_state_dict(checkpoint["teacher"])

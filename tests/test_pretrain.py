@@ -26,9 +26,9 @@ def run_main(tmp_path, *extra):
     return torch.load(tmp_path / "checkpoint.pth", weights_only=True)
 
 
-def run_script(*argv, script="pretrain.py"):
-    """Run a script as a user would; returns the finished process (stdout and stderr captured)."""
-    return subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_script(*argv):
+    """Run pretrain.py as a user would; returns the finished process (stdout and stderr captured)."""
+    return subprocess.run([sys.executable, "pretrain.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def test_checkpoint_holds_the_whole_run_and_loads_with_weights_only(tmp_path):
