@@ -179,18 +179,25 @@ def image_folder(root, split, transform):
         raise DataError(f"no images in {folder}: {e}. Expected {folder}/<class name>/<image>.jpg") from None
 
 
-def torchvision_dataset(cls, splits):
+def torchvision_dataset(cls, splits, **fixed):
     """Builder for a torchvision dataset class; `splits` maps our split name to the constructor's
-    keyword arguments."""
+    keyword arguments, `fixed` holds the ones every split shares."""
     def build(root, split, transform, download):
         if root is None:
             raise DataError(f"{cls.__name__} needs --data_path, the folder that holds (or will hold) its files")
         try:
-            return cls(root, transform=transform, download=download, **splits[split])
-        except RuntimeError as e:
-            raise DataError(f"{cls.__name__} not found in {root} ({e}). Pass --download to fetch it "
-                            f"there, or point --data_path to the folder that holds it.") from None
+            return cls(root, transform=transform, download=download, **splits[split], **fixed)
+        except (RuntimeError, FileNotFoundError) as e:
+            how = ("Pass --download to fetch it there" if not download
+                   else "Download it by hand as the torchvision documentation of the class explains")
+            raise DataError(f"{cls.__name__} not found in {root} ({e}). {how}, or point --data_path to the "
+                            f"folder that holds it.") from None
     return build
+
+
+def splits(train, val):
+    """Split keywords of the torchvision classes that take split='...': pretraining reads the train split."""
+    return {"pretrain": {"split": train}, "train": {"split": train}, "val": {"split": val}}
 
 
 DATASETS = {
@@ -203,7 +210,20 @@ DATASETS = {
     "stl10": torchvision_dataset(torchvision.datasets.STL10,
                                  {"pretrain": {"split": "train+unlabeled"}, "train": {"split": "train"},
                                   "val": {"split": "test"}}),
+    # The paper's transfer sets (linear probe and k-NN on frozen features): the official training
+    # split (trainval where the dataset defines one) against the official test split.
+    "gtsrb": torchvision_dataset(torchvision.datasets.GTSRB, splits("train", "test")),
+    "fgvc_aircraft": torchvision_dataset(torchvision.datasets.FGVCAircraft, splits("trainval", "test"),
+                                         annotation_level="variant"),
+    "stanford_cars": torchvision_dataset(torchvision.datasets.StanfordCars, splits("train", "test")),
+    "country211": torchvision_dataset(torchvision.datasets.Country211, splits("train", "test")),
+    "flowers102": torchvision_dataset(torchvision.datasets.Flowers102, splits("train", "test")),
+    "food101": torchvision_dataset(torchvision.datasets.Food101, splits("train", "test")),
+    "oxford_pets": torchvision_dataset(torchvision.datasets.OxfordIIITPet, splits("trainval", "test"),
+                                       target_types="category"),
+    "dtd": torchvision_dataset(torchvision.datasets.DTD, splits("train", "test")),
 }
+DATASET_NAMES = ["synthetic", *DATASETS]
 
 
 def build_dataset(name, split, transform=None, data_path=None, download=False, synthetic_images=5000,
@@ -218,7 +238,7 @@ def build_dataset(name, split, transform=None, data_path=None, download=False, s
     elif name in DATASETS:
         dataset = DATASETS[name](data_path, split, transform, download)
     else:
-        raise DataError(f"unknown dataset {name!r}; choose one of: synthetic, {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
     if len(dataset) == 0:
         raise DataError(f"dataset {name!r} ({split} split, {data_path}) has no images")
     return dataset

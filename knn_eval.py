@@ -16,68 +16,9 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from data import DataError, build_dataset, eval_transform
-from model import load_backbone
-
-
-def bool_flag(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-class WithIndex(torch.utils.data.Dataset):
-    """(image, label, index) so that every feature lands in the row of its image."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        image, label = self.dataset[index]
-        return image, label, index
-
-
-@torch.no_grad()
-def extract_features(backbone, dataset, batch_size=128, num_workers=4, device="cpu", progress=True):
-    """Features (N, D) and labels (N,) of every image of `dataset`, in dataset order, on the CPU.
-
-    Under a process group each process computes a shard and the shards are all-gathered; the
-    DistributedSampler pads the last shard with repeated images, which simply land in their own
-    rows again. The backbone is used in eval() mode (BatchNorm running statistics).
-    """
-    distributed = dist.is_available() and dist.is_initialized()
-    sampler = (torch.utils.data.DistributedSampler(dataset, shuffle=False) if distributed
-               else torch.utils.data.SequentialSampler(dataset))
-    loader = torch.utils.data.DataLoader(WithIndex(dataset), batch_size=batch_size, sampler=sampler,
-                                         num_workers=num_workers, pin_memory=str(device).startswith("cuda"))
-    was_training = backbone.training
-    backbone.eval()
-    features, labels = None, torch.zeros(len(dataset), dtype=torch.long)
-    show = progress and (not distributed or dist.get_rank() == 0)
-    for images, targets, index in tqdm(loader, desc="features", disable=not show, leave=False):
-        feats = backbone(images.to(device, non_blocking=True)).float()  # (b, D)
-        index, targets = index.to(device), targets.to(device)
-        if distributed:  # every rank runs the same number of equal-sized batches
-            feats, index, targets = (torch.cat(all_gather(t)) for t in (feats, index, targets))
-        if features is None:
-            features = torch.zeros(len(dataset), feats.shape[1])
-        features[index.cpu()] = feats.cpu()
-        labels[index.cpu()] = targets.cpu()
-    backbone.train(was_training)
-    return features, labels
-
-
-def all_gather(tensor):
-    tensors = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(tensors, tensor.contiguous())
-    return tensors
+from data import DataError
+from features import add_eval_args, frozen_features, init_distributed, is_main_process
 
 
 @torch.no_grad()
@@ -103,8 +44,9 @@ def knn_classify(train_features, train_labels, test_features, test_labels, nb_kn
             used = min(k, max_k)  # a memory bank smaller than k votes with all its images
             votes = torch.zeros(len(targets), n_classes)  # (c, C)
             votes.scatter_add_(1, neighbour_labels[:, :used], weights[:, :used])
-            ranked = votes.topk(min(5, n_classes), dim=1).indices  # (c, 5)
-            hits = ranked == targets[:, None]  # (c, 5)
+            top_votes, ranked = votes.topk(min(5, n_classes), dim=1)  # (c, 5) each
+            # A class without a vote is not a prediction: top-5 is over min(5, k) voted classes.
+            hits = (ranked == targets[:, None]) & (top_votes > 0)  # (c, 5)
             correct[k] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).float()
     n = len(test_labels)
     results = {}
@@ -116,51 +58,39 @@ def knn_classify(train_features, train_labels, test_features, test_labels, nb_kn
 
 def get_args():
     parser = argparse.ArgumentParser("Weighted k-NN evaluation on frozen features")
-    g = parser.add_argument_group("model")
-    g.add_argument("--pretrained_weights", required=True,
-                   help="checkpoint written by pretrain.py, or 'random' for a randomly initialised backbone")
-    g.add_argument("--checkpoint_key", default="teacher", help="'teacher' (the paper) or 'student'")
-    g.add_argument("--arch", default="resnet50", help="torchvision ResNet; read from our checkpoints' args")
-    g.add_argument("--small_image_stem", type=bool_flag, default=False, help="3x3 stem for 32x32 data")
-    g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="imagefolder", help="imagefolder, cifar10, cifar100, stl10, synthetic")
-    g.add_argument("--data_path", default=None, help="imagefolder: folder with train/ and val/")
-    g.add_argument("--download", action="store_true", help="download a torchvision dataset into --data_path")
-    g.add_argument("--image_size", type=int, default=224, help="centre crop size (224; 32 for CIFAR-sized data)")
-    g.add_argument("--batch_size_per_gpu", type=int, default=128)
-    g.add_argument("--num_workers", type=int, default=4)
+    add_eval_args(parser)
     g = parser.add_argument_group("k-NN")
-    g.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours")
+    g.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200],
+                   help="numbers of neighbours k (20 is usually best)")
     g.add_argument("--temperature", type=float, default=0.07, help="T of the exp(s / T) vote weights")
     g.add_argument("--output_json", default=None, help="write the metrics as a flat JSON object here")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if min(args.nb_knn) < 1 or args.temperature <= 0:
+        parser.error(f"--nb_knn {args.nb_knn} must be >= 1 and --temperature {args.temperature} > 0")
+    return args
 
 
 def main():
     args = get_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    # ============ preparing data ... ============
-    transform = eval_transform(args.image_size)
-    train_set = build_dataset(args.dataset, "train", transform, args.data_path, args.download)
-    val_set = build_dataset(args.dataset, "val", transform, args.data_path, args.download)
-    print(f"{args.dataset}: {len(train_set)} train and {len(val_set)} val images")
-    # ============ building the backbone ... ============
-    backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key).to(device)
-    # ============ extracting features and classifying ... ============
-    train_features, train_labels = extract_features(backbone, train_set, args.batch_size_per_gpu, args.num_workers, device)
-    val_features, val_labels = extract_features(backbone, val_set, args.batch_size_per_gpu, args.num_workers, device)
-    results = knn_classify(train_features, train_labels, val_features, val_labels, args.nb_knn, args.temperature)
-    print(f"weighted k-NN (T={args.temperature}) of {args.pretrained_weights} on {args.dataset}")
-    print(f"{'k':>5} {'top-1':>7} {'top-5':>7}")
-    for k in args.nb_knn:
-        print(f"{k:>5} {results[f'top1_k{k}']:>7.2f} {results[f'top5_k{k}']:>7.2f}")
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(results, f, indent=1)
+    rank, world_size, device = init_distributed()
+    # ============ extracting features ... ============
+    features = frozen_features(args, device)
+    # ============ classifying ... ============
+    if is_main_process():
+        results = knn_classify(*features["train"], *features["val"], args.nb_knn, args.temperature)
+        print(f"weighted k-NN (T={args.temperature}) of {args.pretrained_weights} on {args.dataset}")
+        print(f"{'k':>5} {'top-1':>7} {'top-5':>7}")
+        for k in args.nb_knn:
+            print(f"{k:>5} {results[f'top1_k{k}']:>7.2f} {results[f'top5_k{k}']:>7.2f}")
+        if args.output_json:
+            with open(args.output_json, "w") as f:
+                json.dump(results, f, indent=1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, FileNotFoundError, KeyError, ValueError) as e:
+    except DataError as e:
         sys.exit(f"error: {e}")

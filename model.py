@@ -7,8 +7,6 @@ architecture; the teacher is an exponential moving average (EMA) of the student 
 evaluation scripts use (its backbone). State-dict keys are `backbone.*` and `head.*`, as in the
 authors' release and in DINO, so checkpoints load both ways.
 """
-import argparse
-
 import torch
 import torch.nn as nn
 import torchvision
@@ -117,45 +115,3 @@ def update_teacher(student, teacher, momentum):
     student_params = [p.detach() for p in student.parameters()]
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
-
-
-def backbone_state_dict(state_dict):
-    """The backbone weights of a CARP/DINO-style network state dict, with the `module.` (DDP) and
-    `backbone.` prefixes stripped and the head left out, ready for a bare torchvision ResNet."""
-    out = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("module.")
-        if key.startswith("backbone."):
-            out[key.removeprefix("backbone.")] = value
-    return out
-
-
-def load_backbone(path, arch="resnet50", small_image_stem=False, checkpoint_key="teacher"):
-    """A backbone with the weights of `checkpoint_key` ('teacher' or 'student') of a checkpoint
-    written by pretrain.py (or the authors' code), or randomly initialised when path == 'random'.
-
-    Safe loading: `weights_only=True` never runs code from the file. The authors' checkpoints
-    pickle an argparse.Namespace under `args`: that one class is allow-listed, nothing else.
-    Architecture options stored in a checkpoint's `args` override the given ones so the weights fit.
-    """
-    if path == "random":
-        return build_backbone(arch, small_image_stem)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    saved_args = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
-    if isinstance(saved_args, argparse.Namespace):
-        saved_args = vars(saved_args)
-    if isinstance(saved_args, dict):
-        arch = saved_args.get("arch", arch)
-        small_image_stem = saved_args.get("small_image_stem", small_image_stem)
-    if checkpoint_key not in checkpoint:
-        raise KeyError(f"{path} has no {checkpoint_key!r} entry; it has {sorted(checkpoint)}. "
-                       f"Use --checkpoint_key teacher or student.")
-    backbone = build_backbone(arch, small_image_stem)
-    weights = backbone_state_dict(checkpoint[checkpoint_key])
-    missing, unexpected = backbone.load_state_dict(weights, strict=False)
-    if len(missing) == len(backbone.state_dict()):
-        raise ValueError(f"no backbone weight of {path} [{checkpoint_key}] matches a {arch}")
-    if missing or unexpected:
-        print(f"loading {path} [{checkpoint_key}]: missing keys {missing}, unexpected keys {unexpected}")
-    return backbone

@@ -27,7 +27,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from data import DataError, MultiCropAugmentation, build_dataset, eval_transform
-from knn_eval import bool_flag, extract_features, knn_classify
+from features import bool_flag, extract_features, init_distributed
+from knn_eval import knn_classify
 from loss import carp_loss, partition_for_step
 from model import RESNET_ARCHS, CARPHead, MultiCropWrapper, build_backbone, update_teacher
 
@@ -174,20 +175,6 @@ def cosine_schedule(base_value, final_value, epochs, steps_per_epoch, warmup_epo
 
 
 # ============ distributed set-up ============
-
-def init_distributed():
-    """(rank, world_size, device). Under torchrun (RANK in the environment): NCCL on GPU, gloo on CPU."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
 
 def all_reduce(tensor, op=None):
     """In-place all-reduce (sum by default) that is a no-op in a single process."""

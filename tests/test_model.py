@@ -1,5 +1,5 @@
 """The CARP networks (model.py): backbone, projector + prototypes head, multi-crop wrapper,
-teacher update and checkpoint loading; see ../shared/docs/carp-method.md, "Networks".
+and teacher update; see ../shared/docs/carp-method.md, "Networks".
 
 Kept tiny for CPU: ResNet-18 on 16x16 / 32x32 views, batch <= 4 per view, K = 64 prototypes.
 """
@@ -224,74 +224,3 @@ def test_teacher_update_leaves_bn_buffers_alone():
     model.update_teacher(student, teacher, 0.0)
     for name, buffer in teacher.named_buffers():
         assert torch.equal(buffer, before[name]), name
-
-
-# ---------------------------------------------------------------- checkpoints ---------------------
-
-def test_backbone_state_dict_strips_prefixes_and_drops_the_head():
-    """module.backbone.x -> x and backbone.y -> y; head.* and module.head.* are left out."""
-    a, b, c, d = (torch.full((1,), float(i)) for i in range(4))
-    state_dict = {"module.backbone.conv1.weight": a, "backbone.bn1.bias": b,
-                  "module.head.mlp.0.weight": c, "head.last_layer.parametrizations.weight.original1": d}
-    out = model.backbone_state_dict(state_dict)
-    assert list(out) == ["conv1.weight", "bn1.bias"]
-    assert out["conv1.weight"] is a and out["bn1.bias"] is b
-
-
-def test_load_backbone_round_trips_the_teacher_backbone(tmp_path, capsys):
-    """Save {'teacher': wrapper.state_dict(), 'args': ...} and load it back: every backbone weight
-    and buffer is equal, and the saved arch (resnet18) overrides the default (resnet50)."""
-    torch.manual_seed(0)
-    wrapper = tiny_wrapper()
-    path = tmp_path / "checkpoint.pth"
-    torch.save({"teacher": wrapper.state_dict(), "args": {"arch": "resnet18", "small_image_stem": False}}, path)
-
-    torch.manual_seed(1)  # a different random init, so equality below comes from the file
-    backbone = model.load_backbone(str(path), checkpoint_key="teacher")
-    assert backbone.embed_dim == 512
-    expected = wrapper.backbone.state_dict()
-    loaded = backbone.state_dict()
-    assert set(loaded) == set(expected)
-    for key, value in expected.items():
-        assert torch.equal(loaded[key], value), key
-    assert "missing keys" not in capsys.readouterr().out
-
-
-def test_load_backbone_random_builds_a_fresh_backbone():
-    """path 'random': a randomly initialised ResNet-18 with 512-d features."""
-    torch.manual_seed(0)
-    backbone = model.load_backbone("random", "resnet18")
-    assert backbone.embed_dim == 512
-    assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, 512)
-
-
-def test_load_backbone_without_the_checkpoint_key_raises_key_error(tmp_path):
-    """A checkpoint with only 'student' cannot give the 'teacher' backbone: KeyError naming 'teacher'."""
-    path = tmp_path / "checkpoint.pth"
-    torch.save({"student": {}, "args": {"arch": "resnet18"}}, path)
-    with pytest.raises(KeyError, match="teacher"):
-        model.load_backbone(str(path), checkpoint_key="teacher")
-
-
-def test_load_backbone_reads_the_authors_checkpoints_with_namespace_args(tmp_path):
-    """The authors pickle an argparse.Namespace under 'args': that class is allow-listed for
-    weights_only loading, and its arch is used."""
-    import argparse
-    torch.manual_seed(0)
-    wrapper = tiny_wrapper()
-    path = tmp_path / "authors.pth"
-    torch.save({"teacher": wrapper.state_dict(), "args": argparse.Namespace(arch="resnet18")}, path)
-    backbone = model.load_backbone(str(path), arch="resnet50")
-    assert torch.equal(backbone.conv1.weight, wrapper.backbone.conv1.weight)
-
-
-class Payload:
-    """Any class other than argparse.Namespace: unpickling it could run code."""
-
-
-def test_load_backbone_refuses_arbitrary_pickled_objects(tmp_path):
-    """weights_only loading: a checkpoint holding an arbitrary object is refused, never unpickled."""
-    path = tmp_path / "evil.pth"
-    torch.save({"teacher": {}, "args": Payload()}, path)
-    with pytest.raises(Exception, match="[Ww]eights only load failed"):
-        model.load_backbone(str(path), arch="resnet18")

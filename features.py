@@ -1,0 +1,288 @@
+"""Frozen backbone features of any checkpoint, on one process or many: what every evaluation
+script (knn_eval, linear_eval, kmeans_eval, fewshot_eval, retrieval_eval) starts from.
+
+- load_backbone: a torchvision ResNet with the weights of our checkpoints, the authors' released
+  CARP checkpoints, or the ResNet-50 releases of other self-supervised methods (MODEL_FORMATS),
+  or 'random' weights for the baseline. Files are read with `torch.load(weights_only=True)`.
+- extract_features: features (N, D) in dataset order, sharded over the processes of a torchrun
+  launch and gathered back.
+- add_eval_args / frozen_features: the flags and the train/val feature pipeline the classification
+  protocols share, with --dump_features / --load_features to reuse features between runs.
+"""
+import argparse
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import DATASET_NAMES, DataError, build_dataset, eval_transform
+from model import build_backbone
+
+
+def bool_flag(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def init_distributed():
+    """(rank, world_size, device). Under torchrun (RANK in the environment): NCCL on GPU, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def is_main_process():
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+# ============ checkpoints: ours and other methods' ============
+
+# Where each method's release keeps the ResNet-50 weights. For every format: the entries of the file
+# that may hold the network's state dict (tried in order; () = the file is the state dict itself) and
+# the prefix of the backbone keys once the DDP `module.` prefix is stripped. Keys outside the prefix
+# (projectors, predictors, prototypes, momentum encoders, queues) and the `fc.` classifier or
+# projector of the torchvision ResNet are left out.
+MODEL_FORMATS = {
+    # ours and the authors' CARP, DINO's full checkpoints: {'teacher': {'backbone.*', 'head.*'}, 'student': ...}
+    "carp": (("{checkpoint_key}",), "backbone."),
+    "dino": (("{checkpoint_key}",), "backbone."),
+    # a plain torchvision state dict: DINO's, Barlow Twins' and VICReg's torch.hub ResNet-50 releases
+    "torchvision": ((), ""),
+    # SwAV-repo releases (SwAV, DeepCluster-v2, SeLa-v2): {'module.conv1.weight', ..., 'module.projection_head.*',
+    # 'module.prototypes.*'}, or their training checkpoints with the same keys under 'state_dict'
+    "swav": (("state_dict", ()), ""),
+    "deepclusterv2": (("state_dict", ()), ""),
+    "selav2": (("state_dict", ()), ""),
+    # MoCo-v3: {'state_dict': {'module.base_encoder.*', 'module.momentum_encoder.*', 'module.predictor.*'}}
+    "mocov3": (("state_dict",), "base_encoder."),
+    # PCL-v2 (MoCo-v2 code base): {'state_dict': {'module.encoder_q.*', 'module.encoder_k.*', 'module.queue'}}
+    "pclv2": (("state_dict",), "encoder_q."),
+    # Barlow Twins / VICReg training checkpoints: {'model': {'module.backbone.*', 'module.projector.*'}}
+    "barlowtwins": (("model", ()), "backbone."),
+    "vicreg": (("model", ()), "backbone."),
+    # InfoMin (PyContrast): {'model': {'module.encoder.*', 'module.head.*'}, 'model_ema': ...}
+    "infomin": (("model",), "encoder."),
+    # OBoW: {'network': {'conv1.weight', ...}} (its torchvision-format release is a plain state dict)
+    "obow": (("network", ()), ""),
+}
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True. The authors' CARP checkpoints pickle an
+    argparse.Namespace under 'args': that one class is allow-listed, nothing else, so a file that
+    holds any other object is refused rather than unpickled (unpickling can run code)."""
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint {path} does not exist; pass --pretrained_weights PATH to a .pth file, "
+                        f"or 'random' for the random-weights baseline")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def backbone_weights(checkpoint, model_format, checkpoint_key="teacher"):
+    """The backbone state dict inside `checkpoint` laid out as `model_format`, with torchvision
+    ResNet key names, or {} when the layout does not fit."""
+    containers, prefix = MODEL_FORMATS[model_format]
+    state_dict = None
+    for container in containers or ((),):
+        if container == ():  # the file itself is the state dict
+            candidate = checkpoint
+        else:
+            candidate = checkpoint.get(container.format(checkpoint_key=checkpoint_key))
+        if isinstance(candidate, dict) and any(torch.is_tensor(v) for v in candidate.values()):
+            state_dict = candidate
+            break
+    if state_dict is None:
+        return {}
+    weights = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        if key.startswith(prefix) and torch.is_tensor(value):
+            key = key.removeprefix(prefix)
+            if not key.startswith("fc."):
+                weights[key] = value
+    return weights
+
+
+def load_backbone(path, arch="resnet50", small_image_stem=False, checkpoint_key="teacher", model_format="auto",
+                  verbose=True):
+    """A backbone with the weights of the checkpoint at `path`, or randomly initialised when
+    path == 'random'.
+
+    model_format 'auto' tries every layout of MODEL_FORMATS and keeps the one that fills the most
+    backbone weights. Architecture options stored in our (or the authors') checkpoints' `args`
+    override the given ones so the weights fit. Missing and unexpected keys are printed; a file
+    from which not a single backbone weight loads is an error.
+    """
+    if path == "random":
+        warnings.warn(f"--pretrained_weights random: evaluating a randomly initialised {arch} (the baseline)")
+        return build_backbone(arch, small_image_stem)
+    if model_format != "auto" and model_format not in MODEL_FORMATS:
+        raise DataError(f"unknown --model_format {model_format!r}; choose auto or one of {', '.join(MODEL_FORMATS)}")
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        raise DataError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    saved_args = checkpoint.get("args", {})
+    saved_args = vars(saved_args) if isinstance(saved_args, argparse.Namespace) else saved_args
+    if isinstance(saved_args, dict):
+        arch = saved_args.get("arch", arch)
+        small_image_stem = saved_args.get("small_image_stem", small_image_stem)
+    backbone = build_backbone(arch, small_image_stem)
+    expected = backbone.state_dict()
+
+    def n_matching(weights):
+        return sum(k in expected and expected[k].shape == v.shape for k, v in weights.items())
+
+    formats = list(MODEL_FORMATS) if model_format == "auto" else [model_format]
+    scores = {f: n_matching(backbone_weights(checkpoint, f, checkpoint_key)) for f in formats}
+    best = max(formats, key=lambda f: scores[f])  # ties: the first in table order
+    if scores[best] == 0:
+        top = sorted(checkpoint)[:8]
+        hint = (f" (it has no {checkpoint_key!r} entry: use --checkpoint_key teacher or student)"
+                if model_format in ("carp", "dino") and checkpoint_key not in checkpoint else "")
+        raise DataError(f"no {arch} backbone weight found in {path} as --model_format {model_format}{hint}; "
+                        f"its top-level keys are {top}. Check --arch and --model_format "
+                        f"({', '.join(MODEL_FORMATS)})")
+    weights = backbone_weights(checkpoint, best, checkpoint_key)
+    mismatched = [f"{k} {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in {arch}"
+                  for k, v in weights.items() if k in expected and expected[k].shape != v.shape]
+    if mismatched:
+        raise DataError(f"{path} does not fit a {arch} (small_image_stem={small_image_stem}): "
+                        f"{'; '.join(mismatched[:3])}. Pass the --arch / --small_image_stem it was trained with")
+    ignored = sorted({k.split(".")[0] for k in weights if k not in expected})  # e.g. projection_head, prototypes
+    missing, _ = backbone.load_state_dict({k: v for k, v in weights.items() if k in expected}, strict=False)
+    if verbose and is_main_process():
+        print(f"loaded {len(expected) - len(missing)}/{len(expected)} backbone tensors of {path} "
+              f"(format {best}{', ' + checkpoint_key if best in ('carp', 'dino') else ''})"
+              + (f"; ignored the non-backbone entries {ignored}" if ignored else ""))
+        if missing:
+            print(f"  missing keys: {missing}")
+    return backbone
+
+
+# ============ feature extraction ============
+
+class WithIndex(torch.utils.data.Dataset):
+    """(image, label, index) so that every feature lands in the row of its image."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+def all_gather(tensor):
+    tensors = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(tensors, tensor.contiguous())
+    return tensors
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, batch_size=128, num_workers=4, device="cpu", progress=True):
+    """Features (N, D) and labels (N,) of every image of `dataset`, in dataset order, on the CPU.
+
+    Under a process group each process computes a shard and the shards are all-gathered; the
+    DistributedSampler pads the last shard with repeated images, which simply land in their own
+    rows again. The backbone is used in eval() mode (BatchNorm running statistics).
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    sampler = (torch.utils.data.DistributedSampler(dataset, shuffle=False) if distributed
+               else torch.utils.data.SequentialSampler(dataset))
+    loader = torch.utils.data.DataLoader(WithIndex(dataset), batch_size=batch_size, sampler=sampler,
+                                         num_workers=num_workers, pin_memory=str(device).startswith("cuda"))
+    was_training = backbone.training
+    backbone.eval()
+    features, labels = None, torch.zeros(len(dataset), dtype=torch.long)
+    for images, targets, index in tqdm(loader, desc="features", disable=not (progress and is_main_process()),
+                                       leave=False):
+        feats = backbone(images.to(device, non_blocking=True)).float()  # (b, D)
+        index, targets = index.to(device), torch.as_tensor(targets).to(device)
+        if distributed:  # every rank runs the same number of equal-sized batches
+            feats, index, targets = (torch.cat(all_gather(t)) for t in (feats, index, targets))
+        if features is None:
+            features = torch.zeros(len(dataset), feats.shape[1])
+        features[index.cpu()] = feats.cpu()
+        labels[index.cpu()] = targets.cpu()
+    backbone.train(was_training)
+    return features, labels
+
+
+# ============ the flags and the pipeline the classification protocols share ============
+
+def add_eval_args(parser, image_size=224):
+    """Model, data and feature-cache flags, with the same names in every evaluation script."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_weights", required=True,
+                   help="checkpoint (ours, the authors' CARP release or another method's ResNet), or 'random' "
+                        "for a randomly initialised backbone: the baseline every table needs")
+    g.add_argument("--checkpoint_key", default="teacher",
+                   help="network to read from CARP/DINO checkpoints: 'teacher' (the paper) or 'student'")
+    g.add_argument("--model_format", default="auto", choices=["auto", *MODEL_FORMATS],
+                   help="key layout of the checkpoint; 'auto' picks the layout that loads the most backbone weights")
+    g.add_argument("--arch", default="resnet50", help="torchvision ResNet; our checkpoints' args override it")
+    g.add_argument("--small_image_stem", type=bool_flag, default=False,
+                   help="3x3 stride-1 stem for 32x32 data; our checkpoints' args override it")
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="imagefolder", choices=DATASET_NAMES,
+                   help="imagefolder: --data_path holds train/ and val/ class folders (the ImageNet layout)")
+    g.add_argument("--data_path", default=None, help="folder that holds (or, with --download, will hold) the data")
+    g.add_argument("--download", action="store_true", help="let torchvision download the dataset into --data_path")
+    g.add_argument("--image_size", type=int, default=image_size,
+                   help="centre-crop size after resizing the short side to image_size / 0.875 (224; 32 for CIFAR)")
+    g.add_argument("--batch_size_per_gpu", type=int, default=128, help="images per process for feature extraction")
+    g.add_argument("--num_workers", type=int, default=4, help="data-loading processes per process")
+    g = parser.add_argument_group("features cache")
+    g.add_argument("--dump_features", default=None, help="save the extracted features to this folder")
+    g.add_argument("--load_features", default=None,
+                   help="read features saved by --dump_features instead of running the backbone")
+    return parser
+
+
+def features_file(folder, split):
+    return os.path.join(folder, f"{split}_features.pth")
+
+
+def frozen_features(args, device, splits=("train", "val")):
+    """{split: (features (N, D), labels (N,))} of the teacher backbone on the evaluation transform,
+    read from --load_features when given, saved to --dump_features when given."""
+    if args.load_features:
+        out = {}
+        for split in splits:
+            path = features_file(args.load_features, split)
+            if not os.path.isfile(path):
+                raise DataError(f"{path} does not exist; write it first with --dump_features {args.load_features}")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            out[split] = (saved["features"], saved["labels"])
+        return out
+    transform = eval_transform(args.image_size)
+    datasets = {split: build_dataset(args.dataset, split, transform, args.data_path, args.download) for split in splits}
+    if is_main_process():
+        print(", ".join(f"{len(d)} {split} images" for split, d in datasets.items()) + f" of {args.dataset}")
+    backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
+                             args.model_format).to(device)
+    out = {split: extract_features(backbone, d, args.batch_size_per_gpu, args.num_workers, device)
+           for split, d in datasets.items()}
+    if args.dump_features and is_main_process():
+        os.makedirs(args.dump_features, exist_ok=True)
+        for split, (features, labels) in out.items():
+            tmp = features_file(args.dump_features, split) + ".tmp"
+            torch.save({"features": features, "labels": labels}, tmp)
+            os.replace(tmp, features_file(args.dump_features, split))
+        print(f"features saved to {args.dump_features}")
+    return out

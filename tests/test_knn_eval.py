@@ -1,0 +1,105 @@
+"""knn_eval.py: the weighted k-NN protocol (DINO): L2-normalised features, top-k cosine
+neighbours, exp(s / T) votes, top-1 / top-5, chunked over test images."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from knn_eval import knn_classify
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def blobs(n_per_class, n_classes, dim, spread, generator):
+    """Gaussian clusters around random unit centres: (n * C, dim) features and (n * C,) labels."""
+    centres = F.normalize(torch.randn(n_classes, dim, generator=generator), dim=1)
+    labels = torch.arange(n_classes).repeat_interleave(n_per_class)
+    return centres[labels] + spread * torch.randn(len(labels), dim, generator=generator), labels
+
+
+def brute_force(train_f, train_l, test_f, k, T, n_classes):
+    """float64 reference, one test image at a time: the 5 best classes by summed exp(s/T) votes (-1: no vote)."""
+    train_f = F.normalize(train_f.double(), dim=1)
+    ranked = []
+    for x in F.normalize(test_f.double(), dim=1):
+        s = train_f @ x  # (N,)
+        top = s.argsort(descending=True)[:k]
+        votes = torch.zeros(n_classes, dtype=torch.float64)
+        for j in top:
+            votes[train_l[j]] += torch.exp(s[j] / T)
+        order = votes.argsort(descending=True)[:5]
+        ranked.append(torch.where(votes[order] > 0, order, -1))  # classes without a vote are no prediction
+    return torch.stack(ranked)  # (M, 5)
+
+
+def test_well_separated_classes_are_classified_perfectly():
+    g = torch.Generator().manual_seed(0)
+    train_f, train_l = blobs(20, 5, 16, 0.05, g)
+    test_f, test_l = blobs(10, 5, 16, 0.05, g.manual_seed(0))
+    results = knn_classify(train_f, train_l, test_f + 0.01, test_l, nb_knn=[1, 10, 20], temperature=0.07)
+    assert all(results[f"top1_k{k}"] == 100.0 for k in [1, 10, 20])
+    assert all(results[f"top5_k{k}"] == 100.0 for k in [1, 10, 20])
+
+
+def test_random_labels_give_chance_accuracy():
+    """10 classes, labels independent of the features: top-1 near 10%, top-5 near 50%."""
+    g = torch.Generator().manual_seed(0)
+    train_f, test_f = torch.randn(2000, 32, generator=g), torch.randn(1000, 32, generator=g)
+    train_l, test_l = torch.randint(0, 10, (2000,), generator=g), torch.randint(0, 10, (1000,), generator=g)
+    results = knn_classify(train_f, train_l, test_f, test_l, nb_knn=[20], temperature=0.07)
+    assert 6 < results["top1_k20"] < 14
+    assert 44 < results["top5_k20"] < 56
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_matches_a_float64_brute_force_reference_for_any_chunk_size(chunk_size):
+    """Same top-1 and top-5 as the one-image-at-a-time float64 computation, whatever the chunking."""
+    g = torch.Generator().manual_seed(1)
+    train_f, train_l = blobs(30, 6, 8, 0.6, g)
+    test_f, test_l = blobs(9, 6, 8, 0.6, g)
+    results = knn_classify(train_f, train_l, test_f, test_l, nb_knn=[5, 20], temperature=0.1, chunk_size=chunk_size)
+    for k in [5, 20]:
+        ranked = brute_force(train_f, train_l, test_f, k, 0.1, 6)
+        assert results[f"top1_k{k}"] == pytest.approx(100 * (ranked[:, 0] == test_l).double().mean().item())
+        assert results[f"top5_k{k}"] == pytest.approx(100 * (ranked == test_l[:, None]).any(1).double().mean().item())
+
+
+def test_k_larger_than_the_memory_bank_and_tiny_test_sets_work():
+    """3 train images, k = 200, 2 test images (the DINO script crashes below 100 test images)."""
+    train_f, train_l = torch.eye(3), torch.tensor([0, 1, 2])
+    results = knn_classify(train_f, train_l, torch.eye(3)[:2] + 0.1, torch.tensor([0, 1]), nb_knn=[200])
+    assert results["top1_k200"] == 100.0
+
+
+def test_script_runs_end_to_end_and_writes_the_json(tmp_path):
+    """Random ResNet-18 on the synthetic set: a table on stdout and top1_k/top5_k keys in the JSON."""
+    out = tmp_path / "knn.json"
+    run = subprocess.run([sys.executable, "knn_eval.py", "--pretrained_weights", "random", "--arch", "resnet18",
+                          "--dataset", "synthetic", "--image_size", "16", "--nb_knn", "10", "20",
+                          "--num_workers", "0", "--output_json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    results = json.loads(out.read_text())
+    assert set(results) == {"top1_k10", "top5_k10", "top1_k20", "top5_k20"}
+    assert all(0 <= v <= 100 for v in results.values())
+    assert "top-1" in run.stdout
+
+
+def test_bad_flags_give_a_message_not_a_traceback():
+    run = subprocess.run([sys.executable, "knn_eval.py", "--pretrained_weights", "/no/such/file.pth",
+                          "--dataset", "synthetic", "--num_workers", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "error: checkpoint /no/such/file.pth does not exist" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_top5_counts_only_classes_that_received_a_vote():
+    """k = 1 gives one prediction: a wrong nearest neighbour is a top-5 miss, even with 3 classes."""
+    train_f, train_l = torch.eye(3), torch.tensor([0, 1, 2])
+    results = knn_classify(train_f, train_l, torch.tensor([[1.0, 0.1, 0.0]]), torch.tensor([2]), nb_knn=[1, 3])
+    assert results["top1_k1"] == 0.0 and results["top5_k1"] == 0.0
+    assert results["top5_k3"] == 100.0  # with k = 3 every class is voted for
