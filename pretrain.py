@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from data import DataError, MultiCropAugmentation, build_dataset, eval_transform
+from data import DATASET_NAMES, DataError, MultiCropAugmentation, build_dataset, eval_transform
 from features import bool_flag, extract_features, init_distributed
 from knn_eval import knn_classify
 from loss import carp_loss, partition_for_step
@@ -79,7 +79,9 @@ def get_args(argv=None):
     g.add_argument("--local_crops_size", type=int, default=96, help="pixels of a local view (16 for CIFAR)")
 
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="imagefolder", help="imagefolder, cifar10, cifar100, stl10 or synthetic")
+    g.add_argument("--dataset", default="imagefolder", choices=DATASET_NAMES,
+                   help="imagefolder (--data_path: class sub-folders, or a train/ split of them), a torchvision "
+                        "dataset, or synthetic (generated, no download)")
     g.add_argument("--data_path", default=None, help="imagefolder: folder of class sub-folders or with a train/ "
                    "split; torchvision datasets: the folder that holds their files")
     g.add_argument("--download", action="store_true", help="download a torchvision dataset into --data_path")

@@ -311,3 +311,48 @@ def test_cifar10_md5_is_checked_without_patch(tmp_path):
     write_fake_cifar10(tmp_path)
     with pytest.raises(DataError, match="--download"):
         build_dataset("cifar10", "train", data_path=str(tmp_path))
+
+
+# ============ the paper's transfer sets (torchvision classes, real on-disk layouts) ============
+
+TRANSFER_SETS = ["gtsrb", "fgvc_aircraft", "stanford_cars", "country211", "flowers102", "food101",
+                 "oxford_pets", "dtd"]
+
+
+@pytest.mark.parametrize("name", TRANSFER_SETS)
+def test_transfer_set_missing_says_where_and_how_to_get_it(tmp_path, name):
+    """Every transfer set in an empty folder: a DataError naming the folder and --download."""
+    with pytest.raises(DataError, match="--download") as error:
+        build_dataset(name, "val", data_path=str(tmp_path))
+    assert str(tmp_path) in str(error.value)
+
+
+def write_image(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_dtd_reads_the_official_split_files(tmp_path):
+    """DTD: dtd/dtd/images/<class>/<file> listed in labels/train1.txt and test1.txt (partition 1)."""
+    data = tmp_path / "dtd" / "dtd"
+    files = {"train": ["banded/b_1.jpg", "dotted/d_1.jpg", "dotted/d_2.jpg"], "test": ["banded/b_2.jpg"]}
+    for split, names in files.items():
+        for i, name in enumerate(names):
+            write_image(data / "images" / name, 40 * i)
+        (data / "labels").mkdir(exist_ok=True)
+        (data / "labels" / f"{split}1.txt").write_text("\n".join(names) + "\n")
+    train = build_dataset("dtd", "train", data_path=str(tmp_path))
+    val = build_dataset("dtd", "val", data_path=str(tmp_path))
+    assert len(train) == 3 and len(val) == 1
+    assert [train[i][1] for i in range(3)] == [0, 1, 1] and val[0][1] == 0  # banded = 0, dotted = 1
+
+
+def test_country211_reads_train_and_test_folders(tmp_path):
+    """Country211: country211/{train,test}/<country code>/<file>; train for training, test for val."""
+    for split, n in (("train", 2), ("test", 1)):
+        for code in ("AD", "AE"):
+            for i in range(n):
+                write_image(tmp_path / "country211" / split / code / f"{i}.jpg", 10 * i)
+    assert len(build_dataset("country211", "train", data_path=str(tmp_path))) == 4
+    val = build_dataset("country211", "val", data_path=str(tmp_path))
+    assert len(val) == 2 and val.classes == ["AD", "AE"]

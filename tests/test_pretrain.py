@@ -149,7 +149,7 @@ def corrupt_image_folder(root):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--dataset", "nope"], "unknown dataset 'nope'"),
+    (["--dataset", "nope"], "--dataset: invalid choice: 'nope'"),
     (["--arch", "resnet7"], "unknown --arch 'resnet7'"),
     (["--partition_size", "64"], "--partition_size 64 must be between 1 and --out_dim 32"),
     (["--batch_size_per_gpu", "1"], "BatchNorm needs at least 2 images per process"),
