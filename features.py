@@ -127,7 +127,10 @@ def load_backbone(path, arch="resnet50", small_image_stem=False, checkpoint_key=
     """
     if path == "random":
         warnings.warn(f"--pretrained_weights random: evaluating a randomly initialised {arch} (the baseline)")
-        return build_backbone(arch, small_image_stem)
+        # A fixed seed: the same random weights on every process of a torchrun launch and in every run.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return build_backbone(arch, small_image_stem)
     if model_format != "auto" and model_format not in MODEL_FORMATS:
         raise DataError(f"unknown --model_format {model_format!r}; choose auto or one of {', '.join(MODEL_FORMATS)}")
     checkpoint = read_checkpoint(path)
@@ -243,6 +246,8 @@ def add_eval_args(parser, image_size=224):
                    help="imagefolder: --data_path holds train/ and val/ class folders (the ImageNet layout)")
     g.add_argument("--data_path", default=None, help="folder that holds (or, with --download, will hold) the data")
     g.add_argument("--download", action="store_true", help="let torchvision download the dataset into --data_path")
+    g.add_argument("--synthetic_images", type=int, default=5000,
+                   help="synthetic only: train images (val gets a fifth as many)")
     g.add_argument("--image_size", type=int, default=image_size,
                    help="centre-crop size after resizing the short side to image_size / 0.875 (224; 32 for CIFAR)")
     g.add_argument("--batch_size_per_gpu", type=int, default=128, help="images per process for feature extraction")
@@ -271,7 +276,8 @@ def frozen_features(args, device, splits=("train", "val")):
             out[split] = (saved["features"], saved["labels"])
         return out
     transform = eval_transform(args.image_size)
-    datasets = {split: build_dataset(args.dataset, split, transform, args.data_path, args.download) for split in splits}
+    datasets = {split: build_dataset(args.dataset, split, transform, args.data_path, args.download,
+                                     args.synthetic_images, args.image_size) for split in splits}
     if is_main_process():
         print(", ".join(f"{len(d)} {split} images" for split, d in datasets.items()) + f" of {args.dataset}")
     backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,

@@ -1,0 +1,586 @@
+"""Few-shot evaluation on frozen features: PASCAL VOC07 low-shot SVMs, iNat-2018 style low-shot
+linear classifiers, and a fast N-shot logistic regression, for any checkpoint.
+
+    # VOC07: --data_path holds VOCdevkit/VOC2007 (torchvision's VOCDetection root, trainval + test)
+    python fewshot_eval.py --protocol voc07_svm --pretrained_weights carp_r50.pth --data_path /datasets/voc
+    # iNat-2018: --data_path holds train2018.json, val2018.json and the train_val2018/ image tree
+    python fewshot_eval.py --protocol lowshot_linear --pretrained_weights carp_r50.pth --data_path /datasets/inat2018
+    # any labelled dataset of data.py's table (ImageNet-layout folders, CIFAR, DTD, ...)
+    python fewshot_eval.py --protocol lowshot_linear --pretrained_weights carp_r50.pth --dataset imagefolder --data_path /imagenet
+    python fewshot_eval.py --protocol nshot_logreg --pretrained_weights runs/demo/checkpoint.pth --dataset synthetic --image_size 32
+    # the random-weights baseline, on the features of the same images, saved once and reused
+    python fewshot_eval.py --protocol nshot_logreg --pretrained_weights random --arch resnet18 --dataset synthetic --image_size 32 --dump_features feats/random
+    python fewshot_eval.py --protocol lowshot_linear --pretrained_weights random --arch resnet18 --load_features feats/random
+    torchrun --nproc_per_node=8 fewshot_eval.py --protocol voc07_svm --pretrained_weights carp_r50.pth --data_path /datasets/voc
+
+Protocols (../shared/docs/eval-protocols.md), one per --protocol:
+- voc07_svm (Goyal et al. 2019, "Scaling and benchmarking self-supervised visual representation
+  learning"): L2-normalised features of VOC07 trainval (train) and test. Per image and class the
+  label is +1 if a non-difficult object of the class is in the image, 0 if only difficult ones are
+  (ignored in training and testing), -1 otherwise. One linear SVM per class (C = --cost, class
+  weight {+1: 2, -1: 1}, squared hinge, L2 penalty). Low-shot: per class, k positive and
+  19 k negative trainval images (--voc_negatives), --runs draws per k. Test mAP over the 20 classes.
+- lowshot_linear (the iNat-2018 low-shot protocol): keep k train images per class, train a linear
+  classifier on the frozen features (SGD, momentum 0.9, weight decay 1e-6, lr 0.3, 20 epochs, lr
+  x 0.1 at epochs 12 and 18), top-1 / top-5 on the whole val split.
+- nshot_logreg (quick comparisons): L2-normalised features, multinomial logistic regression on
+  N images per class, top-1 / top-5 on the whole val split.
+
+Every metric is reported as mean and std (numpy's, ddof 0) over --runs draws. The draws depend only
+on the labels, --seed, k and the run: two checkpoints are compared on the same images.
+
+Classes with fewer than k training images (k positives for VOC) keep all of them; the script says
+which. A VOC class without a single positive (or negative) trainval image in a draw has no SVM, and
+a class without a non-difficult positive test image has no AP: both are left out of the mAP and named.
+
+iNaturalist 2018: torchvision's INaturalist(version='2018') indexes the one train_val2018/ image
+tree with no official train/val split, so it is not used. Instead, `--dataset imagefolder` with a
+--data_path that holds train2018.json reads the official release as it is: train2018.json and
+val2018.json (COCO style: images[].file_name relative to --data_path, annotations[].category_id) are
+the train and val splits. An ImageNet-layout folder (train/ and val/ class sub-folders) works too.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torchvision
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.svm import LinearSVC
+
+from data import DataError, eval_transform, load_image
+from features import (add_eval_args, extract_features, features_file, frozen_features, init_distributed,
+                      is_main_process, load_backbone)
+
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+
+
+# ============ datasets outside data.py's table: VOC07 and the iNat-2018 json release ============
+
+class IndexedImages(torch.utils.data.Dataset):
+    """(image, index) of a list of image files; the labels, one row per image, are in `self.labels`.
+
+    Returning the index instead of the label lets features.extract_features, which stores one
+    integer per image, serve multi-label VOC too: the label rows are looked up by index afterwards.
+    """
+
+    def __init__(self, files, labels, transform):
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        return self.transform(load_image(self.files[index])), index
+
+
+def voc_image_labels(annotation_file):
+    """(20,) labels of one VOC image from its XML annotation: +1 if a non-difficult object of the
+    class is present, 0 if only difficult ones are, -1 if none is."""
+    try:
+        objects = ET.parse(annotation_file).getroot().findall("object")
+    except (OSError, ET.ParseError) as e:
+        raise DataError(f"cannot read VOC annotation {annotation_file}: {e}") from None
+    labels = np.full(len(VOC_CLASSES), -1, dtype=np.int64)
+    for obj in objects:
+        name = (obj.findtext("name") or "").strip()
+        if name not in VOC_CLASSES:
+            raise DataError(f"unknown class {name!r} in {annotation_file}; VOC07 has {', '.join(VOC_CLASSES)}")
+        c = VOC_CLASSES.index(name)
+        if int(obj.findtext("difficult") or 0):
+            labels[c] = max(labels[c], 0)
+        else:
+            labels[c] = 1
+    return labels
+
+
+def voc07_dataset(root, split, transform, download=False):
+    """VOC07 `split` (trainval or test) in torchvision's VOCDetection layout under `root`:
+    root/VOCdevkit/VOC2007/{ImageSets/Main/<split>.txt, JPEGImages/<id>.jpg, Annotations/<id>.xml}.
+    NOTE: the labels equal those of the devkit's ImageSets/Main/<class>_<split>.txt files."""
+    if root is None:
+        raise DataError("--protocol voc07_svm needs --data_path, the folder that holds VOCdevkit/VOC2007")
+    try:
+        voc = torchvision.datasets.VOCDetection(root, year="2007", image_set=split, download=download)
+    except (RuntimeError, FileNotFoundError) as e:
+        raise DataError(f"VOC2007 {split} not found in {root} ({e}). --data_path should hold "
+                        f"VOCdevkit/VOC2007/ImageSets/Main/{split}.txt, JPEGImages/ and Annotations/ (the trainval "
+                        f"and test archives extracted there), or pass --download") from None
+    if len(voc.images) == 0:
+        raise DataError(f"{root}/VOCdevkit/VOC2007/ImageSets/Main/{split}.txt lists no image")
+    labels = torch.from_numpy(np.stack([voc_image_labels(path) for path in voc.annotations]))  # (N, 20)
+    return IndexedImages(voc.images, labels, transform)
+
+
+def inat2018_datasets(root, transform):
+    """{'train', 'val'} of the official iNat-2018 release: `root`/{train,val}2018.json with images
+    under `root`. Category ids are mapped to 0..C-1 in increasing order of the train json's ids."""
+    def read(split):
+        path = os.path.join(root, f"{split}2018.json")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            files = {image["id"]: os.path.join(root, image["file_name"]) for image in data["images"]}
+            category = {a["image_id"]: a["category_id"] for a in data["annotations"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"cannot read the iNat-2018 annotation file {path}: {e!r}. Expected the official "
+                            f"COCO-style json with images[].id/file_name and annotations[].image_id/category_id"
+                            ) from None
+        unlabelled = [i for i in files if i not in category]
+        if unlabelled:
+            raise DataError(f"{path}: {len(unlabelled)} images have no annotation (e.g. image id {unlabelled[0]})")
+        return data, files, category
+
+    train, val = read("train"), read("val")
+    category_ids = sorted({c["id"] for c in train[0].get("categories", [])} | set(train[2].values()))
+    class_index = {c: i for i, c in enumerate(category_ids)}
+    datasets = {}
+    for split, (_, files, category) in (("train", train), ("val", val)):
+        unknown = {category[i] for i in files} - class_index.keys()
+        if unknown:
+            raise DataError(f"val2018.json has category ids absent from train2018.json: {sorted(unknown)[:5]}")
+        ids = sorted(files)
+        labels = torch.tensor([class_index[category[i]] for i in ids], dtype=torch.long)  # (N,)
+        datasets[split] = IndexedImages([files[i] for i in ids], labels, transform)
+    return datasets
+
+
+def is_inat2018_json(args):
+    return (args.protocol != "voc07_svm" and args.dataset == "imagefolder" and args.data_path is not None
+            and os.path.isfile(os.path.join(args.data_path, "train2018.json")))
+
+
+def indexed_features(args, device, datasets):
+    """frozen_features for IndexedImages datasets: {split: (features (N, D), labels (N, ...))},
+    saved to --dump_features in the same files and format, so --load_features reads them back."""
+    if is_main_process():
+        print(", ".join(f"{len(d)} {split} images" for split, d in datasets.items()) + f" of {args.data_path}")
+    backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
+                             args.model_format).to(device)
+    out = {}
+    for split, dataset in datasets.items():
+        features, index = extract_features(backbone, dataset, args.batch_size_per_gpu, args.num_workers, device)
+        out[split] = (features, dataset.labels[index])  # the label rows of the images, in dataset order
+    if args.dump_features and is_main_process():
+        os.makedirs(args.dump_features, exist_ok=True)
+        for split, (features, labels) in out.items():
+            tmp = features_file(args.dump_features, split) + ".tmp"
+            torch.save({"features": features, "labels": labels}, tmp)
+            os.replace(tmp, features_file(args.dump_features, split))
+        print(f"features saved to {args.dump_features}")
+    return out
+
+
+# ============ VOC07: average precision and per-class linear SVMs ============
+
+def voc_average_precision(scores, labels, method="area"):
+    """AP of one class from test scores (M,) and labels (M,) in {+1, 0, -1}; 0 (difficult) images are
+    left out of the ranking. nan when no positive remains.
+
+    Images are ranked by decreasing score (ties keep test-set order); precision and recall are taken
+    after each rank. 'area': the area under the precision-recall curve with precision made
+    monotone (each precision replaced by the best one at equal or higher recall), summed over the
+    recall steps, as in Goyal et al.'s benchmark and VISSL.
+    '11point': the mean over recall thresholds 0, 0.1, ..., 1 of the best precision at recall >=
+    the threshold, as in the official VOC2007 devkit.
+    NOTE: 'area' is the default because the code of Goyal et al.'s benchmark (and VISSL), the
+    reference of the low-shot VOC07 protocol, computes it; the paper does not say which AP it used.
+    """
+    keep = labels != 0
+    scores, positive = np.asarray(scores, dtype=np.float64)[keep], labels[keep] > 0
+    n_positive = positive.sum()
+    if n_positive == 0:
+        return math.nan
+    ranked = positive[np.argsort(-scores, kind="stable")]  # (M',) True where the image is a positive
+    true_positives = np.cumsum(ranked)
+    precision = true_positives / np.arange(1, len(ranked) + 1)  # (M',)
+    recall = true_positives / n_positive  # (M',)
+    if method == "11point":
+        return float(np.mean([precision[recall >= t].max(initial=0.0) for t in np.linspace(0, 1, 11)]))
+    best_precision = np.maximum.accumulate(precision[::-1])[::-1]  # (M',) max precision at recall >= here
+    # Recall rises by 1 / n_positive exactly at the positives.
+    return float(best_precision[ranked].sum() / n_positive)
+
+
+def voc_svm_scores(train_features, targets, test_features, cost=0.5, seed=0, max_iter=2000):
+    """Decision values (M,) of one class's linear SVM trained on features (n, D) with targets (n,)
+    in {+1, -1}; features are expected L2-normalised.
+
+    NOTE(authors' code): the SVM of Goyal et al.'s benchmark and VISSL, the setup the paper's numbers
+    come from: sklearn's LinearSVC (liblinear, dual coordinate descent), squared hinge, L2 penalty,
+    class weight 2 for positives and 1 for negatives, max_iter 2000. Their per-class choice of C by
+    cross-validation is replaced by the fixed C of the protocol (--cost 0.5).
+    Returns (scores, converged).
+    """
+    svm = LinearSVC(C=cost, class_weight={1: 2, -1: 1}, loss="squared_hinge", penalty="l2", dual=True,
+                    max_iter=max_iter, random_state=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        svm.fit(train_features, targets)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return svm.decision_function(test_features), converged
+
+
+def voc_lowshot_sets(labels, k, rng, negatives="sampled"):
+    """One training set per class for a low-shot draw: [(indices (n_c,), targets (n_c,) in {+1, -1})]
+    over the 20 classes, and the classes short of images as {class: (positives, negatives) used}.
+
+    labels: (N, 20) trainval labels in {+1, 0, -1}. Per class, k positive images; negatives
+    'sampled': (20 - 1) k images with label -1 (the low-shot VOC07 samples of Goyal et al.'s
+    benchmark and VISSL), 'all': every -1 image. Difficult (0) images are never used. A class with
+    fewer images keeps all it has.
+    """
+    sets, short = [], {}
+    n_classes = labels.shape[1]
+    for c in range(n_classes):
+        present, absent = np.flatnonzero(labels[:, c] == 1), np.flatnonzero(labels[:, c] == -1)
+        n_negatives = len(absent) if negatives == "all" else (n_classes - 1) * k
+        positives = rng.choice(present, min(k, len(present)), replace=False)
+        negatives_drawn = rng.choice(absent, min(n_negatives, len(absent)), replace=False)
+        if len(positives) < k or len(negatives_drawn) < n_negatives:
+            short[c] = (len(positives), len(negatives_drawn))
+        indices = np.concatenate([positives, negatives_drawn])
+        sets.append((indices, np.where(np.arange(len(indices)) < len(positives), 1, -1)))
+    return sets, short
+
+
+def voc_full_sets(labels):
+    """The full-data training set of each class: every +1 and -1 trainval image (difficult left out).
+    NOTE(authors' code): the full-data SVMs of Goyal et al.'s original benchmark train on
+    difficult-only images as negatives (VISSL leaves them out); we leave them out of training as
+    of testing, as eval-protocols.md says."""
+    sets = []
+    for c in range(labels.shape[1]):
+        indices = np.flatnonzero(labels[:, c] != 0)
+        sets.append((indices, labels[indices, c]))
+    return sets
+
+
+def voc_mean_ap(scores, labels, method="area"):
+    """(mAP in %, AP per class (20,)) of test scores (M, 20) against labels (M, 20) in {+1, 0, -1}.
+    A class without scores (nan: no SVM) or without a positive test image has AP nan and is left
+    out of the mean."""
+    aps = np.full(labels.shape[1], math.nan)  # (20,)
+    for c in range(labels.shape[1]):
+        if not np.isnan(scores[:, c]).any():
+            aps[c] = voc_average_precision(scores[:, c], labels[:, c], method)
+    return (100.0 * np.nanmean(aps) if not np.isnan(aps).all() else math.nan), aps
+
+
+def voc_svm_test_scores(train_features, train_sets, test_features, args):
+    """Test scores (M, 20) of one SVM per class trained on its training set, nan for a class
+    whose set lacks positives or negatives, and the number of SVMs that did not converge.
+
+    train_features (N, D), test_features (M, D): L2-normalised."""
+    scores, not_converged = np.full((len(test_features), len(train_sets)), math.nan), 0
+    for c, (indices, targets) in enumerate(train_sets):
+        if len(set(targets.tolist())) < 2:  # an SVM needs positives and negatives
+            continue
+        scores[:, c], converged = voc_svm_scores(train_features[indices], targets, test_features, args.cost,
+                                                 args.seed, args.svm_max_iter)
+        not_converged += not converged
+    return scores, not_converged
+
+
+def draw_rng(seed, k, run):
+    """The generator of draw `run` for k shots: the same for every checkpoint."""
+    return np.random.default_rng([seed, k, run])
+
+
+def voc07_svm(features, args):
+    """The voc07_svm protocol on {'trainval': (features (N, D), labels (N, 20)), 'test': ...}:
+    test mAP (%) of the low-shot SVMs per k (mean, std and each run) and of the full-data SVMs."""
+    train_features, train_labels = features["trainval"]
+    test_features, test_labels = features["test"]
+    if train_labels.ndim != 2 or train_labels.shape[1] != len(VOC_CLASSES):
+        raise DataError(f"the trainval labels have shape {tuple(train_labels.shape)}, not (N, 20): these features "
+                        f"were not saved by --protocol voc07_svm")
+    train_features = F.normalize(train_features.double(), dim=1).numpy()  # (N, D)
+    test_features = F.normalize(test_features.double(), dim=1).numpy()  # (M, D)
+    train_labels, test_labels = train_labels.numpy(), test_labels.numpy()  # (N, 20), (M, 20)
+    results, left_out, not_converged = {}, set(), 0
+    for k in args.shots:
+        maps = []
+        for run in range(args.runs):
+            sets, short = voc_lowshot_sets(train_labels, k, draw_rng(args.seed, k, run), args.voc_negatives)
+            if run == 0:  # the shortfalls depend only on the labels: say them once per k
+                n_negatives = (len(VOC_CLASSES) - 1) * k
+                few = [f"{VOC_CLASSES[c]} ({p})" for c, (p, _) in short.items() if 0 < p < k]
+                if few:
+                    print(f"k={k}: fewer than {k} positive trainval images, all used: {', '.join(few)}")
+                few = [c for c, (p, n) in short.items() if p > 0 and n < n_negatives]
+                if few and args.voc_negatives == "sampled":
+                    print(f"k={k}: fewer than {n_negatives} negative trainval images for {len(few)} classes, all used")
+            scores, n = voc_svm_test_scores(train_features, sets, test_features, args)  # (M, 20)
+            mean_ap, aps = voc_mean_ap(scores, test_labels, args.voc_ap)
+            maps.append(mean_ap)
+            left_out |= set(np.flatnonzero(np.isnan(aps)).tolist())
+            not_converged += n
+        results[f"map_k{k}_mean"], results[f"map_k{k}_std"] = float(np.mean(maps)), float(np.std(maps))
+        results[f"map_k{k}_runs"] = [float(m) for m in maps]
+    scores, n = voc_svm_test_scores(train_features, voc_full_sets(train_labels), test_features, args)
+    results["map_full"], aps = voc_mean_ap(scores, test_labels, args.voc_ap)
+    results.update({f"ap_full_{name}": 100.0 * float(ap) for name, ap in zip(VOC_CLASSES, aps)})
+    left_out |= set(np.flatnonzero(np.isnan(aps)).tolist())
+    not_converged += n
+    if left_out:
+        print("left out of the mAP (no positive or no negative trainval image, or no positive test image): "
+              + ", ".join(VOC_CLASSES[c] for c in sorted(left_out)))
+    if not_converged:
+        print(f"{not_converged} SVMs did not converge in --svm_max_iter {args.svm_max_iter} iterations")
+    return results
+
+
+# ============ k images per class, linear classifiers ============
+
+def sample_kshot(labels, k, rng, n_classes=None):
+    """Indices (sorted) of k images per class drawn without replacement, and {class: images used}
+    for the classes that have fewer than k images (all of them are kept, possibly none).
+
+    labels: (N,) integer class of each image. Depends only on labels, k and the generator's state.
+    """
+    labels = np.asarray(labels)
+    n_classes = n_classes or int(labels.max()) + 1
+    order = np.argsort(labels, kind="stable")  # images grouped by class, in dataset order within a class
+    counts = np.bincount(labels, minlength=n_classes)  # (C,)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    chosen, short = [], {}
+    for c in range(n_classes):
+        members = order[starts[c]:starts[c] + counts[c]]
+        if counts[c] <= k:
+            chosen.append(members)
+            if counts[c] < k:
+                short[c] = int(counts[c])
+        else:
+            chosen.append(rng.choice(members, k, replace=False))
+    return np.sort(np.concatenate(chosen)), short
+
+
+def torch_seed(rng):
+    """A torch generator seeded from a draw's numpy generator (weight init and batch order)."""
+    return torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+
+
+@torch.no_grad()
+def topk_accuracy(weight, bias, features, labels, chunk_size=4096):
+    """Top-1 and top-5 accuracy (in %) of the linear classifier features @ weight.T + bias; top-5
+    is over min(5, C) classes."""
+    hits = torch.zeros(2)
+    for start in range(0, len(labels), chunk_size):
+        logits = features[start:start + chunk_size] @ weight.T + bias  # (c, C)
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (c, 5)
+        correct = ranked == labels[start:start + chunk_size, None]  # (c, 5)
+        hits += torch.stack([correct[:, 0].sum(), correct.any(dim=1).sum()]).float().cpu()
+    return (100.0 * hits / len(labels)).tolist()
+
+
+def lr_per_epoch(lr, epochs, milestones, gamma):
+    """(epochs,) learning rate of each epoch: lr, times gamma after each milestone epoch reached."""
+    return np.array([lr * gamma ** sum(epoch >= m for m in milestones) for epoch in range(epochs)])
+
+
+def train_linear(features, labels, n_classes, args, generator):
+    """nn.Linear(D, C) on frozen features (n, D) by SGD: weights N(0, 0.01), zero bias, momentum,
+    weight decay, step decay of the lr at --lr_milestones. Returns (weight (C, D), bias (C,))."""
+    linear = torch.nn.Linear(features.shape[1], n_classes)
+    torch.nn.init.normal_(linear.weight, std=0.01, generator=generator)
+    torch.nn.init.zeros_(linear.bias)
+    linear = linear.to(features.device)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    for lr in lr_per_epoch(args.lr, args.epochs, args.lr_milestones, args.lr_gamma):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        order = torch.randperm(len(labels), generator=generator).to(features.device)
+        for batch in order.split(args.linear_batch_size):
+            loss = F.cross_entropy(linear(features[batch]), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return linear.weight.detach(), linear.bias.detach()
+
+
+def fit_logreg(features, labels, n_classes, c=1.0, max_iter=1000):
+    """Multinomial logistic regression, the objective of sklearn's LogisticRegression(C=c) divided
+    by c n: mean cross-entropy + ||W||^2 / (2 c n) (bias not penalised), minimised by full-batch
+    L-BFGS in torch so that it runs on the GPU. Returns (weight (C, D), bias (C,))."""
+    n, dim = features.shape
+    weight = torch.zeros(n_classes, dim, dtype=features.dtype, device=features.device, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=features.dtype, device=features.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def objective():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(features @ weight.T + bias, labels) + weight.pow(2).sum() / (2 * c * n)
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    return weight.detach(), bias.detach()
+
+
+def kshot_classifiers(features, args, device):
+    """lowshot_linear and nshot_logreg: top-1 / top-5 on the val split of classifiers trained on k
+    train images per class, mean and std over --runs draws."""
+    train_features, train_labels = features["train"]
+    val_features, val_labels = features["val"]
+    if train_labels.ndim != 1:
+        raise DataError(f"the train labels have shape {tuple(train_labels.shape)}, not (N,): these features were "
+                        f"saved by --protocol voc07_svm; use --protocol voc07_svm with them")
+    n_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    # lowshot_linear trains on the raw features, as the linear probe does; the quick logistic
+    # regression works on L2-normalised ones, so that one --logreg_c suits every backbone.
+    if args.protocol == "nshot_logreg":
+        train_features, val_features = F.normalize(train_features, dim=1), F.normalize(val_features, dim=1)
+    train_features, train_labels = train_features.float().to(device), train_labels.to(device)  # (N, D), (N,)
+    val_features, val_labels = val_features.float().to(device), val_labels.to(device)  # (M, D), (M,)
+    labels = train_labels.cpu().numpy()  # (N,) the draws are made on the CPU, the same on every device
+    results = {}
+    for k in args.shots:
+        accuracies = []  # (runs, 2): top-1, top-5
+        for run in range(args.runs):
+            rng = draw_rng(args.seed, k, run)
+            kept, short = sample_kshot(labels, k, rng, n_classes)
+            if short and run == 0:
+                listed = ", ".join(f"class {c}: {n}" for c, n in list(short.items())[:10])
+                print(f"k={k}: {len(short)} of {n_classes} classes have fewer than {k} train images; all of "
+                      f"their images are used ({listed}{', ...' if len(short) > 10 else ''})")
+            kept = torch.from_numpy(kept).to(device)
+            if args.protocol == "lowshot_linear":
+                weight, bias = train_linear(train_features[kept], train_labels[kept], n_classes, args, torch_seed(rng))
+            else:
+                weight, bias = fit_logreg(train_features[kept], train_labels[kept], n_classes, args.logreg_c,
+                                          args.logreg_max_iter)
+            accuracies.append(topk_accuracy(weight, bias, val_features, val_labels))
+        accuracies = np.array(accuracies)  # (runs, 2)
+        for i, name in enumerate(("top1", "top5")):
+            results[f"{name}_k{k}_mean"] = float(accuracies[:, i].mean())
+            results[f"{name}_k{k}_std"] = float(accuracies[:, i].std())
+            results[f"{name}_k{k}_runs"] = accuracies[:, i].tolist()
+    return results
+
+
+# ============ command line ============
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser("Few-shot evaluation on frozen features: VOC07 SVMs, low-shot linear, "
+                                     "N-shot logistic regression")
+    g = parser.add_argument_group("protocol")
+    g.add_argument("--protocol", required=True, choices=["voc07_svm", "lowshot_linear", "nshot_logreg"],
+                   help="voc07_svm: per-class linear SVMs on PASCAL VOC07, read from --data_path (the folder "
+                        "that holds VOCdevkit/VOC2007; --dataset is ignored), test mAP. lowshot_linear: the iNat-2018 "
+                        "low-shot linear classifier on --dataset (with --dataset imagefolder, a --data_path that "
+                        "holds train2018.json and val2018.json is read as the official iNat-2018 release). "
+                        "nshot_logreg: fast logistic regression on L2-normalised features of --dataset")
+    g.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                   help="k: training images per class (positive images per class for voc07_svm)")
+    g.add_argument("--runs", type=int, default=5, help="random draws of the k-shot training images per k")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the draws (and the classifiers): keep it fixed to compare checkpoints on the same "
+                        "images")
+    g.add_argument("--output_json", default=None,
+                   help="write the metrics (in %%) as a JSON object: map_k{k}_mean/_std/_runs and map_full for "
+                        "voc07_svm, top1_k{k}_* and top5_k{k}_* otherwise")
+    add_eval_args(parser)
+    g = parser.add_argument_group("voc07_svm")
+    g.add_argument("--cost", type=float, default=0.5, help="C of the linear SVMs (0.5 in the paper)")
+    g.add_argument("--voc_negatives", default="sampled", choices=["sampled", "all"],
+                   help="negatives of a low-shot SVM: 'sampled', 19 k images without the class (Goyal et al.'s "
+                        "low-shot samples), or 'all' images without the class")
+    g.add_argument("--voc_ap", default="area", choices=["area", "11point"],
+                   help="AP: area under the monotone precision-recall curve (Goyal et al., VISSL) or the "
+                        "11-point interpolated AP of the VOC2007 devkit")
+    g.add_argument("--svm_max_iter", type=int, default=2000, help="liblinear iterations per SVM (Goyal et al.: 2000)")
+    g = parser.add_argument_group("lowshot_linear")
+    g.add_argument("--epochs", type=int, default=20, help="passes over the k-shot training images")
+    g.add_argument("--lr", type=float, default=0.3, help="SGD learning rate (not scaled with the batch)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight_decay", type=float, default=1e-6, help="SGD weight decay")
+    g.add_argument("--lr_milestones", type=int, nargs="*", default=[12, 18],
+                   help="epochs at which the learning rate is multiplied by --lr_gamma")
+    g.add_argument("--lr_gamma", type=float, default=0.1, help="learning-rate factor at each milestone")
+    g.add_argument("--linear_batch_size", type=int, default=256,
+                   help="features per SGD step (the classifier trains on cached features, on one process)")
+    g = parser.add_argument_group("nshot_logreg")
+    g.add_argument("--logreg_c", type=float, default=1.0,
+                   help="inverse L2 strength, as sklearn's LogisticRegression(C): larger fits the few images harder")
+    g.add_argument("--logreg_max_iter", type=int, default=1000, help="L-BFGS iterations per draw")
+    args = parser.parse_args(argv)
+    if min(args.shots) < 1 or args.runs < 1:
+        parser.error(f"--shots {args.shots} must be >= 1 and --runs {args.runs} >= 1")
+    if args.cost <= 0 or args.logreg_c <= 0 or args.svm_max_iter < 1 or args.logreg_max_iter < 1:
+        parser.error("--cost, --logreg_c, --svm_max_iter and --logreg_max_iter must be positive")
+    if args.epochs < 1 or args.lr <= 0 or args.linear_batch_size < 1:
+        parser.error(f"--epochs {args.epochs}, --lr {args.lr} and --linear_batch_size {args.linear_batch_size} "
+                     f"must be positive")
+    return args
+
+
+def print_table(results, args):
+    if args.protocol == "voc07_svm":
+        print(f"VOC07 linear SVMs (C={args.cost}, AP {args.voc_ap}) of {args.pretrained_weights}: test mAP (%) "
+              f"over {args.runs} draws")
+        print(f"{'k':>5} {'mean':>7} {'std':>6}")
+        for k in args.shots:
+            print(f"{k:>5} {results[f'map_k{k}_mean']:>7.2f} {results[f'map_k{k}_std']:>6.2f}")
+        print(f"{'full':>5} {results['map_full']:>7.2f}")
+        return
+    data = args.load_features or (args.data_path if is_inat2018_json(args) else args.dataset)
+    print(f"{args.protocol} of {args.pretrained_weights} on {data}: val accuracy (%) over {args.runs} draws")
+    print(f"{'k':>5} {'top-1':>7} {'std':>6} {'top-5':>7} {'std':>6}")
+    for k in args.shots:
+        print(f"{k:>5} {results[f'top1_k{k}_mean']:>7.2f} {results[f'top1_k{k}_std']:>6.2f} "
+              f"{results[f'top5_k{k}_mean']:>7.2f} {results[f'top5_k{k}_std']:>6.2f}")
+
+
+def write_json(results, path):
+    """Atomically; nan (a metric with no class to average) becomes null."""
+    def clean(value):
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return None if isinstance(value, float) and math.isnan(value) else value
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({key: clean(value) for key, value in results.items()}, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world_size, device = init_distributed()
+    # ============ extracting features ... ============
+    splits = ("trainval", "test") if args.protocol == "voc07_svm" else ("train", "val")
+    if args.load_features or not (args.protocol == "voc07_svm" or is_inat2018_json(args)):
+        features = frozen_features(args, device, splits)
+    elif args.protocol == "voc07_svm":
+        transform = eval_transform(args.image_size)
+        features = indexed_features(args, device, {split: voc07_dataset(args.data_path, split, transform, args.download)
+                                                   for split in splits})
+    else:
+        features = indexed_features(args, device, inat2018_datasets(args.data_path, eval_transform(args.image_size)))
+    # ============ training the few-shot classifiers ... ============
+    if is_main_process():
+        results = voc07_svm(features, args) if args.protocol == "voc07_svm" else kshot_classifiers(features, args,
+                                                                                                    device)
+        print_table(results, args)
+        if args.output_json:
+            write_json(results, args.output_json)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")

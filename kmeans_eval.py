@@ -1,0 +1,237 @@
+"""k-means clustering of frozen features (paper Table 2), for any checkpoint.
+
+    python kmeans_eval.py --pretrained_weights runs/demo/checkpoint.pth --dataset synthetic --image_size 32
+    python kmeans_eval.py --pretrained_weights random --arch resnet18 --dataset synthetic --image_size 32
+    torchrun --nproc_per_node=8 kmeans_eval.py --pretrained_weights carp_r50.pth --dataset imagefolder \
+        --data_path /imagenet --dump_features runs/carp_r50_features
+
+Protocol (../shared/docs/eval-protocols.md): teacher-backbone features of the train and val
+splits (evaluation transform), standardised with the train split's per-dimension mean and
+standard deviation, then spherical k-means on the train split with k = number of classes,
+100 iterations and 10 restarts (the restart with the best objective is kept). Every val image
+goes to its nearest centroid, and the val clusters are scored against the val labels: NMI,
+adjusted mutual information (AMI), adjusted Rand index (ARI), and clustering accuracy with the
+best one-to-one cluster-to-class matching (Hungarian algorithm), all x100.
+NOTE(authors' code): they run faiss.Kmeans(spherical=True, niter=100, nredo=10) on the
+standardised features, which does not L2-normalise the points (a centroid is the normalised mean
+of the raw standardised vectors, so long vectors weigh more; the assignment by inner product with
+unit centroids is the same as by cosine), starts from random points rather than k-means++, trains
+on at most 256 x k sampled points, and splits a large cluster to refill an empty one. Here every
+point is normalised, all train points are used, and empty clusters are re-seeded as explained in
+update_centroids. Accuracy is not in their script.
+
+Features are extracted by all processes of a torchrun launch; the clustering runs on the main
+process, on the GPU when there is one.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from sklearn import metrics
+
+from data import DataError
+from features import add_eval_args, frozen_features, init_distributed, is_main_process
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser("Spherical k-means clustering of frozen features")
+    add_eval_args(parser)
+    g = parser.add_argument_group("k-means")
+    g.add_argument("--n_clusters", type=int, default=None,
+                   help="k; default: the number of classes of the train split (the paper)")
+    g.add_argument("--n_iter", type=int, default=100,
+                   help="maximum Lloyd iterations per restart (paper: 100); a restart stops earlier when no "
+                        "assignment changes")
+    g.add_argument("--n_init", type=int, default=10,
+                   help="restarts from different k-means++ initialisations; the best objective is kept (paper: 10)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the initialisations (and a 'random' backbone)")
+    g.add_argument("--output_json", default=None, help="write {nmi, ami, ari, acc} of the val split as a flat "
+                                                       "JSON object here")
+    args = parser.parse_args(argv)
+    if args.n_clusters is not None and args.n_clusters < 1:
+        parser.error(f"--n_clusters {args.n_clusters} must be at least 1 (default: the number of classes)")
+    if args.n_iter < 1:
+        parser.error(f"--n_iter {args.n_iter} must be at least 1 (paper: 100)")
+    if args.n_init < 1:
+        parser.error(f"--n_init {args.n_init} must be at least 1 (paper: 10)")
+    return args
+
+
+# ============ spherical k-means ============
+
+def standardize(train_features, val_features):
+    """Both splits standardised with the train split's per-dimension mean and std (float32), the
+    population std as sklearn's StandardScaler in the authors' script. A dimension that is constant on the train split (std 0, e.g. a channel that is 0 after the last
+    ReLU for every image) is only centred: dividing by 0 would give NaN or huge values."""
+    train_features = train_features.double()  # (N, D); float64 sums stay exact for millions of images
+    mean, std = train_features.mean(dim=0), train_features.std(dim=0, correction=0)  # (D,) each
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return ((train_features - mean) / std).float(), ((val_features.double() - mean) / std).float()
+
+
+def nearest_centroid(x, centroids, chunk_size=65536):
+    """(similarity (N,), assignment (N,)): the highest cosine similarity of every unit row of x
+    (N, D) to the unit centroids (k, D), and which centroid gives it. Chunked so memory stays
+    O(chunk_size * k) for any N."""
+    similarity, assignment = [], []
+    for chunk in x.split(chunk_size):
+        best = (chunk @ centroids.T).max(dim=1)  # over (c, k)
+        similarity.append(best.values)
+        assignment.append(best.indices)
+    return torch.cat(similarity), torch.cat(assignment)
+
+
+def kmeans_plus_plus(x, k, generator):
+    """k initial centroids (k, D) drawn among the unit rows of x (N, D) by k-means++: each next one
+    with probability proportional to its squared distance to the nearest centroid drawn so far,
+    ||x - c||^2 = 2 - 2 cos, i.e. proportional to 1 - cos. The random numbers come from the CPU
+    `generator` and the sampling runs on x's device (inverse CDF), so a seed gives the same draws
+    on CPU and GPU."""
+    n = len(x)
+    first = torch.randint(n, (), generator=generator)
+    centroids = [x[first]]  # k tensors (D,)
+    closest = x @ x[first]  # (N,): cosine to the nearest centroid drawn so far
+    for _ in range(1, k):
+        weight = (1 - closest).clamp_min(0).double()  # (N,)
+        # Every point already a centroid (fewer distinct points than k): draw uniformly.
+        weight = torch.where(weight.sum() > 0, weight, torch.ones_like(weight))
+        cdf = weight.cumsum(0)  # (N,)
+        u = torch.rand((), generator=generator, dtype=torch.float64).to(x.device)
+        index = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_max(n - 1)
+        centroids.append(x[index])
+        closest = torch.maximum(closest, x @ x[index])
+    return torch.stack(centroids)  # (k, D)
+
+
+def update_centroids(x, assignment, similarity, k):
+    """Spherical k-means update: every centroid becomes the normalised mean of its points (k, D).
+
+    An empty cluster would have no direction. It is re-seeded with the point farthest from its own
+    centroid (the lowest similarity), the next empty one with the next-farthest point, and so on;
+    that point joins it at the next assignment, which raises the objective, as re-seeding with a
+    random point need not. NOTE: on the GPU, index_add_ adds in a nondeterministic order, so
+    repeated runs can differ in the last bits there (exactly repeatable on the CPU).
+    """
+    sums = torch.zeros(k, x.shape[1], device=x.device, dtype=x.dtype).index_add_(0, assignment, x)  # (k, D)
+    centroids = F.normalize(sums, dim=1)  # (k, D)
+    empty = torch.bincount(assignment, minlength=k) == 0  # (k,)
+    n_empty = int(empty.sum())
+    if n_empty:
+        farthest = similarity.topk(n_empty, largest=False).indices  # (n_empty,)
+        centroids[empty] = x[farthest]
+    return centroids
+
+
+def spherical_kmeans(features, k, n_iter=100, n_init=10, generator=None):
+    """Spherical k-means of features (N, D): (centroids (k, D), assignments (N,), objective).
+
+    Rows are L2-normalised; a point belongs to the centroid of highest cosine similarity; a
+    centroid is the normalised mean of its points. The objective, maximised, is the sum over points
+    of the cosine similarity to their centroid. Each of the n_init restarts starts from a k-means++
+    draw of `generator` (a seeded torch.Generator on the CPU) and runs at most n_iter iterations
+    (centroid update, then assignment), stopping early when no assignment changes. The restart
+    with the highest objective is returned, its assignments being those of its final centroids.
+    """
+    if not 1 <= k <= len(features):
+        raise DataError(f"cannot make {k} clusters of {len(features)} points; use 1 <= --n_clusters <= {len(features)}")
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    x = F.normalize(features.float(), dim=1)  # (N, D)
+    best = None
+    for _ in range(n_init):
+        centroids = kmeans_plus_plus(x, k, generator)  # (k, D)
+        similarity, assignment = nearest_centroid(x, centroids)  # (N,), (N,)
+        for _ in range(n_iter):
+            centroids = update_centroids(x, assignment, similarity, k)
+            similarity, new_assignment = nearest_centroid(x, centroids)
+            converged = torch.equal(new_assignment, assignment)
+            assignment = new_assignment
+            if converged:
+                break
+        objective = similarity.double().sum().item()
+        if best is None or objective > best[2]:
+            best = (centroids, assignment, objective)
+    return best
+
+
+# ============ scores ============
+
+def as_numpy(labels):
+    return labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
+
+
+def cluster_accuracy(pred, labels):
+    """Clustering accuracy (%): the fraction of points whose cluster is matched to their class by
+    the best one-to-one matching of clusters to classes (Hungarian algorithm on the
+    cluster x class counts). With more clusters than classes the unmatched clusters count as
+    wrong, with fewer the unmatched classes do: no two clusters may claim the same class."""
+    _, pred = np.unique(as_numpy(pred), return_inverse=True)  # cluster ids -> 0..n_clusters-1
+    _, labels = np.unique(as_numpy(labels), return_inverse=True)  # class ids -> 0..n_classes-1
+    counts = np.zeros((pred.max() + 1, labels.max() + 1), dtype=np.int64)  # (clusters, classes)
+    np.add.at(counts, (pred, labels), 1)
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    return 100.0 * float(counts[rows, cols].sum()) / len(labels)
+
+
+def clustering_metrics(pred, labels):
+    """{nmi, ami, ari, acc} (x100) of cluster assignments `pred` against class `labels`.
+    NMI and AMI use sklearn's default arithmetic normalisation; AMI and ARI are 0 in expectation
+    for a random clustering, NMI is not."""
+    pred, labels = as_numpy(pred), as_numpy(labels)
+    return {"nmi": 100.0 * metrics.normalized_mutual_info_score(labels, pred),
+            "ami": 100.0 * metrics.adjusted_mutual_info_score(labels, pred),
+            "ari": 100.0 * metrics.adjusted_rand_score(labels, pred),
+            "acc": cluster_accuracy(pred, labels)}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world_size, device = init_distributed()
+    # ============ extracting features ... ============
+    torch.manual_seed(args.seed)  # the same 'random' backbone in every process
+    features = frozen_features(args, device)
+    results = None
+    if is_main_process():
+        # ============ standardising with the train split ... ============
+        train_features, train_labels = features["train"]  # (N, D), (N,)
+        val_features, val_labels = features["val"]  # (M, D), (M,)
+        train_features, val_features = standardize(train_features.to(device), val_features.to(device))
+        k = args.n_clusters or len(train_labels.unique())
+
+        # ============ clustering the train split ... ============
+        generator = torch.Generator().manual_seed(args.seed)
+        centroids, train_assignment, objective = spherical_kmeans(train_features, k, args.n_iter, args.n_init,
+                                                                  generator)
+        _, val_assignment = nearest_centroid(F.normalize(val_features, dim=1), centroids)  # (M,)
+
+        # ============ scoring ... ============
+        source = (f"the features in {args.load_features}" if args.load_features
+                  else f"{args.pretrained_weights} on {args.dataset}")
+        results = clustering_metrics(val_assignment, val_labels)
+        train_results = clustering_metrics(train_assignment, train_labels)
+        print(f"spherical k-means (k={k}, best of {args.n_init} restarts, objective {objective:.1f} = "
+              f"{objective / len(train_labels):.4f} mean cosine) of {source}: "
+              f"fit on {len(train_labels)} train images, {len(val_labels)} val images assigned")
+        print(f"{'metric':>8} {'val':>7} {'(train)':>8}")
+        for name in ("nmi", "ami", "ari", "acc"):
+            print(f"{name.upper():>8} {results[name]:>7.2f} {train_results[name]:>8.2f}")
+        if args.output_json:
+            tmp = args.output_json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(tmp, args.output_json)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")

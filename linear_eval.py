@@ -1,0 +1,376 @@
+"""Linear probe on a frozen backbone (the paper's linear evaluation), for any checkpoint.
+
+    # the paper's protocol on ImageNet: 100 epochs, LARS lr 1.0, global batch 8 x 256 = 2048
+    torchrun --nproc_per_node=8 linear_eval.py --pretrained_weights carp_r50.pth --dataset imagefolder \
+        --data_path /imagenet --batch_size_per_gpu 256 --output_dir runs/linear_carp_r50
+    # DINO/SwAV-style SGD instead: lr 0.3 x global batch / 256, cosine
+    python linear_eval.py --pretrained_weights runs/demo/checkpoint.pth --dataset synthetic --image_size 32 \
+        --optimizer sgd --epochs 10 --output_dir runs/demo_linear
+    # fast, NOT the paper's protocol: the classifier trained on cached eval-transform features
+    python linear_eval.py --pretrained_weights random --arch resnet18 --dataset synthetic --image_size 32 \
+        --cached_features --dump_features runs/random_features --output_dir runs/random_linear
+
+Protocol (../shared/docs/eval-protocols.md): the teacher backbone is frozen and kept in eval()
+mode; a single nn.Linear(D, C) (weights N(0, 0.01), bias 0) is trained on the pooled features of
+augmented train images (bicubic RandomResizedCrop + horizontal flip) with cross-entropy, its
+learning rate following a per-step cosine from the peak to 0. Val images get the evaluation
+transform (resize, centre crop). Top-1 and top-5 on the val split are reported for the last epoch
+and for the best epoch (the anchors report the best, which is optimistic: it is chosen on val).
+NOTE(authors' code): their script steps the cosine once per epoch (CosineAnnealingLR) and crops
+train images with the default bilinear interpolation; we follow the shared protocol (a per-step
+cosine as DINO's schedules, bicubic crops as everywhere else in this codebase). Their global batch
+is 4 GPUs x 128 x 4 accumulation steps = 2048.
+
+--output_dir receives linear_checkpoint.pth (every epoch, atomically) and log.jsonl; running the
+same command again resumes from the checkpoint, or only re-reports a finished run.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from data import DataError, build_dataset, eval_transform, to_normalized_tensor
+from features import add_eval_args, bool_flag, extract_features, frozen_features, init_distributed, load_backbone
+from pretrain import LARS, all_reduce, cosine_schedule, param_groups, save_checkpoint
+
+DEFAULT_LR = {"lars": 1.0, "sgd": 0.3}
+CACHED_WARNING = "cached-features protocol (no augmentation): not the paper's protocol"
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser("Linear probe on a frozen backbone")
+    add_eval_args(parser)
+    g = parser.add_argument_group("linear")
+    g.add_argument("--epochs", type=int, default=100, help="training epochs of the linear classifier (paper: 100)")
+    g.add_argument("--optimizer", default="lars", choices=["lars", "sgd"],
+                   help="lars: the authors' protocol (momentum 0.9, trust coefficient 0.001, no weight decay, the "
+                        "bias excluded from adaptation); sgd: momentum SGD as in DINO and SwAV. LARS moves the "
+                        "weight by ~0.1%% of its norm per step (~1%% with momentum), so it needs thousands of steps "
+                        "(ImageNet: 62,500) to leave the random initialisation: with small data or few epochs, "
+                        "use sgd")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate, reached at step 0 and decayed to 0 with a per-step cosine. Default "
+                        "1.0 with lars, used as is (the authors do not scale it with the batch); default 0.3 with "
+                        "sgd, multiplied by global batch / 256 (DINO's linear scaling rule; 0.3 at 256 is SwAV's)")
+    g.add_argument("--momentum", type=float, default=0.9, help="momentum of lars or sgd")
+    g.add_argument("--weight_decay", type=float, default=0.0,
+                   help="weight decay of the linear weights, never of the bias (paper: 0)")
+    g.add_argument("--cached_features", type=bool_flag, nargs="?", const=True, default=False,
+                   help="fast mode: compute the eval-transform features of the train split once (see "
+                        "--dump_features / --load_features) and train on them, with no augmentation. NOT the "
+                        "paper's protocol: use it to compare checkpoints quickly, not to report numbers")
+    g.add_argument("--val_freq", type=int, default=1, help="evaluate on the val split every this many epochs "
+                                                           "(and always after the last one)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the classifier's initialisation, the data order, the augmentations and the "
+                        "'random' backbone, so a resumed run repeats an uninterrupted one")
+    g = parser.add_argument_group("output")
+    g.add_argument("--output_dir", default=".", help="linear_checkpoint.pth and log.jsonl go here; a run resumes "
+                                                     "from here")
+    g.add_argument("--output_json", default=None,
+                   help="write {top1, top5 (last epoch), best_top1, best_top5 (best epoch), cached_features (1 "
+                        "in the fast mode, else 0)} as a flat JSON object here")
+    args = parser.parse_args(argv)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optimizer]
+    if args.epochs < 1:
+        parser.error(f"--epochs {args.epochs} must be at least 1 (paper: 100)")
+    if not args.lr > 0:
+        parser.error(f"--lr {args.lr} must be > 0 (defaults: 1.0 with lars, 0.3 with sgd)")
+    if not 0 <= args.momentum < 1:
+        parser.error(f"--momentum {args.momentum} must be in [0, 1) (paper: 0.9)")
+    if args.weight_decay < 0:
+        parser.error(f"--weight_decay {args.weight_decay} must be >= 0 (paper: 0)")
+    if args.val_freq < 1:
+        parser.error(f"--val_freq {args.val_freq} must be at least 1")
+    if args.batch_size_per_gpu < 1:
+        parser.error(f"--batch_size_per_gpu {args.batch_size_per_gpu} must be at least 1")
+    if not args.cached_features and (args.dump_features or args.load_features):
+        parser.error("--dump_features and --load_features apply to --cached_features only: the paper's protocol "
+                     "runs the backbone on new augmented views at every epoch")
+    return args
+
+
+# ============ the probe: train view, classifier, optimizer ============
+
+def train_transform(image_size):
+    """The probe's training view: bicubic RandomResizedCrop (scale 0.08-1) and a horizontal flip,
+    nothing else (no colour augmentation), then ImageNet normalisation."""
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(p=0.5),
+        to_normalized_tensor(),
+    ])
+
+
+def build_linear(dim, n_classes):
+    """nn.Linear(D, C) with weights N(0, 0.01) and a zero bias, as in the paper's protocol."""
+    linear = nn.Linear(dim, n_classes)
+    nn.init.normal_(linear.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+def build_optimizer(linear, args):
+    """LARS or SGD over pretrain.param_groups: the weight gets --weight_decay (and, with LARS, the
+    trust-ratio adaptation); the bias gets neither (`lars_exclude`), as in pretraining. The
+    learning rate is set at every step from the schedule."""
+    groups = param_groups(linear)  # [{weight}, {bias, weight_decay 0, lars_exclude}]
+    if args.optimizer == "lars":
+        return LARS(groups, lr=0.0, weight_decay=args.weight_decay, momentum=args.momentum)
+    return torch.optim.SGD(groups, lr=0.0, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def peak_lr(args, global_batch):
+    """LARS: --lr as is (the authors' 1.0 for a batch of 2048); SGD: --lr x global batch / 256."""
+    return args.lr if args.optimizer == "lars" else args.lr * global_batch / 256
+
+
+def number_of_classes(dataset, val_labels):
+    """C, the classes of the train split, read from the dataset's metadata without loading images
+    (the class list, or the labels torchvision keeps), and at least max(val label) + 1."""
+    n = int(val_labels.max()) + 1
+    if hasattr(dataset, "classes"):
+        return max(n, len(dataset.classes))
+    for name in ("targets", "_labels"):  # CIFAR, ImageFolder; Flowers102, Food101, DTD
+        if hasattr(dataset, name):
+            return max(n, int(torch.as_tensor(getattr(dataset, name)).max()) + 1)
+    if hasattr(dataset, "_samples"):  # GTSRB: (path, label) pairs
+        return max(n, max(label for _, label in dataset._samples) + 1)
+    return n
+
+
+def feature_batches(n, batch_size, seed, epoch, rank=0, world_size=1):
+    """Index batches of this process for one epoch over N cached features.
+
+    The same shuffled order on every process (a generator seeded with seed + epoch, as
+    DistributedSampler does), padded by repeating its start to a multiple of the processes, and
+    dealt out like DistributedSampler: process r takes positions r, r + W, r + 2W, ... So every
+    process runs the same number of steps, and one process sees the whole split every epoch.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))  # (N,)
+    order = torch.cat([order, order[:(-n) % world_size]])  # (W * ceil(N / W),)
+    return order[rank::world_size].split(batch_size)
+
+
+# ============ one epoch and the evaluation ============
+
+def train_one_epoch(linear, optimizer, batches, lr_schedule, first_step, device, backbone=None):
+    """One pass over the train split; returns the mean loss and top-1 (%) over all processes.
+
+    `batches` yields (inputs, labels): images when a backbone is given (the paper's protocol,
+    features computed here under no_grad), features (b, D) otherwise (the cached mode).
+    """
+    linear.train()
+    sums = torch.zeros(3, device=device)  # summed loss, correct predictions, images
+    for i, (inputs, labels) in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = float(lr_schedule[first_step + i])
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if backbone is not None:
+            with torch.no_grad():
+                inputs = backbone(inputs)  # (b, D): frozen features of the augmented images
+        logits = linear(inputs)  # (b, C)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            sums += torch.stack([loss.detach() * len(labels), (logits.argmax(dim=1) == labels).sum(),
+                                 torch.tensor(len(labels), device=device)])
+    loss_sum, correct, count = all_reduce(sums).tolist()  # the whole train split, over every process
+    return loss_sum / count, 100.0 * correct / count
+
+
+@torch.no_grad()
+def evaluate(linear, features, labels, device, chunk_size=4096):
+    """Top-1 and top-5 accuracy (%) of the classifier on features (N, D) with labels (N,)."""
+    linear.eval()
+    hits = torch.zeros(2, dtype=torch.float64)  # top-1, top-5
+    for start in range(0, len(labels), chunk_size):
+        logits = linear(features[start:start + chunk_size].to(device))  # (c, C)
+        targets = labels[start:start + chunk_size].to(device)  # (c,)
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (c, 5)
+        correct = ranked == targets[:, None]  # (c, 5)
+        hits += torch.stack([correct[:, 0].sum(), correct.any(dim=1).sum()]).cpu()
+    return (100.0 * hits / len(labels)).tolist()
+
+
+def backbone_changes(backbone, reference):
+    """Names of the parameters and buffers (BatchNorm statistics included) that differ from `reference`."""
+    return [name for name, value in backbone.state_dict().items() if not torch.equal(value, reference[name])]
+
+
+# ============ checkpoints ============
+
+# Flags that define the run: resuming with another value would mix two experiments.
+RESUME_ARGS = ("pretrained_weights", "checkpoint_key", "arch", "dataset", "image_size", "cached_features",
+               "optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size_per_gpu", "seed")
+
+
+def load_checkpoint(path, args, linear, optimizer, world_size):
+    """Restore the classifier and optimizer from `path`; returns the checkpoint's other entries."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    changed = [f"--{k} {checkpoint['args'].get(k)} (now {getattr(args, k)})"
+               for k in RESUME_ARGS if checkpoint["args"].get(k) != getattr(args, k)]
+    if checkpoint["world_size"] != world_size:
+        changed.append(f"{checkpoint['world_size']} processes (now {world_size})")
+    if changed:
+        raise DataError(f"{path} was trained with {', '.join(changed)}; use the same flags to resume, "
+                        f"or another --output_dir to start a new run")
+    linear.load_state_dict(checkpoint["linear"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return checkpoint
+
+
+def write_json(results, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world_size, device = init_distributed()
+    os.makedirs(args.output_dir, exist_ok=True)
+    checkpoint_path = os.path.join(args.output_dir, "linear_checkpoint.pth")
+    protocol = (CACHED_WARNING if args.cached_features
+                else "the paper's protocol: RandomResizedCrop + flip through the frozen backbone")
+    source = (f"the features in {args.load_features}" if args.load_features
+              else f"{args.pretrained_weights} on {args.dataset}")
+    if rank == 0:
+        print(f"linear probe of {source}, {protocol}")
+
+    # ============ preparing data and the frozen backbone ... ============
+    torch.manual_seed(args.seed)  # the same 'random' backbone in every process and after a resume
+    if args.cached_features:
+        features = frozen_features(args, device)  # the shared eval-transform pipeline and its cache
+        train_features, train_labels = features["train"]  # (N, D), (N,)
+        val_features, val_labels = features["val"]  # (M, D), (M,)
+        dim = train_features.shape[1]
+        n_classes = int(max(train_labels.max(), val_labels.max())) + 1
+        steps_per_epoch = len(feature_batches(len(train_labels), args.batch_size_per_gpu, args.seed, 0,
+                                              rank, world_size))
+        backbone = None
+    else:
+        train_set = build_dataset(args.dataset, "train", train_transform(args.image_size), args.data_path,
+                                  args.download, args.synthetic_images, args.image_size)
+        val_set = build_dataset(args.dataset, "val", eval_transform(args.image_size), args.data_path, args.download,
+                                args.synthetic_images, args.image_size)
+        backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
+                                 args.model_format).to(device)
+        # Frozen: eval() so that BatchNorm normalises with its stored running statistics and never
+        # updates them (in train() mode it would use batch statistics and overwrite the running ones
+        # at every forward pass, even under no_grad): the probe then sees exactly the features that
+        # k-NN and the val evaluation see. No gradients: nothing of the backbone is trained.
+        backbone.eval()
+        backbone.requires_grad_(False)
+        reference = {name: value.clone() for name, value in backbone.state_dict().items()}
+        # The val features never change (frozen backbone, deterministic transform): computed once.
+        val_features, val_labels = extract_features(backbone, val_set, args.batch_size_per_gpu, args.num_workers,
+                                                    device)  # (M, D), (M,)
+        dim, n_classes = backbone.embed_dim, number_of_classes(train_set, val_labels)
+        # DistributedSampler also in one process: a seeded, per-epoch shuffle that a resume repeats.
+        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
+                                                      seed=args.seed)
+        loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
+                                             num_workers=args.num_workers, pin_memory=device.type == "cuda")
+        steps_per_epoch = len(loader)
+        if rank == 0:
+            print(f"{len(train_set)} train and {len(val_set)} val images of {args.dataset}")
+
+    # ============ building the linear classifier and its optimizer ... ============
+    torch.manual_seed(args.seed)
+    linear_module = build_linear(dim, n_classes).to(device)
+    linear = linear_module
+    if world_size > 1:
+        linear = nn.parallel.DistributedDataParallel(linear_module,
+                                                     device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(linear_module, args)
+    global_batch = args.batch_size_per_gpu * world_size
+    lr_schedule = cosine_schedule(peak_lr(args, global_batch), 0.0, args.epochs, steps_per_epoch)  # (E * steps,)
+    if rank == 0:
+        print(f"nn.Linear({dim}, {n_classes}), {args.optimizer} with peak learning rate "
+              f"{peak_lr(args, global_batch):.4g} (global batch {global_batch}), cosine to 0 over "
+              f"{args.epochs} epochs of {steps_per_epoch} steps")
+
+    # ============ optionally resuming a run ... ============
+    start_epoch, history, best = 0, [], {"top1": 0.0, "top5": 0.0, "epoch": 0}
+    if os.path.isfile(checkpoint_path):
+        checkpoint = load_checkpoint(checkpoint_path, args, linear_module, optimizer, world_size)
+        start_epoch, history, best = checkpoint["epoch"], checkpoint["history"], checkpoint["best"]
+        if rank == 0:
+            state = "finished: re-reporting it" if start_epoch >= args.epochs else f"resuming at epoch {start_epoch}"
+            print(f"{checkpoint_path} holds {start_epoch}/{args.epochs} epochs, {state}")
+
+    # ============ training ... ============
+    for epoch in range(start_epoch, args.epochs):
+        # Seeded per epoch (and process), so augmentations after a resume are those of an
+        # uninterrupted run; DataLoader workers draw their seeds from this state.
+        torch.manual_seed(args.seed + 1000 * epoch + rank)
+        if args.cached_features:
+            batches = ((train_features[index], train_labels[index]) for index in
+                       feature_batches(len(train_labels), args.batch_size_per_gpu, args.seed, epoch, rank, world_size))
+        else:
+            sampler.set_epoch(epoch)
+            batches = loader
+        train_loss, train_top1 = train_one_epoch(linear, optimizer, batches, lr_schedule, epoch * steps_per_epoch,
+                                                 device, backbone)
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_top1": train_top1, "top1": None, "top5": None}
+        if (epoch + 1) % args.val_freq == 0 or epoch + 1 == args.epochs:
+            record["top1"], record["top5"] = evaluate(linear_module, val_features, val_labels, device)
+            if record["top1"] > best["top1"] or best["epoch"] == 0:
+                best = {"top1": record["top1"], "top5": record["top5"], "epoch": epoch + 1}
+        history.append(record)
+        if backbone is not None:
+            # SimSiam's sanity check, after every epoch and before the checkpoint is written, so a
+            # checkpoint never holds a classifier trained on a backbone that moved.
+            changed = backbone_changes(backbone, reference)
+            if changed:
+                raise RuntimeError(f"the frozen backbone changed during linear training ({len(changed)} tensors, "
+                                   f"e.g. {changed[:3]}): the probe results are invalid. The backbone must stay "
+                                   f"in eval() mode with requires_grad False")
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, train top-1 {train_top1:.2f}"
+                  + (f", val top-1 {record['top1']:.2f}, top-5 {record['top5']:.2f}" if record["top1"] is not None
+                     else ""))
+            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps({k: v for k, v in record.items() if v is not None}) + "\n")
+            save_checkpoint({"linear": linear_module.state_dict(), "optimizer": optimizer.state_dict(),
+                             "epoch": epoch + 1, "best": best, "history": history, "world_size": world_size,
+                             "args": vars(args)}, checkpoint_path)
+
+    # ============ reporting ... ============
+    last = [r for r in history if r["top1"] is not None][-1]
+    results = {"top1": last["top1"], "top5": last["top5"], "best_top1": best["top1"], "best_top5": best["top5"],
+               "cached_features": float(args.cached_features)}
+    if rank == 0:
+        print(f"\nlinear probe of {source}: {protocol}")
+        print(f"{'epoch':>5} {'train loss':>10} {'train top-1':>11} {'val top-1':>9} {'val top-5':>9}")
+        for r in history:
+            val = f"{r['top1']:>9.2f} {r['top5']:>9.2f}" if r["top1"] is not None else f"{'-':>9} {'-':>9}"
+            print(f"{r['epoch']:>5} {r['train_loss']:>10.4f} {r['train_top1']:>11.2f} {val}")
+        print(f"last epoch ({last['epoch']}): top-1 {results['top1']:.2f}, top-5 {results['top5']:.2f}")
+        print(f"best epoch ({best['epoch']}): top-1 {best['top1']:.2f}, top-5 {best['top5']:.2f} "
+              f"(optimistic: the epoch is chosen on the val split)")
+        if args.cached_features:
+            print(CACHED_WARNING)
+        if args.output_json:
+            write_json(results, args.output_json)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")

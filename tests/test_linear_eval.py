@@ -1,0 +1,233 @@
+"""linear_eval.py: the linear probe on a frozen backbone. The classifier learns separable features,
+the backbone (weights and BatchNorm statistics) never changes, checkpoints load with
+weights_only=True and a run resumes exactly, the fast mode says it is not the paper's protocol,
+and bad flags are refused by name.
+
+The end-to-end runs use ResNet-18 on 16x16 synthetic images, shrunk to 40 train / 8 val images.
+"""
+import json
+
+import pytest
+import torch
+
+import features
+import linear_eval
+import model
+from data import DataError
+
+TINY = ["--arch", "resnet18", "--dataset", "synthetic", "--synthetic_images", "40", "--image_size", "16",
+        "--num_workers", "0", "--batch_size_per_gpu", "8"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread (the test machine's cores are shared, and spinning OpenMP threads make
+    tiny convolutions ~50x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    """A ResNet-18 state dict (torchvision layout) whose BatchNorm statistics are not the defaults
+    0 / 1, so that any update of them by a forward pass in train() mode shows."""
+    torch.manual_seed(0)
+    backbone = model.build_backbone("resnet18")
+    with torch.no_grad():
+        for name, buffer in backbone.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.normal_(0, 0.1)
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 2.0)
+    path = tmp_path / "backbone.pth"
+    torch.save(backbone.state_dict(), path)
+    return str(path)
+
+
+def run(tmp_path, weights, *extra):
+    return linear_eval.main(["--pretrained_weights", weights, *TINY, "--output_dir", str(tmp_path / "out"), *extra])
+
+
+def save_blobs(folder, n_per_class, seed):
+    """4 Gaussian blobs in 16 dimensions: class c centred at 4 e_c, noise std 0.5, saved in the
+    --dump_features layout. The classes are linearly separable with a margin of ~8 std."""
+    generator = torch.Generator().manual_seed(seed)
+    folder.mkdir(exist_ok=True)
+    for split, n in (("train", n_per_class), ("val", n_per_class // 2)):
+        labels = torch.arange(4).repeat(n)  # (4n,)
+        feats = 4.0 * torch.eye(16)[labels] + 0.5 * torch.randn(len(labels), 16, generator=generator)  # (4n, 16)
+        torch.save({"features": feats, "labels": labels}, features.features_file(str(folder), split))
+
+
+@pytest.mark.parametrize("optimizer, batch_size, epochs", [("sgd", 16, 10), ("lars", 10, 50)])
+def test_probe_separates_gaussian_blobs(tmp_path, optimizer, batch_size, epochs, capsys):
+    """On 4 well-separated blobs (cached features) the classifier reaches 100% top-1 with either
+    optimizer. LARS gets 1000 steps (200 points / 10 x 50 epochs): it moves the weight by ~1% of
+    its norm per step, so ~100 steps leave it mostly at its random initialisation."""
+    save_blobs(tmp_path / "blobs", 50, seed=0)
+    results = run(tmp_path, "random", "--cached_features", "--load_features", str(tmp_path / "blobs"),
+                  "--optimizer", optimizer, "--epochs", str(epochs), "--batch_size_per_gpu", str(batch_size))
+    assert results["top1"] == 100.0 and results["best_top1"] == 100.0 and results["top5"] == 100.0
+    assert "nn.Linear(16, 4)" in capsys.readouterr().out
+
+
+def test_cached_mode_is_labelled_not_the_papers_protocol(tmp_path, capsys):
+    """The fast mode prints that it is not the paper's protocol and marks its JSON; the full protocol does neither."""
+    save_blobs(tmp_path / "blobs", 10, seed=1)
+    run(tmp_path / "fast", "random", "--cached_features", "--load_features", str(tmp_path / "blobs"),
+        "--epochs", "1", "--output_json", str(tmp_path / "fast.json"))
+    assert "cached-features protocol (no augmentation): not the paper's protocol" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "fast.json"))["cached_features"] == 1
+    run(tmp_path / "full", "random", "--epochs", "1", "--output_json", str(tmp_path / "full.json"))
+    assert "not the paper's protocol" not in capsys.readouterr().out
+    assert json.load(open(tmp_path / "full.json"))["cached_features"] == 0
+
+
+def test_full_protocol_leaves_the_backbone_unchanged_and_writes_a_safe_checkpoint(tmp_path, weights_file,
+                                                                                    monkeypatch):
+    """After 2 epochs of the paper's protocol every backbone weight and BatchNorm buffer equals the
+    file's; linear_checkpoint.pth loads with weights_only=True (classifier 512 -> 10, optimizer,
+    epoch 2, best, 2 history rows, args as a dict); the JSON holds the four accuracies."""
+    used = []
+
+    def recording_load_backbone(*args, **kwargs):
+        used.append(features.load_backbone(*args, **kwargs))
+        return used[-1]
+
+    monkeypatch.setattr(linear_eval, "load_backbone", recording_load_backbone)
+    run(tmp_path, weights_file, "--epochs", "2", "--output_json", str(tmp_path / "linear.json"))
+    saved = torch.load(weights_file, weights_only=True)
+    after = used[0].state_dict()
+    assert after.keys() == saved.keys() and any("running_var" in k for k in saved)
+    for key, value in saved.items():
+        assert torch.equal(after[key].cpu(), value), key
+
+    checkpoint = torch.load(tmp_path / "out" / "linear_checkpoint.pth", weights_only=True)
+    assert checkpoint["linear"]["weight"].shape == (10, 512) and checkpoint["epoch"] == 2
+    assert len(checkpoint["history"]) == 2 and isinstance(checkpoint["args"], dict)
+    assert {"optimizer", "best"} <= set(checkpoint) and checkpoint["args"]["lr"] == 1.0
+    results = json.load(open(tmp_path / "linear.json"))
+    assert {"top1", "top5", "best_top1", "best_top5"} <= set(results)
+    assert all(0 <= results[k] <= 100 for k in ("top1", "top5", "best_top1", "best_top5"))
+    assert results["best_top1"] >= results["top1"]  # best over epochs includes the last
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "out" / "log.jsonl")] == [1, 2]
+
+
+def test_a_backbone_left_in_train_mode_is_caught(tmp_path, weights_file, monkeypatch):
+    """The guard can fail: a backbone whose eval() is ignored updates its BatchNorm statistics, and
+    the run stops after the first epoch naming them, before any checkpoint is written."""
+    def stubborn_load_backbone(*args, **kwargs):
+        backbone = features.load_backbone(*args, **kwargs)
+        backbone.train = lambda mode=True: backbone  # eval() calls train(False): ignored
+        return backbone
+
+    monkeypatch.setattr(linear_eval, "load_backbone", stubborn_load_backbone)
+    with pytest.raises(RuntimeError, match="backbone changed.*running_"):
+        run(tmp_path, weights_file, "--epochs", "1")
+    assert not (tmp_path / "out" / "linear_checkpoint.pth").exists()
+
+
+def test_a_killed_run_resumes_exactly_and_a_finished_run_only_reports(tmp_path, monkeypatch, capsys):
+    """Killed during epoch 2 of 2, the same command resumes at epoch 1 (one more epoch trained, not
+    two) and ends with the classifier of an uninterrupted run; run again, it trains nothing and
+    reports the same numbers."""
+    straight = run(tmp_path / "straight", "random", "--epochs", "2")
+    weights = torch.load(tmp_path / "straight" / "out" / "linear_checkpoint.pth", weights_only=True)["linear"]
+
+    calls = []
+    original = linear_eval.train_one_epoch
+
+    def killed_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(linear_eval, "train_one_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", "random", "--epochs", "2")
+    path = tmp_path / "resumed" / "out" / "linear_checkpoint.pth"
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    capsys.readouterr()
+    resumed = run(tmp_path / "resumed", "random", "--epochs", "2")
+    assert "resuming at epoch 1" in capsys.readouterr().out and len(calls) == 3  # 1 + killed + 1 resumed
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["epoch"] == 2 and [r["epoch"] for r in checkpoint["history"]] == [1, 2]
+    for key, value in weights.items():
+        assert torch.allclose(checkpoint["linear"][key], value, atol=1e-6), key
+    assert resumed == pytest.approx(straight)
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(linear_eval, "train_one_epoch", must_not_train)
+    again = run(tmp_path / "resumed", "random", "--epochs", "2")
+    assert "finished: re-reporting" in capsys.readouterr().out and again == resumed
+
+
+def test_resuming_with_another_learning_rate_is_refused(tmp_path):
+    """A checkpoint trained with --lr 1.0 is not continued with --lr 0.5: the flag is named."""
+    save_blobs(tmp_path / "blobs", 10, seed=2)
+    cached = ["--cached_features", "--load_features", str(tmp_path / "blobs"), "--epochs", "1"]
+    run(tmp_path, "random", *cached)
+    with pytest.raises(DataError, match=r"--lr 1.0 \(now 0.5\)"):
+        run(tmp_path, "random", *cached, "--lr", "0.5")
+
+
+def test_learning_rate_defaults_and_batch_scaling():
+    """LARS: lr 1.0, not scaled by the batch (the authors); SGD: 0.3 x global batch / 256 (DINO)."""
+    lars = linear_eval.get_args(["--pretrained_weights", "random"])
+    sgd = linear_eval.get_args(["--pretrained_weights", "random", "--optimizer", "sgd"])
+    assert (lars.lr, sgd.lr) == (1.0, 0.3)
+    assert linear_eval.peak_lr(lars, 2048) == 1.0 and linear_eval.peak_lr(lars, 64) == 1.0
+    assert linear_eval.peak_lr(sgd, 512) == pytest.approx(0.6) and linear_eval.peak_lr(sgd, 64) == pytest.approx(0.075)
+
+
+def test_classifier_init_and_lars_groups():
+    """nn.Linear(512, 1000): weights N(0, 0.01), bias 0; LARS adapts and decays the weight only."""
+    torch.manual_seed(0)
+    linear = linear_eval.build_linear(512, 1000)
+    assert linear.weight.std().item() == pytest.approx(0.01, rel=0.01) and abs(linear.weight.mean().item()) < 1e-4
+    assert torch.equal(linear.bias, torch.zeros(1000))
+    args = linear_eval.get_args(["--pretrained_weights", "random", "--weight_decay", "1e-4"])
+    weight_group, bias_group = linear_eval.build_optimizer(linear, args).param_groups
+    assert weight_group["params"] == [linear.weight] and not weight_group["lars_exclude"]
+    assert weight_group["weight_decay"] == 1e-4 and weight_group["momentum"] == 0.9
+    assert bias_group["params"] == [linear.bias] and bias_group["lars_exclude"] and bias_group["weight_decay"] == 0
+
+
+def test_cached_batches_are_dealt_out_like_distributed_sampler():
+    """10 features over 3 processes, batches of 2: each process gets 4 indices (10 padded to 12) in
+    batches of 2, 2; together they cover all 10; every epoch reshuffles, the same on every process."""
+    shards = [linear_eval.feature_batches(10, 2, seed=0, epoch=0, rank=r, world_size=3) for r in range(3)]
+    assert [[len(b) for b in s] for s in shards] == [[2, 2]] * 3
+    assert set(torch.cat([torch.cat(s) for s in shards]).tolist()) == set(range(10))
+    epoch0 = torch.cat(linear_eval.feature_batches(10, 10, seed=0, epoch=0))
+    assert sorted(epoch0.tolist()) == list(range(10))
+    assert not torch.equal(epoch0, torch.cat(linear_eval.feature_batches(10, 10, seed=0, epoch=1)))
+    assert torch.equal(epoch0, torch.cat(linear_eval.feature_batches(10, 10, seed=0, epoch=0)))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs 0 must be at least 1"),
+    (["--lr", "0"], "--lr 0.0 must be > 0"),
+    (["--lr", "-0.1"], "--lr -0.1 must be > 0"),
+    (["--val_freq", "0"], "--val_freq 0 must be at least 1"),
+    (["--optimizer", "adam"], "invalid choice: 'adam'"),
+    (["--load_features", "x"], "apply to --cached_features only"),
+])
+def test_bad_flags_are_refused_by_name(flags, message, capsys):
+    """Each bad flag stops argument parsing with a message naming the value."""
+    with pytest.raises(SystemExit):
+        linear_eval.get_args(["--pretrained_weights", "random", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    """An empty --data_path raises DataError naming the folder (the script prints `error: ...`)."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="does not exist"):
+        linear_eval.main(["--pretrained_weights", "random", "--arch", "resnet18", "--dataset", "imagefolder",
+                          "--data_path", str(tmp_path / "empty"), "--output_dir", str(tmp_path)])
