@@ -213,3 +213,16 @@ def test_weights_of_another_architecture_are_an_error_naming_the_shapes(tmp_path
     torch.save(reference, path)
     with pytest.raises(DataError, match=r"conv1.weight \(64, 3, 7, 7\) in the file, \(64, 3, 3, 3\)"):
         features.load_backbone(path, "resnet18", small_image_stem=True)
+
+
+def test_random_baseline_is_the_same_network_in_every_process_and_run():
+    """'random' is seeded: two loads (two torchrun processes, two runs) give identical weights,
+    and the caller's random stream is left untouched."""
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    with pytest.warns(UserWarning):
+        a = features.load_backbone("random", "resnet18")
+        b = features.load_backbone("random", "resnet18")
+    assert torch.rand(1) == expected_next
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -1,0 +1,342 @@
+"""retrieval_eval.py: revisitop AP / mAP / mP@k on hand-computed rankings, and both protocols end to
+end on generated data in the real on-disk layouts whose scores are known by construction."""
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import retrieval_eval as R
+from data import DataError
+from model import build_backbone
+
+RANDOM = ["--pretrained_weights", "random", "--arch", "resnet18", "--num_workers", "0", "--batch_size_per_gpu", "16"]
+
+
+def pattern(seed, size=(32, 24)):
+    """A visibly distinct image: a 4 x 3 grid of random colours, `size` = (width, height)."""
+    grid = np.random.default_rng(seed).integers(0, 256, size=(3, 4, 3), dtype=np.uint8)
+    return Image.fromarray(grid).resize(size, Image.Resampling.NEAREST)
+
+
+# ============ revisitop metrics on hand-computed rankings ============
+
+def test_average_precision_is_the_trapezoidal_rule():
+    """Positives at positions 0 and 2 of 2: (1 + 1)/2 * 1/2 + (1/2 + 2/3)/2 * 1/2 = 19/24; a positive
+    never retrieved (3 positives, 2 found) scales the area by the recall step 1/3."""
+    assert R.average_precision([0, 2], 2) == pytest.approx(19 / 24)
+    assert R.average_precision([0, 2], 3) == pytest.approx(19 / 36)
+    assert R.average_precision([0, 1, 2], 3) == pytest.approx(1.0)
+    # positives at 1 and 3: (0 + 1/2)/2 * 1/2 + (1/3 + 2/4)/2 * 1/2 = 1/8 + 5/24 = 1/3
+    assert R.average_precision([1, 3], 2) == pytest.approx(1 / 3)
+
+
+def test_junk_is_removed_from_the_ranking_before_ap():
+    """Ranking [J, P, N, P] with J junk: without J the positives sit at 0 and 2 (AP 19/24); counted as
+    a negative, J would push them to 1 and 3 (AP 1/3)."""
+    ranking = np.array([7, 3, 5, 9])  # junk 7, positives 3 and 9, negative 5
+    assert list(R.positive_ranks(ranking, [3, 9], [7])) == [0, 2]
+    assert list(R.positive_ranks(ranking, [3, 9], [])) == [1, 3]
+    assert list(R.positive_ranks(ranking, [3, 9, 7], [7])) == [0, 1, 3]  # listed as both: stays a positive
+    mean_ap, _, skipped = R.protocol_scores([ranking], [np.array([3, 9])], [np.array([7])])
+    assert mean_ap == pytest.approx(19 / 24) and skipped == 0
+
+
+def test_precision_at_k_follows_revisitop():
+    """revisitop's mP@k measures at min(k, position of the last positive): 1-based positions [2, 3]
+    give 0 at k=1 and 2/3 at k=5 and 10; positions [1, 7, 12] give 1, 1/5 and 2/10."""
+    assert R.precision_at(np.array([1, 2]), (1, 5, 10)) == pytest.approx([0, 2 / 3, 2 / 3])
+    assert R.precision_at(np.array([0, 6, 11]), (1, 5, 10)) == pytest.approx([1, 1 / 5, 2 / 10])
+
+
+def test_medium_and_hard_protocols_and_skipped_queries():
+    """Medium: easy + hard positive, junk ignored; Hard: hard positive, easy + junk ignored. A query
+    with no hard image is skipped in Hard only, one with no positive at all in both; both are counted."""
+    gnd = [{"easy": np.array([0]), "hard": np.array([2]), "junk": np.array([1])},
+           {"easy": np.array([3]), "hard": np.array([], dtype=np.int64), "junk": np.array([], dtype=np.int64)},
+           {"easy": np.array([], dtype=np.int64), "hard": np.array([], dtype=np.int64), "junk": np.array([0])}]
+    ranks = np.array([[1, 2, 4, 0, 3], [4, 3, 0, 1, 2], [0, 1, 2, 3, 4]])
+    results = R.revisited_metrics(ranks, gnd)
+    # query 0, Medium: junk 1 out -> [2, 4, 0, 3]: positives 2 and 0 at 0 and 2 -> AP 19/24, P@1 1, P@5 2/3
+    # query 1, Medium: [4, 3, ...]: positive 3 at 1 -> AP (0 + 1/2)/2 = 1/4, P@1 0, P@5 1/2
+    assert results["map_medium"] == pytest.approx(100 * (19 / 24 + 1 / 4) / 2)
+    assert results["mp@1"] == pytest.approx(100 * (1 + 0) / 2)
+    assert results["mp@5"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)
+    # query 0, Hard: easy 0 and junk 1 out -> [2, 4, 3]: positive 2 at 0 -> AP 1
+    assert results["map_hard"] == pytest.approx(100.0) and results["mp@10_hard"] == pytest.approx(100.0)
+    assert results["skipped_medium"] == 1 and results["skipped_hard"] == 2
+
+
+def test_every_query_skipped_gives_no_number():
+    """With no positive anywhere the means are undefined (None), never 0 or NaN."""
+    gnd = [{"easy": np.array([], dtype=np.int64), "hard": np.array([], dtype=np.int64), "junk": np.array([0])}]
+    results = R.revisited_metrics(np.array([[0, 1]]), gnd)
+    assert results["map_medium"] is None and results["mp@5_hard"] is None and results["skipped_medium"] == 1
+
+
+# ============ images and features ============
+
+class Recorder(torch.nn.Module):
+    """A backbone that records the size of every batch it sees."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone, self.calls = backbone, []
+
+    def forward(self, images):
+        self.calls.append(tuple(images.shape))
+        return self.backbone(images)
+
+
+def test_thumbnail_keeps_aspect_and_the_query_box_is_cropped_first(tmp_path):
+    """A 40x30 image thumbnails to 16x12 at imsize 16 and is never enlarged; the box (4, 2, 36, 26),
+    in the original image's pixels, is cut out before thumbnailing."""
+    image = pattern(0, (40, 30))
+    image.save(tmp_path / "a.png")
+    assert R.ImageList([str(tmp_path / "a.png")], 16).load(0).size == (16, 12)
+    assert R.ImageList([str(tmp_path / "a.png")], 64).load(0).size == (40, 30)
+    cropped = R.ImageList([str(tmp_path / "a.png")], 64, boxes=[(4.2, 1.8, 36, 26)]).load(0)
+    assert np.array_equal(np.asarray(cropped), np.asarray(image)[2:26, 4:36])
+    assert R.ImageList([str(tmp_path / "a.png")], 16, boxes=[(4, 2, 36, 26)]).load(0).size == (16, 12)
+
+
+def test_multiscale_features_are_the_average_of_three_scales(tmp_path):
+    """--multiscale runs the 32x24 image at scales 1, 1/sqrt(2) and 1/2 (32x24, 22x16, 16x12 pixels:
+    floor of the scaled sizes; bilinear resizing by the scale factor, as DINO) and returns the mean of
+    the three pooled features."""
+    pattern(1).save(tmp_path / "a.jpg")
+    torch.manual_seed(0)
+    backbone = Recorder(build_backbone("resnet18")).eval()
+    dataset = R.ImageList([str(tmp_path / "a.jpg")], 32)
+    multiscale = R.extract_features(backbone, dataset, num_workers=0, scales=R.MULTISCALE, progress=False)
+    assert [shape[-2:] for shape in backbone.calls] == [(24, 32), (16, 22), (12, 16)]
+    image = dataset[0][0][None]  # (1, 3, 24, 32)
+    with torch.no_grad():
+        expected = sum(backbone.backbone(torch.nn.functional.interpolate(image, scale_factor=s, mode="bilinear"))
+                       for s in (1, 2 ** -0.5, 0.5)) / 3
+    assert multiscale.shape == (1, 512)
+    assert torch.allclose(multiscale, expected, rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(multiscale, backbone.backbone(image).detach(), rtol=1e-2)
+
+
+def test_batches_hold_one_image_size_and_features_keep_dataset_order(tmp_path):
+    """Images of three sizes, interleaved, batch size 2: every batch holds one size, no batch is larger
+    than 2, and each feature lands in its image's row (same features as one image at a time)."""
+    sizes = [(32, 24), (24, 32), (32, 24), (20, 20), (24, 32), (32, 24), (32, 24), (24, 32)]
+    paths = []
+    for i, size in enumerate(sizes):
+        pattern(10 + i, size).save(tmp_path / f"{i}.jpg")
+        paths.append(str(tmp_path / f"{i}.jpg"))
+    torch.manual_seed(0)
+    backbone = Recorder(build_backbone("resnet18")).eval()
+    dataset = R.ImageList(paths, 32)
+    batched = R.extract_features(backbone, dataset, batch_size=2, num_workers=0, progress=False)
+    assert sorted(shape[0] for shape in backbone.calls) == [1, 1, 2, 2, 2]  # 4 x (32, 24), 3 x (24, 32), 1 x (20, 20)
+    one_by_one = R.extract_features(backbone, dataset, batch_size=1, num_workers=0, progress=False)
+    assert torch.allclose(batched, one_by_one, rtol=1e-4, atol=1e-5)
+
+
+# ============ Revisited Oxford / Paris end to end ============
+
+def make_revisited(root, name="roxford5k"):
+    """A gnd_<name>.pkl and jpg/ folder in the revisitop layout. Query a has a junk, an easy and a hard
+    image, all byte-for-byte copies of it (junk first in the database); query b a junk and a hard
+    copy; query c no positive. The 4 negatives (one of another size) are distinct images."""
+    folder = root / name / "jpg"
+    folder.mkdir(parents=True)
+    pattern(100).save(folder / "query_a.jpg", quality=95)
+    pattern(101).save(folder / "query_b.jpg", quality=95)
+    pattern(102).save(folder / "query_c.jpg", quality=95)
+    imlist = ["junk_a", "easy_a", "hard_a", "junk_b", "hard_b", "neg_0", "neg_1", "neg_2", "neg_3"]
+    for image in imlist[:5]:
+        shutil.copy(folder / f"query_{image[-1]}.jpg", folder / f"{image}.jpg")
+    for i in range(4):
+        pattern(200 + i, (24, 32) if i == 3 else (32, 24)).save(folder / f"neg_{i}.jpg", quality=95)
+    box = [0.0, 0.0, 32.0, 24.0]  # the whole query: cropping to it changes nothing
+    gnd = [{"bbx": box, "easy": [1], "hard": [2], "junk": [0]},
+           {"bbx": box, "easy": [], "hard": [4], "junk": [3]},
+           {"bbx": box, "easy": [], "hard": [], "junk": [5]}]
+    with open(root / name / f"gnd_{name}.pkl", "wb") as f:
+        pickle.dump({"imlist": imlist, "qimlist": ["query_a", "query_b", "query_c"], "gnd": gnd}, f)
+    return root
+
+
+def test_revisited_end_to_end_matches_the_construction(tmp_path, capsys):
+    """Random ResNet-18 on the generated roxford5k: copies rank first, so mAP Medium and Hard and
+    mP@1/5/10 are 100 once junk is ignored; query c (no positive) is skipped in both protocols; the
+    JSON has the documented keys and says the full query image was used."""
+    make_revisited(tmp_path)
+    out = tmp_path / "out.json"
+    results = R.main(RANDOM + ["--dataset", "roxford5k", "--data_path", str(tmp_path), "--imsize", "32",
+                               "--output_json", str(out)])
+    assert json.loads(out.read_text()) == results
+    for key in ("map_medium", "map_hard", "mp@1", "mp@5", "mp@10", "mp@1_hard", "mp@10_hard"):
+        assert results[key] == pytest.approx(100.0), key
+    assert results["skipped_medium"] == 1 and results["skipped_hard"] == 1
+    assert results["crop_query_bbox"] == 0.0
+    assert "queries: full images (--crop_query_bbox false" in capsys.readouterr().out
+
+
+def test_revisited_junk_ranked_first_would_cost_without_removal(tmp_path):
+    """In the generated set the junk copy ranks first (equal similarity, lower database index): the same
+    rankings scored with junk counted as negatives give (5/12 + 1/4)/2 = 1/3, not 1."""
+    make_revisited(tmp_path)
+    database, queries, gnd, _ = R.read_revisited(str(tmp_path), "roxford5k")
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18").eval()
+    features = lambda paths: torch.nn.functional.normalize(  # noqa: E731
+        R.extract_features(backbone, R.ImageList(paths, 32), batch_size=16, num_workers=0, progress=False), dim=1)
+    ranks = R.rank_database(features(queries), features(database))
+    assert list(ranks[0][:3]) == [0, 1, 2] and list(ranks[1][:2]) == [3, 4]
+    positives = [np.concatenate([g["easy"], g["hard"]]) for g in gnd]
+    no_junk_removal, _, _ = R.protocol_scores(ranks, positives, [np.array([], dtype=np.int64)] * 3)
+    assert no_junk_removal == pytest.approx(1 / 3)
+    assert R.protocol_scores(ranks, positives, [g["junk"] for g in gnd])[0] == pytest.approx(1.0)
+
+
+def test_revisited_with_query_box_and_multiscale(tmp_path, capsys):
+    """--crop_query_bbox true --multiscale true runs on rparis6k and the output says the queries were
+    cropped (the boxes cover the whole query, so the copies still score 100)."""
+    make_revisited(tmp_path, "rparis6k")
+    results = R.main(RANDOM + ["--dataset", "rparis6k", "--data_path", str(tmp_path), "--imsize", "32",
+                               "--crop_query_bbox", "true", "--multiscale", "true"])
+    assert results["map_medium"] == pytest.approx(100.0) and results["map_hard"] == pytest.approx(100.0)
+    assert results["crop_query_bbox"] == 1.0 and results["multiscale"] == 1.0
+    assert "cropped to their box (--crop_query_bbox true" in capsys.readouterr().out
+
+
+def test_missing_ground_truth_or_image_is_named(tmp_path):
+    """A missing gnd file and a missing database image are errors that name the file."""
+    with pytest.raises(DataError, match="gnd_roxford5k.pkl does not exist"):
+        R.read_revisited(str(tmp_path), "roxford5k")
+    make_revisited(tmp_path)
+    os.remove(tmp_path / "roxford5k" / "jpg" / "neg_2.jpg")
+    with pytest.raises(DataError, match=r"image .*neg_2\.jpg named in .*gnd_roxford5k\.pkl does not exist"):
+        R.read_revisited(str(tmp_path), "roxford5k")
+
+
+def test_ground_truth_pickle_with_code_is_refused(tmp_path):
+    """A gnd file that would build anything but lists, dicts, numbers and numpy arrays is not unpickled."""
+    (tmp_path / "roxford5k").mkdir()
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    with open(tmp_path / "roxford5k" / "gnd_roxford5k.pkl", "wb") as f:
+        pickle.dump({"imlist": [], "qimlist": [], "gnd": [], "bad": RunsCode()}, f)
+    with pytest.raises(DataError, match="refused"):
+        R.read_revisited(str(tmp_path), "roxford5k")
+
+
+def test_numpy_arrays_in_the_ground_truth_are_read(tmp_path):
+    """Index lists stored as numpy arrays (as some gnd files do) load like plain lists."""
+    make_revisited(tmp_path)
+    path = tmp_path / "roxford5k" / "gnd_roxford5k.pkl"
+    cfg = pickle.load(open(path, "rb"))
+    cfg["gnd"] = [{k: np.asarray(v) for k, v in g.items()} for g in cfg["gnd"]]
+    pickle.dump(cfg, open(path, "wb"))
+    _, _, gnd, _ = R.read_revisited(str(tmp_path), "roxford5k")
+    assert list(gnd[0]["junk"]) == [0] and list(gnd[1]["hard"]) == [4]
+
+
+def test_data_is_checked_before_the_checkpoint_is_read(tmp_path):
+    """A missing ground-truth file is reported even when the checkpoint does not exist either: the data
+    is read first, so a wrong --data_path fails in seconds, not after loading a large checkpoint."""
+    with pytest.raises(DataError, match=r"ground-truth file .*rparis6k/gnd_rparis6k\.pkl does not exist"):
+        R.main(["--pretrained_weights", str(tmp_path / "missing.pth"), "--dataset", "rparis6k",
+                "--data_path", str(tmp_path)])
+
+
+# ============ Copydays ============
+
+def test_copydays_ids_map_to_their_original():
+    """The first 4 digits of a 6-digit Copydays id name the original: strong/200101.jpg -> 2001."""
+    assert R.copydays_group("/c/strong/200101.jpg") == "2001"
+    assert R.copydays_group("/c/jpegqual/3/215600.jpg") == "2156"
+    with pytest.raises(DataError, match="6-digit id"):
+        R.copydays_group("/c/strong/holiday.jpg")
+
+
+def test_copydays_ap_of_each_query_by_hand():
+    """Originals at angles 0, 90, 45 degrees and a distractor at 10: a query at ~6 degrees whose original
+    is the 90-degree one finds it last of 4 (AP (0/3 + 1/4)/2 = 1/8); one whose original is the 0-degree
+    one finds it second, after the distractor (AP (0 + 1/2)/2 = 1/4)."""
+    angle = lambda degrees: [np.cos(np.radians(degrees)), np.sin(np.radians(degrees))]  # noqa: E731
+    database = torch.tensor([angle(0), angle(90), angle(45), angle(10)], dtype=torch.float32)
+    queries = torch.tensor([angle(6), angle(8)], dtype=torch.float32)
+    aps = R.copydays_scores(queries, ["2001", "2000"], database, ["2000", "2001", "2002"])
+    assert aps == pytest.approx([100 / 8, 100 / 4])
+
+
+def test_whitening_gives_unit_variance():
+    """Points (+-2, 0), (0, +-1) have covariance diag(2, 1/2): whitened, every point has norm sqrt(2)
+    (x / sqrt(2) and y / sqrt(1/2)). On 3 points in 5-d the singular directions are clamped and the
+    whitened set has covariance diag(1, 1, 0, 0, 0), with finite values."""
+    points = torch.tensor([[2.0, 0], [-2, 0], [0, 1], [0, -1]])
+    mean, projection = R.fit_whitening(points)
+    whitened = (points - mean) @ projection
+    assert whitened.norm(dim=1) == pytest.approx([2 ** 0.5] * 4, rel=1e-5)
+    tiny = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    mean, projection = R.fit_whitening(tiny)
+    whitened = (tiny - mean) @ projection  # (3, 5)
+    assert torch.isfinite(projection).all()
+    assert torch.allclose(whitened.T @ whitened / 3, torch.diag(torch.tensor([1.0, 1, 0, 0, 0])), atol=1e-4)
+
+
+def make_copydays(root):
+    """original/ 200000 (A), 200100 (B), 200200 (C); strong/ 200001 and 200002 copies of A, 200101 of B;
+    jpegqual/75 and crops/50 copies of the three originals under their names; distractors and
+    whitening images that are distinct images."""
+    (root / "original").mkdir(parents=True)
+    for i, image in enumerate(["200000", "200100", "200200"]):
+        pattern(300 + i).save(root / "original" / f"{image}.jpg", quality=95)
+    for block, names in (("strong", {"200001": "200000", "200002": "200000", "200101": "200100"}),
+                         ("jpegqual/75", {n: n for n in ("200000", "200100", "200200")}),
+                         ("crops/50", {n: n for n in ("200000", "200100", "200200")})):
+        (root / block).mkdir(parents=True)
+        for name, original in names.items():
+            shutil.copy(root / "original" / f"{original}.jpg", root / block / f"{name}.jpg")
+    for folder, seeds in (("distractors", range(400, 404)), ("whitening", range(500, 506))):
+        (root.parent / folder).mkdir()
+        for seed in seeds:
+            pattern(seed).save(root.parent / folder / f"{seed}.jpg", quality=95)
+    return root
+
+
+def test_copydays_end_to_end_with_distractors_and_whitening(tmp_path):
+    """Random ResNet-18 on the generated Copydays with 4 distractors and whitening learned on 6 images:
+    every query is a copy of its original, so every block has mAP 100, and the database holds 3 + 4."""
+    root = make_copydays(tmp_path / "copydays")
+    out = tmp_path / "out.json"
+    with pytest.warns(UserWarning, match="whitening learned on 6 images"):
+        results = R.main(RANDOM + ["--dataset", "copydays", "--data_path", str(root), "--imsize", "32",
+                                   "--distractors_path", str(tmp_path / "distractors"),
+                                   "--whitening_path", str(tmp_path / "whitening"), "--output_json", str(out)])
+    assert json.loads(out.read_text()) == results
+    for block in ("original", "strong", "jpegqual_75", "crops_50"):
+        assert results[f"map_{block}"] == pytest.approx(100.0), block
+    assert results["n_database"] == 7 and results["whitening"] == 1.0
+
+
+def test_copydays_on_a_carp_checkpoint(tmp_path):
+    """A checkpoint laid out as pretrain.py writes it ({'teacher': {'backbone.*'}, 'args'}) loads and
+    scores the copies at 100, with the architecture read from its args (resnet18, not the default)."""
+    make_copydays(tmp_path / "copydays")  # found as <data_path>/copydays
+    state = build_backbone("resnet18").state_dict()
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in state.items()},
+                "args": {"arch": "resnet18", "small_image_stem": False}}, tmp_path / "checkpoint.pth")
+    results = R.main(["--pretrained_weights", str(tmp_path / "checkpoint.pth"), "--num_workers", "0",
+                      "--dataset", "copydays", "--data_path", str(tmp_path), "--imsize", "32"])
+    assert results["map_strong"] == pytest.approx(100.0) and results["n_database"] == 3
+
+
+def test_copydays_query_without_original_is_named(tmp_path):
+    """A query whose 4-digit prefix matches no original is an error that names it."""
+    root = make_copydays(tmp_path / "copydays")
+    shutil.copy(root / "strong" / "200001.jpg", root / "strong" / "209901.jpg")
+    with pytest.raises(DataError, match=r"strong/209901\.jpg has no original"):
+        R.main(RANDOM + ["--dataset", "copydays", "--data_path", str(root)])
