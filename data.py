@@ -45,36 +45,148 @@ def blur_kernel_size(crop_size):
     return max(3, int(0.1 * crop_size) // 2 * 2 + 1)
 
 
+# ---- the views of pretraining, on tensors ----
+# The paper's augmentations written as tensor operations. The image becomes a uint8 tensor once; every
+# view is cropped and resized on uint8 (torchvision's fast bicubic kernel), turned into floats once,
+# and the colour operations run on the small float crop, with no conversion between them.
+# Every random parameter is drawn like torchvision's transforms draw it (same ranges, probabilities,
+# order of operations and order of draws from torch's generator), so the authors' PIL pipeline and
+# this one, seeded alike, make the same views up to resampling and rounding (bench.py measures both).
+# NOTE(authors' code): there every colour operation rounds the view back to uint8 and the blur is
+# PIL's box-filter approximation of a Gaussian; here the view stays float (clamped to [0, 1] after
+# each operation, as torchvision's float operations do) and the blur is an exact Gaussian.
+
+LUMA_WEIGHTS = torch.tensor([[0.2989, 0.587, 0.114]])  # (1, 3): PIL's "L" (ITU-R 601-2), as torchvision
+
+
+def luma(x):
+    """(3, H, W) RGB in [0, 1] -> (1, H, W) grey level."""
+    return (LUMA_WEIGHTS @ x.flatten(1)).view(1, *x.shape[1:])
+
+
+def blend(x, other, factor):
+    """factor * x + (1 - factor) * other, clamped to [0, 1]: PIL's ImageEnhance operations."""
+    return torch.lerp(other, x, factor).clamp_(0, 1)
+
+
+def adjust_hue(x, hue_shift):
+    """Rotate the hue of (3, H, W) RGB in [0, 1] by hue_shift turns, keeping saturation and value.
+
+    A hue rotation keeps every pixel's largest and smallest channel (value and chroma), so RGB is
+    rebuilt from them and the new hue H' in sixths of a turn (the standard HSV -> RGB formula):
+        channel(n) = max - (max - min) * clamp(min(k, 4 - k), 0, 1),  k = (n + H') mod 6,  n = 5, 3, 1 for R, G, B.
+    """
+    r, g, b = x
+    max_value = torch.maximum(torch.maximum(r, g), b)  # (H, W)
+    chroma = max_value - torch.minimum(torch.minimum(r, g), b)  # (H, W)
+    # Hue in sixths of a turn, from the channel that is largest. Grey pixels (chroma 0) get hue 0
+    # and come back unchanged, as their chroma multiplies everything below.
+    hue = torch.where(max_value == r, g - b, torch.where(max_value == g, b - r + 2 * chroma, r - g + 4 * chroma))
+    hue = hue / chroma.clamp_min(1e-12) + 6 * hue_shift  # (H, W): H'
+    k = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1) + hue  # (3, H, W)
+    k -= 6 * torch.floor(k / 6)  # mod 6 (several times faster than torch.remainder here)
+    return max_value - chroma * torch.minimum(k, 4 - k).clamp_(0, 1)
+
+
+def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """torchvision's ColorJitter(brightness, contrast, saturation, hue) on (3, H, W) floats in [0, 1]:
+    the four operations in a random order, each with a factor drawn uniformly around 1 (hue: around 0)."""
+    order = torch.randperm(4)
+    b = torch.empty(1).uniform_(1 - brightness, 1 + brightness).item()
+    c = torch.empty(1).uniform_(1 - contrast, 1 + contrast).item()
+    s = torch.empty(1).uniform_(1 - saturation, 1 + saturation).item()
+    h = torch.empty(1).uniform_(-hue, hue).item()
+    for operation in order.tolist():
+        if operation == 0:
+            x = (x * b).clamp_(0, 1)
+        elif operation == 1:
+            x = blend(x, luma(x).mean(), c)
+        elif operation == 2:
+            x = blend(x, luma(x), s)
+        else:
+            x = adjust_hue(x, h)
+    return x
+
+
+def gaussian_blur(x, kernel_size, sigma, chunk=96):
+    """Gaussian blur of (3, H, W) with reflected borders, as torchvision's GaussianBlur.
+
+    Blurring the rows of x is the product x @ A_W^T with the (W, W) band matrix A_W whose row i holds
+    the kernel centred on pixel i, the taps that fall off the edge folded back as a reflection (pixel
+    -1 is pixel 1); the columns are blurred by A_H @ x. A is zero beyond the kernel's radius r from
+    its diagonal, so `chunk` output pixels at a time are computed from the chunk + 2r input pixels in
+    reach. Small matrix products are several times faster than a k x k convolution (k = 23 at 224).
+    """
+    radius = kernel_size // 2
+    offsets = torch.arange(-radius, radius + 1)  # (k,)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()  # (k,)
+
+    def band(n):  # (n, n)
+        source = (torch.arange(n)[:, None] + offsets).abs()  # (n, k): pixel read by each tap, reflected at 0 ...
+        source = torch.where(source >= n, 2 * (n - 1) - source, source)  # ... and at n - 1
+        return torch.zeros(n, n).scatter_add_(1, source, kernel.expand(n, -1))
+
+    def reach(start, n):  # output pixels start..start + chunk and the input pixels they read
+        end = min(n, start + chunk)
+        return slice(start, end), slice(max(0, start - radius), min(n, end + radius))
+
+    height, width = x.shape[-2:]
+    band_width = band(width)
+    band_height = band_width if height == width else band(height)
+    rows, out = torch.empty_like(x), torch.empty_like(x)  # (3, H, W) each
+    for start in range(0, width, chunk):
+        target, source = reach(start, width)
+        rows[..., target] = x[..., source] @ band_width[target, source].T
+    for start in range(0, height, chunk):
+        target, source = reach(start, height)
+        out[..., target, :] = band_height[target, source] @ rows[..., source, :]
+    return out
+
+
 class MultiCropAugmentation:
     """The paper's views of one image: 2 global crops and `local_crops_number` local crops.
 
     All views: bicubic RandomResizedCrop, horizontal flip p 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1)
     p 0.8, grayscale p 0.2, then Gaussian blur (sigma 0.1-2.0) and solarisation that differ per
     view: global view 1 blur p 1.0; global view 2 blur p 0.1 and solarise p 0.2; local views blur
-    p 0.5. Returns a list of 2 + M normalised float tensors (3, H, W), global views first.
+    p 0.5. Takes a PIL image or an image tensor (3, H, W); returns a list of 2 + M normalised float
+    tensors (3, H, W), global views first.
     """
 
     def __init__(self, global_crops_scale=(0.2, 1.0), local_crops_scale=(0.05, 0.2), local_crops_number=6,
                  global_crops_size=224, local_crops_size=96):
-        def view(size, scale, blur_p, solarize_p=0.0):
-            return v2.Compose([
-                v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                v2.RandomHorizontalFlip(p=0.5),
-                v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-                v2.RandomGrayscale(p=0.2),
-                v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=blur_p),
-                v2.RandomSolarize(threshold=128, p=solarize_p),
-                to_normalized_tensor(),
-            ])
-
-        self.global_view1 = view(global_crops_size, global_crops_scale, blur_p=1.0)
-        self.global_view2 = view(global_crops_size, global_crops_scale, blur_p=0.1, solarize_p=0.2)
-        self.local_view = view(local_crops_size, local_crops_scale, blur_p=0.5)
+        # (crop size, crop area range, blur probability, solarisation probability) of each kind of view
+        self.global_view1 = (global_crops_size, tuple(global_crops_scale), 1.0, 0.0)
+        self.global_view2 = (global_crops_size, tuple(global_crops_scale), 0.1, 0.2)
+        self.local_view = (local_crops_size, tuple(local_crops_scale), 0.5, 0.0)
         self.local_crops_number = local_crops_number
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def view(self, image, size, scale, blur_p, solarize_p):
+        """One view of a uint8 image tensor (3, H, W): a normalised float tensor (3, size, size)."""
+        top, left, height, width = torchvision.transforms.RandomResizedCrop.get_params(image, scale, [3 / 4, 4 / 3])
+        crop = v2.functional.resized_crop(image, top, left, height, width, [size, size],
+                                          interpolation=v2.InterpolationMode.BICUBIC, antialias=True)  # uint8
+        if torch.rand(1) < 0.5:
+            crop = crop.flip(-1)
+        x = crop.float().div_(255)  # (3, size, size) in [0, 1]
+        if torch.rand(1) <= 0.8:
+            x = color_jitter(x)
+        if torch.rand(1) < 0.2:
+            x = luma(x).expand(3, -1, -1)
+        if torch.rand(1) <= blur_p:
+            x = gaussian_blur(x, blur_kernel_size(size), torch.empty(1).uniform_(0.1, 2.0).item())
+        if solarize_p > 0 and torch.rand(1) < solarize_p:
+            x = torch.where(x >= 128 / 255, 1 - x, x)  # PIL's solarize: invert the pixels >= 128
+        return (x - self.mean) / self.std
 
     def __call__(self, image):
-        views = [self.global_view1(image), self.global_view2(image)]
-        views += [self.local_view(image) for _ in range(self.local_crops_number)]
+        image = v2.functional.to_image(image).as_subclass(torch.Tensor)  # (C, H, W), no copy for a tensor
+        image = v2.functional.to_dtype(image, torch.uint8, scale=True).expand(3, -1, -1)  # grey images get 3 channels
+        views = [self.view(image, *self.global_view1), self.view(image, *self.global_view2)]
+        views += [self.view(image, *self.local_view) for _ in range(self.local_crops_number)]
         return views
 
 

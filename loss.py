@@ -28,6 +28,15 @@ logs compare; it is a KL divergence to the uniform distribution and is 0 at unif
 Everything here is plain tensor code. The only collective is the all-reduce of the block marginal,
 which is the identity when no process group is initialised, so the loss runs and tests the same in
 one process.
+
+Speed and memory. At the paper's sizes the block assignments of one step are (V + V_t) * B * K =
+10 * 64 * 65536 floats (160 MiB), but the loss needs of them only the agreements (V, V_t, B, N_P) and
+the block sums (N_P, N_B). `_BlockAssignments` computes the assignments view by view into one buffer,
+returns these statistics, and has a hand-written backward that overwrites the buffer with the
+gradient of the logits, so the objective's peak memory is the assignments themselves plus one view
+of scratch. Autograd through `block_softmax` and `einsum` would hold the indexed logits, the
+softmax, their gradients and the gradient of the logits at once. bench.py compares time, memory and
+result with a straightforward implementation.
 """
 import math
 
@@ -72,6 +81,7 @@ def block_softmax(logits, partition):
     logits: (..., K) raw prototype scores <c_k / ||c_k||, z> (no temperature, as in the paper).
     partition: (N_P, N_B) prototype indices.
     Returns (..., N_P, N_B): one distribution over N_B prototypes per block.
+    (carp_loss computes the same assignments inside `_BlockAssignments`, with less memory.)
     """
     # Indexing the last axis with an (N_P, N_B) index tensor gathers all blocks at once.
     return logits.float()[..., partition].softmax(dim=-1)  # (..., N_P, N_B)
@@ -112,6 +122,72 @@ def global_mean(x, n_local):
     return x / n_local
 
 
+class _BlockAssignments(torch.autograd.Function):
+    """Block assignments of the student and teacher views, reduced to what the loss needs.
+
+    Forward: p = block softmax of the student logits (V, B, N_P, N_B), q = the same for the teacher
+    (V_t, B, N_P, N_B), and returns
+        agreement[u, v, n, b] = sum_k p_b(z_n^u)_k q_b(w_n^v)_k      (V, V_t, B, N_P)
+        student_sum[b, k]     = sum_{u, n} p_b(z_n^u)_k               (N_P, N_B)
+        teacher_sum[b, k]     = sum_{v, n} q_b(w_n^v)_k               (N_P, N_B), no gradient
+    Backward, with A = dL/d agreement and S = dL/d student_sum, for every student view u:
+        dL/dp_k = sum_v A_uv q_v,k + S_k                              (the k-th prototype of block b)
+        dL/dz_k = p_k (dL/dp_k - c),  c = sum_k' p_k' dL/dp_k' = sum_v A_uv agreement_uv + sum_k' p_k' S_k'
+    (the softmax Jacobian), written back in prototype order over p's own memory, which is then
+    returned as the gradient of the student logits. So the graph can be run backward only once.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, partition):
+        n_views, batch_size, n_prototypes = student_logits.shape  # V, B, K
+        n_blocks, block_size = partition.shape  # N_P, N_B
+        kept = n_blocks * block_size  # K, or less when N_B does not divide K
+        index = partition.to(student_logits.device).flatten().expand(batch_size, kept)  # (B, N_P * N_B): block after block
+        blocks = student_logits.new_empty(batch_size, kept)  # one view's logits in block order, reused
+
+        def assign(logits, out):  # block softmax of every view of `logits` into `out`, one view at a time
+            for view_logits, view_out in zip(logits, out):
+                torch.gather(view_logits, -1, index, out=blocks)
+                torch.softmax(blocks.view(batch_size, n_blocks, block_size), -1, dtype=torch.float32, out=view_out)
+
+        q = torch.empty(teacher_logits.shape[0], batch_size, n_blocks, block_size, device=student_logits.device)
+        assign(teacher_logits, q)  # (V_t, B, N_P, N_B)
+        p = torch.empty(n_views, batch_size, n_blocks, block_size, device=student_logits.device)
+        assign(student_logits, p)  # (V, B, N_P, N_B)
+        # All view pairs (u, v) of every image and block in one batched product over k.
+        agreement = torch.matmul(p.permute(1, 2, 0, 3), q.permute(1, 2, 3, 0))  # (B, N_P, V, V_t)
+        agreement = agreement.permute(2, 3, 0, 1)  # (V, V_t, B, N_P)
+        ctx.saved = (p, q, agreement, index, n_prototypes)
+        teacher_sum = q.sum(dim=(0, 1))  # (N_P, N_B)
+        ctx.mark_non_differentiable(teacher_sum)
+        return agreement, p.sum(dim=(0, 1)), teacher_sum
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_agreement, grad_student_sum, grad_teacher_sum):
+        if ctx.saved is None:
+            raise RuntimeError("carp_loss supports one backward pass per forward pass (no retain_graph): "
+                               "its backward overwrites the block assignments with the gradient")
+        p, q, agreement, index, n_prototypes = ctx.saved
+        ctx.saved = None
+        n_views, batch_size, n_blocks, block_size = p.shape  # V, B, N_P, N_B
+        # c[u, n, b] = sum_v A_uv agreement_uv + sum_k p_k S_k, one number per view, image and block
+        p_dot_s = torch.matmul(p.flatten(0, 1).transpose(0, 1), grad_student_sum.unsqueeze(-1))  # (N_P, V * B, 1)
+        c = (grad_agreement * agreement).sum(dim=1) + p_dot_s.view(n_blocks, n_views, batch_size).permute(1, 2, 0)  # (V, B, N_P)
+        # When the blocks cover every prototype, the gradient takes p's memory; otherwise the
+        # prototypes outside the partition get a zero gradient.
+        full = n_blocks * block_size == n_prototypes
+        grad = p.view(n_views, batch_size, n_prototypes) if full else p.new_zeros(n_views, batch_size, n_prototypes)
+        g = torch.empty_like(p[0])  # (B, N_P, N_B), reused for every view
+        for u in range(n_views):
+            torch.sub(grad_student_sum, c[u].unsqueeze(-1), out=g)  # S_k - c
+            for v in range(q.shape[0]):
+                g.addcmul_(q[v], grad_agreement[u, v].unsqueeze(-1))  # + A_uv q_v,k
+            g.mul_(p[u])  # dL/dz in block order
+            grad[u].scatter_(-1, index, g.view(batch_size, -1))  # in prototype order, over p[u]
+        return grad, None, None
+
+
 def carp_loss(student_logits, teacher_logits, partition):
     """The two terms of the CARP objective for one step.
 
@@ -121,31 +197,32 @@ def carp_loss(student_logits, teacher_logits, partition):
     Returns (consistency, entropy), 0-dim float32 tensors; the training loss is their sum.
     Computed in float32 whatever the input dtype (bf16/fp16 softmaxes over 512 logits are too coarse).
     """
-    n_views, batch_size, _ = student_logits.shape  # V, B
-    n_teacher_views = teacher_logits.shape[0]  # V_t
-    n_blocks, block_size = partition.shape  # N_P, N_B
+    # Autocast off: called inside an autocast region, the products below would run in fp16/bf16.
+    with torch.autocast(student_logits.device.type, enabled=False):
+        n_views, batch_size, _ = student_logits.shape  # V, B
+        n_teacher_views = teacher_logits.shape[0]  # V_t
+        n_blocks, block_size = partition.shape  # N_P, N_B
 
-    # Block assignments. The teacher is a target: stop-gradient.
-    p = block_softmax(student_logits, partition)  # (V, B, N_P, N_B)
-    q = block_softmax(teacher_logits.detach(), partition)  # (V_t, B, N_P, N_B)
+        # Block assignments, reduced to the agreement of every (student view, teacher view) pair and
+        # the sums of the assignments over views and images. The teacher is a target: stop-gradient.
+        agreement, student_sum, teacher_sum = _BlockAssignments.apply(student_logits, teacher_logits.detach(), partition)
 
-    # ---- L_c: consistency of student view u with teacher view v, u != v -------------------------
-    # agreement[u, v, n, b] = sum_k p_b(z_n^u)_k q_b(w_n^v)_k, the probability that the two views
-    # pick the same prototype of block b. einsum because it reads like the equation.
-    agreement = torch.einsum("ubpk,vbpk->uvbp", p, q)  # (V, V_t, B, N_P)
-    nll = -agreement.clamp(EPS, 1 - EPS).log().mean(dim=(2, 3))  # (V, V_t): l(u, v)
-    # Pairs u != v: global view 0 meets teacher view 1 and vice versa, every local view meets
-    # both teacher views, 2V - 2 pairs in all.
-    same_view = torch.eye(n_views, n_teacher_views, dtype=torch.bool, device=nll.device)  # (V, V_t)
-    consistency = nll[~same_view].mean()  # L_c
+        # ---- L_c: consistency of student view u with teacher view v, u != v -------------------------
+        # agreement[u, v, n, b] = sum_k p_b(z_n^u)_k q_b(w_n^v)_k, the probability that the two views
+        # pick the same prototype of block b.
+        nll = -agreement.clamp(EPS, 1 - EPS).log().mean(dim=(2, 3))  # (V, V_t): l(u, v)
+        # Pairs u != v: global view 0 meets teacher view 1 and vice versa, every local view meets
+        # both teacher views, 2V - 2 pairs in all.
+        same_view = torch.eye(n_views, n_teacher_views, dtype=torch.bool, device=nll.device)  # (V, V_t)
+        consistency = nll[~same_view].mean()  # L_c
 
-    # ---- L_H: every prototype of a block used equally over the global batch ----------------------
-    # Marginal over all student and teacher views of all images of all processes. Teacher entries
-    # carry no gradient but count in the mean. Summing locally before the all-reduce sends N_P * N_B
-    # numbers per process instead of the (V + V_t) * B * N_P * N_B assignments.
-    local_sum = p.sum(dim=(0, 1)) + q.sum(dim=(0, 1))  # (N_P, N_B)
-    p_bar = global_mean(local_sum, (n_views + n_teacher_views) * batch_size)  # (N_P, N_B)
-    neg_entropy = (p_bar * p_bar.clamp(EPS, 1 - EPS).log()).sum(dim=-1)  # (N_P,): -H(pbar_b)
-    entropy = (math.log(block_size) + neg_entropy).mean()  # L_H = mean_b KL(pbar_b || U(N_B))
+        # ---- L_H: every prototype of a block used equally over the global batch ----------------------
+        # Marginal over all student and teacher views of all images of all processes. Teacher entries
+        # carry no gradient but count in the mean. Summing locally before the all-reduce sends N_P * N_B
+        # numbers per process instead of the (V + V_t) * B * N_P * N_B assignments.
+        local_sum = student_sum + teacher_sum  # (N_P, N_B)
+        p_bar = global_mean(local_sum, (n_views + n_teacher_views) * batch_size)  # (N_P, N_B)
+        neg_entropy = (p_bar * p_bar.clamp(EPS, 1 - EPS).log()).sum(dim=-1)  # (N_P,): -H(pbar_b)
+        entropy = (math.log(block_size) + neg_entropy).mean()  # L_H = mean_b KL(pbar_b || U(N_B))
 
-    return consistency, entropy
+        return consistency, entropy

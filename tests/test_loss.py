@@ -239,6 +239,18 @@ def test_low_precision_logits_are_upcast_to_float32(dtype):
         assert got.item() == pytest.approx(want.item(), abs=1e-5)
 
 
+def test_called_inside_autocast_the_loss_stays_float32():
+    """Inside a bf16 autocast region (CPU) the view-pair products still run in float32: the loss
+    equals the one computed outside autocast to float32 rounding, not to bf16 rounding."""
+    student, teacher, partition = random_case()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = loss.carp_loss(student, teacher, partition)
+    outside = loss.carp_loss(student, teacher, partition)
+    for got, want in zip(inside, outside):
+        assert got.dtype == torch.float32
+        assert got.item() == pytest.approx(want.item(), abs=1e-6)
+
+
 # ---------------------------------------------------------------- gradients -----------------------
 
 def test_no_gradient_flows_into_the_teacher():

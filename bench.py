@@ -1,0 +1,556 @@
+"""Speed and memory of CARP's hot paths, each against a straightforward implementation kept here.
+
+    python bench.py                                   # all three sections, default sizes (CPU: a few minutes)
+    python bench.py --sections objective --output_json runs/bench.json
+    python bench.py --sections step --step_preset paper   # the paper's training step (meant for a GPU)
+
+1. objective: a random partition, the block softmax and `loss.carp_loss`, forward and backward, at the
+   paper's sizes (V = 8 views, B = 64 images, K = 65536 prototypes, N_B = 512, float32), against
+   `baseline_objective` below (per view: index with the permutation, split into blocks, stack,
+   softmax; per pair: einsum; every view concatenated for the marginal). Time, peak memory, and the
+   largest difference between the two losses and the two gradients.
+2. augmentation: multi-crop views per second of one data-loading worker (one thread) for the
+   paper's views (2 x 224 + 6 x 96) of a fixed set of decoded images: `data.MultiCropAugmentation`
+   against `BaselineMultiCrop`, the authors' pipeline (torchvision.transforms v1 on PIL images).
+   Both draw their random parameters in the same order from torch's generator, so seeded alike they
+   make the same views up to resampling and rounding: the mean pixel difference is reported.
+3. step: images per second and peak memory of one pretrain.py training step (student on all views,
+   teacher on the global views, loss, backward, LARS, teacher EMA), built from model.py, loss.py and
+   pretrain.LARS / param_groups, on random views already on the device (data loading is section 2);
+   the time of each phase; and the share of the step spent outside the backbones,
+   1 - (the backbones' forward and backward passes alone) / (whole step). Small config on CPU, the
+   paper's on CUDA (fp16 autocast, channels_last). On CUDA it also counts the host-device
+   synchronisations of one step (CUDA's sync debug mode).
+
+Method. Every timing is the median of --repeats runs after --warmup runs, in one process; the two
+implementations of a section run alternately, so that a busy machine slows both alike. Peak memory
+is what one run allocates above what was allocated when it started (its inputs excluded; its
+outputs, such as the gradient of the logits, included). On CUDA: torch.cuda.max_memory_allocated.
+On CPU, where PyTorch keeps no allocator statistics: the profiler records every allocation and free
+of the CPU allocator during one run (torch.profiler, profile_memory=True); their running sum, in
+order of time, is the memory allocated at each moment and its maximum is the peak.
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import time
+import warnings
+
+import numpy as np
+import torch
+import torchvision.transforms as transforms_v1
+from PIL import Image, ImageFilter
+
+import data
+import loss
+import model
+import pretrain
+from features import bool_flag
+
+EPS = torch.finfo(torch.float32).eps
+MIB = 2 ** 20
+
+# Training step configurations: a small one that runs in seconds on a CPU, and the paper's.
+STEP_PRESETS = {
+    "small": dict(arch="resnet18", batch_size_per_gpu=16, global_crops_size=64, local_crops_number=2,
+                  local_crops_size=32, step_out_dim=4096, step_partition_size=256),
+    "paper": dict(arch="resnet50", batch_size_per_gpu=64, global_crops_size=224, local_crops_number=6,
+                  local_crops_size=96, step_out_dim=65536, step_partition_size=512),
+}
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser("Benchmarks of CARP's objective, augmentations and training step",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=["objective", "augmentation", "step"],
+                        choices=["objective", "augmentation", "step"], help="which benchmarks to run")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: CUDA when a GPU is present (the augmentations always run on the CPU)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before the timed ones")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads of the objective and the step; 0 = PyTorch's default (one per core). On "
+                             "a machine shared with other jobs, 1 avoids threads waiting for each other at every "
+                             "operation (the augmentations always use 1, as one data-loading worker)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the logits, images, networks, views and partitions")
+    parser.add_argument("--output_json", default=None, help="write every number of the tables here")
+
+    g = parser.add_argument_group("objective (defaults: the paper's sizes)")
+    g.add_argument("--objective_views", type=int, default=8, help="V, student views (2 global + 6 local)")
+    g.add_argument("--objective_batch", type=int, default=64, help="B, images per process")
+    g.add_argument("--out_dim", type=int, default=65536, help="K, prototypes")
+    g.add_argument("--partition_size", type=int, default=512, help="N_B, prototypes per block")
+
+    g = parser.add_argument_group("augmentation (defaults: the paper's views)")
+    g.add_argument("--aug_images", type=int, default=16, help="decoded images in the fixed set")
+    g.add_argument("--aug_image_size", type=int, nargs=2, default=(500, 375), metavar=("WIDTH", "HEIGHT"),
+                   help="size of the decoded images (500 x 375 is a typical ImageNet photo)")
+    g.add_argument("--aug_global_crops_size", type=int, default=224, help="pixels of the 2 global views")
+    g.add_argument("--aug_local_crops_size", type=int, default=96, help="pixels of the local views")
+    g.add_argument("--aug_local_crops_number", type=int, default=6, help="local views per image")
+
+    g = parser.add_argument_group("training step (flags left out take the values of --step_preset)")
+    g.add_argument("--step_preset", default="auto", choices=["auto", *STEP_PRESETS],
+                   help="auto: paper on CUDA, small on CPU. " + "; ".join(
+                       f"{name}: " + ", ".join(f"{k} {v}" for k, v in preset.items()) for name, preset in STEP_PRESETS.items()))
+    g.add_argument("--arch", default=None, help="torchvision ResNet of student and teacher")
+    g.add_argument("--batch_size_per_gpu", type=int, default=None, help="images per step")
+    g.add_argument("--global_crops_size", type=int, default=None, help="pixels of the 2 global views")
+    g.add_argument("--local_crops_number", type=int, default=None, help="local views per image")
+    g.add_argument("--local_crops_size", type=int, default=None, help="pixels of the local views")
+    g.add_argument("--step_out_dim", type=int, default=None, help="K of the training step")
+    g.add_argument("--step_partition_size", type=int, default=None, help="N_B of the training step")
+    g.add_argument("--use_fp16", type=bool_flag, default=True,
+                   help="fp16 autocast and a gradient scaler on CUDA, as pretrain.py; ignored on CPU")
+    args = parser.parse_args(argv)
+
+    if args.threads < 0:
+        parser.error(f"--threads {args.threads} must be >= 0 (0 = PyTorch's default)")
+    if args.warmup < 0 or args.repeats < 1:
+        parser.error(f"--warmup {args.warmup} must be >= 0 and --repeats {args.repeats} >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU is visible; use --device cpu")
+    args.device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                               else "cpu")
+    if args.step_preset == "auto":
+        args.step_preset = "paper" if args.device.type == "cuda" else "small"
+    for key, value in STEP_PRESETS[args.step_preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for name, n_prototypes, block_size in [("", args.out_dim, args.partition_size),
+                                           ("step_", args.step_out_dim, args.step_partition_size)]:
+        if not 1 <= block_size <= n_prototypes:
+            parser.error(f"--{name}partition_size {block_size} must be between 1 and --{name}out_dim {n_prototypes}")
+    if args.objective_views < 2 or args.objective_batch < 1:
+        parser.error(f"--objective_views {args.objective_views} must be >= 2 (the teacher's global views) "
+                     f"and --objective_batch {args.objective_batch} >= 1")
+    if args.aug_images < 1 or min(args.aug_image_size) < 1:
+        parser.error(f"--aug_images {args.aug_images} and --aug_image_size {args.aug_image_size} must be >= 1")
+    if args.arch not in model.RESNET_ARCHS:
+        parser.error(f"unknown --arch {args.arch!r}; choose a torchvision ResNet: {', '.join(model.RESNET_ARCHS)}")
+    if args.batch_size_per_gpu < 2:
+        parser.error(f"--batch_size_per_gpu {args.batch_size_per_gpu}: BatchNorm needs at least 2 images")
+    return args
+
+
+# ============ measuring ============
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(functions, warmup, repeats, device):
+    """{name: median wall-clock seconds of one call}; the functions run alternately, one call each in turn."""
+    for _ in range(warmup):
+        for function in functions.values():
+            function()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            synchronize(device)
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_memory(function, device):
+    """Bytes allocated at the peak of one call of `function`, above the level when it started."""
+    if device.type == "cuda":
+        synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        function()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        function()
+    # Allocation events (size > 0: allocated, < 0: freed) hang below the operators that made them in
+    # the profiler's event tree; collect them all and add them up in order of time.
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == torch._C._profiler._EventType.Allocation:
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))
+        stack.extend(event.children)
+    allocated = np.cumsum([size for _, size in sorted(events)])
+    return max(0, int(allocated.max())) if len(allocated) else 0
+
+
+def machine(device):
+    """What the numbers were measured on."""
+    info = {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ============ 1. the objective ============
+
+def baseline_objective(student_logits, teacher_logits, n_prototypes, block_size, generator):
+    """The CARP objective written the straightforward way: the reference for speed, memory and result.
+
+    Same maths as loss.carp_loss (see its docstring): a random partition into N_P blocks of N_B
+    prototypes; per view, the logits indexed with the permutation, split into blocks, stacked and
+    softmaxed; per pair (u, v), u != v, the agreement by einsum; the marginal over all views
+    concatenated. Returns (consistency, entropy).
+    """
+    n_blocks = n_prototypes // block_size  # N_P
+    permutation = torch.randperm(n_prototypes, generator=generator)[: n_blocks * block_size]  # (N_P * N_B,)
+    permutation = permutation.to(student_logits.device)
+
+    def assign(view_logits):  # (B, K) -> (B, N_P, N_B)
+        blocks = view_logits.float()[:, permutation].split(block_size, dim=-1)  # N_P x (B, N_B)
+        return torch.stack(blocks, dim=1).softmax(dim=-1)
+
+    p = [assign(view_logits) for view_logits in student_logits]  # V x (B, N_P, N_B)
+    q = [assign(view_logits) for view_logits in teacher_logits.detach()]  # V_t x (B, N_P, N_B)
+    pair_losses = [-torch.einsum("npk,npk->np", p[u], q[v]).clamp(EPS, 1 - EPS).log().mean()
+                   for u in range(len(p)) for v in range(len(q)) if u != v]
+    consistency = torch.stack(pair_losses).mean()
+    p_bar = torch.cat(p + q).mean(dim=0)  # (N_P, N_B)
+    entropy = (math.log(block_size) + (p_bar * p_bar.clamp(EPS, 1 - EPS).log()).sum(dim=-1)).mean()
+    return consistency, entropy
+
+
+def our_objective(student_logits, teacher_logits, n_prototypes, block_size, generator):
+    """loss.py: the same random partition (same generator), then carp_loss."""
+    partition = loss.random_partition(n_prototypes, block_size, generator).to(student_logits.device)
+    return loss.carp_loss(student_logits, teacher_logits, partition)
+
+
+def objective_step(objective, student_logits, teacher_logits, n_prototypes, block_size, seed):
+    """Forward and backward of `objective`; returns (consistency, entropy, gradient of the student logits)."""
+    student_logits = student_logits.detach().requires_grad_(True)
+    consistency, entropy = objective(student_logits, teacher_logits, n_prototypes, block_size,
+                                     torch.Generator().manual_seed(seed))
+    (consistency + entropy).backward()
+    return consistency.detach(), entropy.detach(), student_logits.grad
+
+
+def bench_objective(args):
+    device = args.device
+    generator = torch.Generator().manual_seed(args.seed)
+    # Logits of the size of the paper's: |s_k(z)| <= ||z||, a few units.
+    student_logits = (3 * torch.randn(args.objective_views, args.objective_batch, args.out_dim,
+                                      generator=generator)).to(device)  # (V, B, K)
+    teacher_logits = (3 * torch.randn(2, args.objective_batch, args.out_dim, generator=generator)).to(device)  # (V_t, B, K)
+    objectives = {"baseline": baseline_objective, "ours": our_objective}
+    runs = {name: (lambda objective=objective: objective_step(objective, student_logits, teacher_logits,
+                                                               args.out_dim, args.partition_size, args.seed))
+            for name, objective in objectives.items()}
+
+    base, ours = runs["baseline"](), runs["ours"]()
+    consistency, entropy = ours[0].item(), ours[1].item()
+    loss_difference = max((base[0] - ours[0]).abs().item(), (base[1] - ours[1]).abs().item())
+    gradient_difference = (base[2] - ours[2]).abs().max().item()
+    gradient_scale = base[2].abs().max().item()
+    del base, ours
+
+    seconds = median_seconds(runs, args.warmup, args.repeats, device)
+    peak = {name: peak_memory(run, device) for name, run in runs.items()}
+    return {
+        "sizes": {"V": args.objective_views, "V_t": 2, "B": args.objective_batch, "K": args.out_dim,
+                  "N_B": args.partition_size, "dtype": "float32"},
+        "baseline_ms": 1000 * seconds["baseline"], "ours_ms": 1000 * seconds["ours"],
+        "speedup": seconds["baseline"] / seconds["ours"],
+        "baseline_peak_mib": peak["baseline"] / MIB, "ours_peak_mib": peak["ours"] / MIB,
+        "memory_ratio": peak["ours"] / max(peak["baseline"], 1),
+        "consistency": consistency, "entropy": entropy,
+        "max_loss_difference": loss_difference,
+        "max_gradient_difference": gradient_difference, "max_gradient": gradient_scale,
+        # float32 rounding of sums over hundreds of terms: ~1e-6 relative; a wrong term is ~1e-2 or more.
+        "agree": loss_difference <= 1e-5 * max(1.0, abs(consistency)) and gradient_difference <= 1e-4 * gradient_scale,
+    }
+
+
+# ============ 2. the augmentations ============
+
+class BaselineGaussianBlur:
+    """The authors' blur (DINO's): PIL's ImageFilter.GaussianBlur with a radius (its sigma) drawn in
+    [0.1, 2.0]. Drawn from torch's generator, as torchvision's GaussianBlur draws it."""
+
+    def __call__(self, image):
+        return image.filter(ImageFilter.GaussianBlur(radius=torch.empty(1).uniform_(0.1, 2.0).item()))
+
+
+class BaselineMultiCrop:
+    """The authors' multi-crop pipeline: torchvision.transforms (v1) on PIL images, with the parameters
+    of data.MultiCropAugmentation. Every colour operation works on and returns a uint8 PIL image."""
+
+    def __init__(self, global_crops_scale=(0.2, 1.0), local_crops_scale=(0.05, 0.2), local_crops_number=6,
+                 global_crops_size=224, local_crops_size=96):
+        def view(size, scale, blur_p, solarize_p=0.0):
+            steps = [
+                transforms_v1.RandomResizedCrop(size, scale=scale, interpolation=transforms_v1.InterpolationMode.BICUBIC),
+                transforms_v1.RandomHorizontalFlip(p=0.5),
+                transforms_v1.RandomApply([transforms_v1.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                transforms_v1.RandomGrayscale(p=0.2),
+                transforms_v1.RandomApply([BaselineGaussianBlur()], p=blur_p),
+            ]
+            if solarize_p > 0:  # the authors solarise global view 2 only
+                steps.append(transforms_v1.RandomSolarize(threshold=128, p=solarize_p))
+            steps += [transforms_v1.ToTensor(), transforms_v1.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
+            return transforms_v1.Compose(steps)
+
+        self.global_view1 = view(global_crops_size, global_crops_scale, blur_p=1.0)
+        self.global_view2 = view(global_crops_size, global_crops_scale, blur_p=0.1, solarize_p=0.2)
+        self.local_view = view(local_crops_size, local_crops_scale, blur_p=0.5)
+        self.local_crops_number = local_crops_number
+
+    def __call__(self, image):
+        views = [self.global_view1(image), self.global_view2(image)]
+        views += [self.local_view(image) for _ in range(self.local_crops_number)]
+        return views
+
+
+def decoded_images(n_images, width, height, seed):
+    """A fixed set of RGB PIL images standing in for decoded photos: smooth random colour fields
+    (8 x 6 random colours, bicubic) with pixel noise, so that every colour operation has work to do."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(n_images):
+        coarse = Image.fromarray(rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+        noisy = np.asarray(coarse, dtype=np.float32) + rng.normal(0, 8, size=(height, width, 3))
+        images.append(Image.fromarray(noisy.clip(0, 255).astype(np.uint8)))
+    return images
+
+
+def bench_augmentation(args):
+    images = decoded_images(args.aug_images, *args.aug_image_size, args.seed)
+    views = dict(local_crops_number=args.aug_local_crops_number, global_crops_size=args.aug_global_crops_size,
+                 local_crops_size=args.aug_local_crops_size)
+    pipelines = {"baseline": BaselineMultiCrop(**views), "ours": data.MultiCropAugmentation(**views)}
+    n_views = 2 + args.aug_local_crops_number
+
+    # Seeded alike, the two pipelines draw the same crops, flips, jitters, blurs: compare the views
+    # in pixel units ([0, 1]), undoing the normalisation.
+    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    differences = []
+    for i, image in enumerate(images):
+        outputs = {}
+        for name, pipeline in pipelines.items():
+            torch.manual_seed(args.seed + i)
+            outputs[name] = pipeline(image)
+        differences += [((a - b) * std).abs().mean().item() for a, b in zip(outputs["baseline"], outputs["ours"])]
+    shapes = {name: [list(view.shape) for view in views] for name, views in outputs.items()}
+
+    # One thread, as in a DataLoader worker process.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {name: (lambda pipeline=pipeline: [pipeline(image) for image in images])
+                for name, pipeline in pipelines.items()}
+        seconds = median_seconds(runs, min(args.warmup, 1), args.repeats, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    rate = {name: n_views * len(images) / s for name, s in seconds.items()}
+    return {
+        "views": f"2 x {args.aug_global_crops_size} + {args.aug_local_crops_number} x {args.aug_local_crops_size}",
+        "images": len(images), "image_size": list(args.aug_image_size),
+        "baseline_views_per_s": rate["baseline"], "ours_views_per_s": rate["ours"],
+        "speedup": rate["ours"] / rate["baseline"],
+        "baseline_shapes": shapes["baseline"], "ours_shapes": shapes["ours"],
+        "seeded_mean_pixel_difference": statistics.mean(differences),
+        "seeded_max_view_pixel_difference": max(differences),
+    }
+
+
+# ============ 3. the training step ============
+
+def bench_step(args):
+    device = args.device
+    cuda = device.type == "cuda"
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    torch.manual_seed(args.seed)
+
+    def carp_network():
+        backbone = model.build_backbone(args.arch)
+        return model.MultiCropWrapper(backbone, model.CARPHead(backbone.embed_dim, args.step_out_dim))
+
+    student, teacher = carp_network(), carp_network()
+    student = student.to(device, memory_format=memory_format)
+    teacher = teacher.to(device, memory_format=memory_format)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    optimizer = pretrain.LARS(pretrain.param_groups(student))
+    fp16 = args.use_fp16 and cuda
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    autocast = torch.autocast(device.type, dtype=torch.float16, enabled=fp16)
+    batch = args.batch_size_per_gpu
+    views = ([torch.randn(batch, 3, args.global_crops_size, args.global_crops_size, device=device)] * 2
+             + [torch.randn(batch, 3, args.local_crops_size, args.local_crops_size, device=device)] * args.local_crops_number)
+    views = [v.contiguous(memory_format=memory_format) for v in views]
+    lr = 0.45 * batch / 256
+    sums = torch.zeros(3, device=device)
+    used = torch.zeros(args.step_out_dim, device=device)
+    iteration = [0]
+
+    def step(timer=None):
+        """One optimizer step of pretrain.train_one_epoch (no gradient accumulation, one process)."""
+        mark = timer or (lambda phase: None)
+        it = iteration[0]
+        iteration[0] += 1
+        with autocast:
+            with torch.no_grad():
+                teacher_logits = teacher(views[:2])  # (2, B, K)
+            mark("teacher forward")
+            student_logits = student(views)  # (V, B, K)
+            mark("student forward")
+        partition = loss.partition_for_step(args.step_out_dim, args.step_partition_size, args.seed, it)
+        consistency, entropy = loss.carp_loss(student_logits, teacher_logits, partition.to(device))
+        total = consistency + entropy
+        with torch.no_grad():  # the statistics pretrain.py keeps on the device between log lines
+            sums.add_(torch.stack([total, consistency, entropy]).detach())
+            used[student_logits.argmax(dim=-1).flatten()] = 1
+        mark("objective forward")
+        scaler.scale(total).backward()
+        mark("backward")
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        mark("LARS step")
+        model.update_teacher(student, teacher, 0.996)
+        mark("teacher EMA")
+
+    # The backbones alone: the same forward passes (student on every view, one pass per resolution
+    # as MultiCropWrapper does; teacher on the global views) and the student's backward.
+    groups = [list(group) for _, group in itertools.groupby(views, key=lambda v: v.shape[-1])]
+
+    def backbones_only():
+        with autocast:
+            with torch.no_grad():
+                teacher.backbone(torch.cat(views[:2]))
+            features = [student.backbone(torch.cat(group)) for group in groups]
+        sum(f.float().sum() for f in features).backward()
+        student.zero_grad(set_to_none=True)
+
+    seconds = median_seconds({"step": step, "backbones": backbones_only}, args.warmup, args.repeats, device)
+
+    # Phases: one more set of steps with a clock (and a synchronisation on CUDA) between phases.
+    phases = {}
+    for _ in range(args.repeats):
+        synchronize(device)
+        last = [time.perf_counter()]
+
+        def timer(phase):
+            synchronize(device)
+            now = time.perf_counter()
+            phases.setdefault(phase, []).append(now - last[0])
+            last[0] = now
+        step(timer)
+    phases_ms = {phase: 1000 * statistics.median(t) for phase, t in phases.items()}
+
+    syncs = None
+    if cuda:  # host-device synchronisations inside one step, as CUDA's sync debug mode reports them
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = {"count": len(caught), "messages": sorted({str(w.message).splitlines()[0] for w in caught})}
+
+    peak = peak_memory(step, device)
+    n_views = 2 + args.local_crops_number
+    return {
+        "config": {"preset": args.step_preset, "arch": args.arch, "batch": batch,
+                   "views": f"2 x {args.global_crops_size} + {args.local_crops_number} x {args.local_crops_size}",
+                   "K": args.step_out_dim, "N_B": args.step_partition_size, "fp16": fp16,
+                   "channels_last": memory_format == torch.channels_last},
+        "step_ms": 1000 * seconds["step"], "images_per_s": batch / seconds["step"],
+        "views_per_s": n_views * batch / seconds["step"],
+        "peak_mib": peak / MIB,
+        "backbones_ms": 1000 * seconds["backbones"],
+        "outside_backbone_share": max(0.0, 1 - seconds["backbones"] / seconds["step"]),
+        "phases_ms": phases_ms,
+        "host_device_syncs": syncs,
+    }
+
+
+# ============ the table ============
+
+def print_results(results):
+    m = results["machine"]
+    print(f"machine: {m['cpu']}, {m['cpu_count']} cores, {m['threads']} threads, torch {m['torch']}"
+          + (f", {m['gpu']}" if "gpu" in m else ""))
+    if "objective" in results:
+        r = results["objective"]
+        s = r["sizes"]
+        print(f"\nobjective: random partition + block softmax + carp_loss, forward and backward "
+              f"(V={s['V']}, V_t=2, B={s['B']}, K={s['K']}, N_B={s['N_B']}, float32, {m['device']})")
+        print(f"  {'':10} {'time (ms)':>10} {'peak (MiB)':>11}")
+        print(f"  {'baseline':10} {r['baseline_ms']:10.1f} {r['baseline_peak_mib']:11.1f}")
+        print(f"  {'ours':10} {r['ours_ms']:10.1f} {r['ours_peak_mib']:11.1f}")
+        print(f"  ours is {r['speedup']:.2f}x faster and needs {r['memory_ratio']:.2f}x the memory; "
+              f"largest difference: loss {r['max_loss_difference']:.1e}, gradient {r['max_gradient_difference']:.1e} "
+              f"(largest gradient {r['max_gradient']:.1e}): {'same' if r['agree'] else 'DIFFERENT'} results")
+    if "augmentation" in results:
+        r = results["augmentation"]
+        print(f"\naugmentation: views per second of one worker (1 thread), {r['views']} views of "
+              f"{r['images']} decoded {r['image_size'][0]} x {r['image_size'][1]} images")
+        print(f"  {'baseline':10} {r['baseline_views_per_s']:10.1f}   (torchvision v1 on PIL, the authors')")
+        print(f"  {'ours':10} {r['ours_views_per_s']:10.1f}   (data.MultiCropAugmentation)")
+        print(f"  ours is {r['speedup']:.2f}x faster; seeded alike, views differ by "
+              f"{255 * r['seeded_mean_pixel_difference']:.2f}/255 per pixel on average "
+              f"(largest view: {255 * r['seeded_max_view_pixel_difference']:.2f}/255)")
+    if "step" in results:
+        r = results["step"]
+        c = r["config"]
+        print(f"\ntraining step: {c['arch']}, batch {c['batch']}, {c['views']} views, K={c['K']}, N_B={c['N_B']}, "
+              f"fp16 {c['fp16']}, channels_last {c['channels_last']} ({c['preset']} preset, {m['device']})")
+        print(f"  {r['step_ms']:.1f} ms per step, {r['images_per_s']:.1f} images/s, peak memory {r['peak_mib']:.1f} MiB")
+        print(f"  backbones alone {r['backbones_ms']:.1f} ms: {100 * r['outside_backbone_share']:.1f}% of the step "
+              f"is outside the backbones")
+        print("  phases (ms): " + ", ".join(f"{phase} {ms:.1f}" for phase, ms in r["phases_ms"].items()))
+        if r["host_device_syncs"] is not None:
+            syncs = r["host_device_syncs"]
+            print(f"  host-device synchronisations in one step: {syncs['count']} {syncs['messages']}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        results = {"machine": machine(args.device), "warmup": args.warmup, "repeats": args.repeats}
+        # ============ the objective ... ============
+        if "objective" in args.sections:
+            results["objective"] = bench_objective(args)
+        # ============ the augmentations ... ============
+        if "augmentation" in args.sections:
+            results["augmentation"] = bench_augmentation(args)
+        # ============ one training step ... ============
+        if "step" in args.sections:
+            results["step"] = bench_step(args)
+    finally:
+        torch.set_num_threads(threads)
+    print_results(results)
+    if args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+        tmp = args.output_json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, args.output_json)
+    return results
+
+
+if __name__ == "__main__":
+    main()
