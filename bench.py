@@ -15,9 +15,9 @@
    Both draw their random parameters in the same order from torch's generator, so seeded alike they
    make the same views up to resampling and rounding: the mean pixel difference is reported.
 3. step: images per second and peak memory of one pretrain.py training step (student on all views,
-   teacher on the global views, loss, backward, LARS, teacher EMA), built from model.py, loss.py and
-   pretrain.LARS / param_groups, on random views already on the device (data loading is section 2);
-   the time of each phase; and the share of the step spent outside the backbones,
+   teacher on the global views, loss, backward, LARS, teacher EMA), run by pretrain.py's own
+   forward_backward and optimizer_step on random views already on the device (data loading is
+   section 2); the time of its two phases; and the share of the step spent outside the backbones,
    1 - (the backbones' forward and backward passes alone) / (whole step). Small config on CPU, the
    paper's on CUDA (fp16 autocast, channels_last). On CUDA it also counts the host-device
    synchronisations of one step (CUDA's sync debug mode).
@@ -32,7 +32,6 @@ order of time, is the memory allocated at each moment and its maximum is the pea
 """
 import argparse
 import itertools
-import json
 import math
 import os
 import platform
@@ -49,7 +48,7 @@ import data
 import loss
 import model
 import pretrain
-from features import bool_flag
+from features import bool_flag, write_json
 
 EPS = torch.finfo(torch.float32).eps
 MIB = 2 ** 20
@@ -400,33 +399,20 @@ def bench_step(args):
     iteration = [0]
 
     def step(timer=None):
-        """One optimizer step of pretrain.train_one_epoch (no gradient accumulation, one process)."""
+        """One optimizer step of pretrain.train_one_epoch (no gradient accumulation, one process),
+        through the same two functions."""
         mark = timer or (lambda phase: None)
         it = iteration[0]
         iteration[0] += 1
-        with autocast:
-            with torch.no_grad():
-                teacher_logits = teacher(views[:2])  # (2, B, K)
-            mark("teacher forward")
-            student_logits = student(views)  # (V, B, K)
-            mark("student forward")
         partition = loss.partition_for_step(args.step_out_dim, args.step_partition_size, args.seed, it)
-        consistency, entropy = loss.carp_loss(student_logits, teacher_logits, partition.to(device))
-        total = consistency + entropy
+        student_logits, total, consistency, entropy = pretrain.forward_backward(
+            student, teacher, views, partition.to(device), autocast, scaler)
         with torch.no_grad():  # the statistics pretrain.py keeps on the device between log lines
             sums.add_(torch.stack([total, consistency, entropy]).detach())
             used[student_logits.argmax(dim=-1).flatten()] = 1
-        mark("objective forward")
-        scaler.scale(total).backward()
-        mark("backward")
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        mark("LARS step")
-        model.update_teacher(student, teacher, 0.996)
-        mark("teacher EMA")
+        mark("forward, loss and backward")
+        pretrain.optimizer_step(student, teacher, optimizer, scaler, lr, 1e-6, 0.996)
+        mark("LARS step and teacher EMA")
 
     # The backbones alone: the same forward passes (student on every view, one pass per resolution
     # as MultiCropWrapper does; teacher on the global views) and the student's backward.
@@ -544,11 +530,7 @@ def main(argv=None):
         torch.set_num_threads(threads)
     print_results(results)
     if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        tmp = args.output_json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, args.output_json)
+        write_json(results, args.output_json)
     return results
 
 

@@ -10,6 +10,8 @@ script (knn_eval, linear_eval, kmeans_eval, fewshot_eval, retrieval_eval) starts
   protocols share, with --dump_features / --load_features to reuse features between runs.
 """
 import argparse
+import json
+import math
 import os
 import warnings
 
@@ -228,8 +230,8 @@ def extract_features(backbone, dataset, batch_size=128, num_workers=4, device="c
 
 # ============ the flags and the pipeline the classification protocols share ============
 
-def add_eval_args(parser, image_size=224):
-    """Model, data and feature-cache flags, with the same names in every evaluation script."""
+def add_model_args(parser):
+    """The flags that choose the backbone and its weights, the same in every evaluation script."""
     g = parser.add_argument_group("model")
     g.add_argument("--pretrained_weights", required=True,
                    help="checkpoint (ours, the authors' CARP release or another method's ResNet), or 'random' "
@@ -241,6 +243,13 @@ def add_eval_args(parser, image_size=224):
     g.add_argument("--arch", default="resnet50", help="torchvision ResNet; our checkpoints' args override it")
     g.add_argument("--small_image_stem", type=bool_flag, default=False,
                    help="3x3 stride-1 stem for 32x32 data; our checkpoints' args override it")
+    return parser
+
+
+def add_eval_args(parser, image_size=224):
+    """Model, data and feature-cache flags of the classification protocols (k-NN, linear, k-means,
+    few-shot), with the same names in every script."""
+    add_model_args(parser)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="imagefolder", choices=DATASET_NAMES,
                    help="imagefolder: --data_path holds train/ and val/ class folders (the ImageNet layout)")
@@ -284,11 +293,33 @@ def frozen_features(args, device, splits=("train", "val")):
                              args.model_format).to(device)
     out = {split: extract_features(backbone, d, args.batch_size_per_gpu, args.num_workers, device)
            for split, d in datasets.items()}
-    if args.dump_features and is_main_process():
-        os.makedirs(args.dump_features, exist_ok=True)
-        for split, (features, labels) in out.items():
-            tmp = features_file(args.dump_features, split) + ".tmp"
-            torch.save({"features": features, "labels": labels}, tmp)
-            os.replace(tmp, features_file(args.dump_features, split))
-        print(f"features saved to {args.dump_features}")
+    if args.dump_features:
+        save_features(args.dump_features, out)
     return out
+
+
+def save_features(folder, features):
+    """{split: (features, labels)} to folder/<split>_features.pth, atomically, on the main process."""
+    if not is_main_process():
+        return
+    os.makedirs(folder, exist_ok=True)
+    for split, (feats, labels) in features.items():
+        tmp = features_file(folder, split) + ".tmp"
+        torch.save({"features": feats, "labels": labels}, tmp)
+        os.replace(tmp, features_file(folder, split))
+    print(f"features saved to {folder}")
+
+
+def write_json(results, path):
+    """The metrics as a flat JSON object, written atomically; NaN (a metric with nothing to
+    average) becomes null."""
+    def clean(value):
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return None if isinstance(value, float) and math.isnan(value) else value
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({key: clean(value) for key, value in results.items()}, f, indent=1)
+    os.replace(tmp, path)

@@ -56,8 +56,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
 from data import DataError, eval_transform, load_image
-from features import (add_eval_args, extract_features, features_file, frozen_features, init_distributed,
-                      is_main_process, load_backbone)
+from features import (add_eval_args, extract_features, frozen_features, init_distributed, is_main_process,
+                      load_backbone, save_features, write_json)
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
@@ -169,13 +169,8 @@ def indexed_features(args, device, datasets):
     for split, dataset in datasets.items():
         features, index = extract_features(backbone, dataset, args.batch_size_per_gpu, args.num_workers, device)
         out[split] = (features, dataset.labels[index])  # the label rows of the images, in dataset order
-    if args.dump_features and is_main_process():
-        os.makedirs(args.dump_features, exist_ok=True)
-        for split, (features, labels) in out.items():
-            tmp = features_file(args.dump_features, split) + ".tmp"
-            torch.save({"features": features, "labels": labels}, tmp)
-            os.replace(tmp, features_file(args.dump_features, split))
-        print(f"features saved to {args.dump_features}")
+    if args.dump_features:
+        save_features(args.dump_features, out)
     return out
 
 
@@ -540,19 +535,6 @@ def print_table(results, args):
     for k in args.shots:
         print(f"{k:>5} {results[f'top1_k{k}_mean']:>7.2f} {results[f'top1_k{k}_std']:>6.2f} "
               f"{results[f'top5_k{k}_mean']:>7.2f} {results[f'top5_k{k}_std']:>6.2f}")
-
-
-def write_json(results, path):
-    """Atomically; nan (a metric with no class to average) becomes null."""
-    def clean(value):
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return None if isinstance(value, float) and math.isnan(value) else value
-
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({key: clean(value) for key, value in results.items()}, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

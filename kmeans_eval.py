@@ -24,8 +24,6 @@ Features are extracted by all processes of a torchrun launch; the clustering run
 process, on the GPU when there is one.
 """
 import argparse
-import json
-import os
 import sys
 
 import numpy as np
@@ -36,7 +34,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn import metrics
 
 from data import DataError
-from features import add_eval_args, frozen_features, init_distributed, is_main_process
+from features import add_eval_args, frozen_features, init_distributed, is_main_process, write_json
 
 
 def get_args(argv=None):
@@ -221,10 +219,7 @@ def main(argv=None):
         for name in ("nmi", "ami", "ari", "acc"):
             print(f"{name.upper():>8} {results[name]:>7.2f} {train_results[name]:>8.2f}")
         if args.output_json:
-            tmp = args.output_json + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(results, f, indent=1)
-            os.replace(tmp, args.output_json)
+            write_json(results, args.output_json)
     if dist.is_initialized():
         dist.destroy_process_group()
     return results

@@ -10,7 +10,6 @@ similarity s), each votes for its own class with weight exp(s / T), and the clas
 their summed votes. pretrain.py uses the same functions for its online k-NN monitor.
 """
 import argparse
-import json
 import sys
 
 import torch
@@ -18,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import DataError
-from features import add_eval_args, frozen_features, init_distributed, is_main_process
+from features import add_eval_args, frozen_features, init_distributed, is_main_process, write_json
 
 
 @torch.no_grad()
@@ -83,8 +82,7 @@ def main():
         for k in args.nb_knn:
             print(f"{k:>5} {results[f'top1_k{k}']:>7.2f} {results[f'top5_k{k}']:>7.2f}")
         if args.output_json:
-            with open(args.output_json, "w") as f:
-                json.dump(results, f, indent=1)
+            write_json(results, args.output_json)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from data import DataError, build_dataset, eval_transform, to_normalized_tensor
-from features import add_eval_args, bool_flag, extract_features, frozen_features, init_distributed, load_backbone
+from features import (add_eval_args, bool_flag, extract_features, frozen_features, init_distributed, load_backbone,
+                      write_json)
 from pretrain import LARS, all_reduce, cosine_schedule, param_groups, save_checkpoint
 
 DEFAULT_LR = {"lars": 1.0, "sgd": 0.3}
@@ -227,13 +228,6 @@ def load_checkpoint(path, args, linear, optimizer, world_size):
     linear.load_state_dict(checkpoint["linear"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     return checkpoint
-
-
-def write_json(results, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

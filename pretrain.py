@@ -253,6 +253,38 @@ def knn_monitor(args, teacher, device):
 
 # ============ one epoch ============
 
+def forward_backward(student, teacher, views, partition, autocast, scaler, accumulation_steps=1):
+    """One forward pass of both networks, the CARP loss and its backward; the one code path of every
+    micro-step (DDP's no_sync, when needed, is the caller's). Returns the student logits (V, B, K)
+    and the loss terms, for the statistics the caller logs."""
+    with autocast:
+        with torch.no_grad():
+            teacher_logits = teacher(views[:2])  # (2, B, K): the teacher sees the global views
+        student_logits = student(views)  # (V, B, K)
+    consistency, entropy = carp_loss(student_logits, teacher_logits, partition)  # float32, outside autocast
+    loss = consistency + entropy
+    scaler.scale(loss / accumulation_steps).backward()
+    return student_logits, loss, consistency, entropy
+
+
+def optimizer_step(student, teacher, optimizer, scaler, lr, weight_decay, momentum, clip_grad=0.0):
+    """Scheduled learning rate and weight decay, optional gradient clipping, the (scaled) optimizer
+    step, then the teacher's EMA update with momentum m."""
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = float(lr)
+        if i == 0:  # only the regularised group has weight decay
+            group["weight_decay"] = float(weight_decay)
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(student.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    # NOTE(authors' code): they update the teacher just before the optimizer step; like DINO we
+    # update it just after, so the teacher follows the student with one step less lag.
+    update_teacher(student, teacher, momentum)
+
+
 def train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader, schedules, steps_per_epoch,
                     device, rank, world_size, log):
     """Optimizer steps of one epoch; returns the epoch's mean statistics."""
@@ -282,15 +314,10 @@ def train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader, sc
         # DDP averages gradients over processes only on the last forward pass of an accumulation group.
         sync = contextlib.nullcontext() if last_micro or world_size == 1 else student.no_sync()
         with sync:
-            with autocast:
-                with torch.no_grad():
-                    teacher_logits = teacher(views[:2])  # (2, B, K): the teacher sees the global views
-                student_logits = student(views)  # (V, B, K)
             # A fresh partition for every forward pass, the same on every process.
             partition = partition_for_step(args.out_dim, args.partition_size, args.seed, it * accum + micro)
-            consistency, entropy = carp_loss(student_logits, teacher_logits, partition.to(device))
-            loss = consistency + entropy
-            scaler.scale(loss / accum).backward()
+            student_logits, loss, consistency, entropy = forward_backward(
+                student, teacher, views, partition.to(device), autocast, scaler, accum)
 
         with torch.no_grad():
             stats = torch.stack([loss, consistency, entropy]).detach()
@@ -304,20 +331,8 @@ def train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader, sc
         if not last_micro:
             continue
 
-        # ---- optimizer step ----
-        for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = float(lr_schedule[it])
-            if i == 0:  # only the regularised group has weight decay
-                group["weight_decay"] = float(wd_schedule[it])
-        if args.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        # NOTE(authors' code): they update the teacher just before the optimizer step; like DINO we
-        # update it just after, so the teacher follows the student with one step less lag.
-        update_teacher(student_module, teacher, momentum_schedule[it])
+        optimizer_step(student_module, teacher, optimizer, scaler, lr_schedule[it], wd_schedule[it],
+                       momentum_schedule[it], args.clip_grad)
         bar.update(1)
 
         # ---- logging (the only host-device syncs of the loop) ----

@@ -37,7 +37,6 @@ Runs in one process (on the GPU when there is one); launching it with torchrun i
 every process would redo the whole evaluation.
 """
 import argparse
-import json
 import math
 import os
 import pickle
@@ -51,7 +50,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import DataError, load_image, to_normalized_tensor
-from features import MODEL_FORMATS, bool_flag, load_backbone
+from features import add_model_args, bool_flag, load_backbone, write_json
 
 REVISITED = ("roxford5k", "rparis6k")
 MULTISCALE = (1.0, 1 / math.sqrt(2), 0.5)  # DINO's and the revisitop/cirtorch scales
@@ -61,17 +60,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser("Image retrieval (Revisited Oxford / Paris) and copy detection (Copydays)")
-    g = parser.add_argument_group("model")
-    g.add_argument("--pretrained_weights", required=True,
-                   help="checkpoint (ours, the authors' CARP release or another method's ResNet), or 'random' "
-                        "for a randomly initialised backbone: the baseline every table needs")
-    g.add_argument("--checkpoint_key", default="teacher",
-                   help="network to read from CARP/DINO checkpoints: 'teacher' (the paper) or 'student'")
-    g.add_argument("--model_format", default="auto", choices=["auto", *MODEL_FORMATS],
-                   help="key layout of the checkpoint; 'auto' picks the layout that loads the most backbone weights")
-    g.add_argument("--arch", default="resnet50", help="torchvision ResNet; our checkpoints' args override it")
-    g.add_argument("--small_image_stem", type=bool_flag, default=False,
-                   help="3x3 stride-1 stem for 32x32 data; our checkpoints' args override it")
+    add_model_args(parser)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="roxford5k", choices=[*REVISITED, "copydays"],
                    help="roxford5k / rparis6k: --data_path holds <name>/gnd_<name>.pkl and <name>/jpg/ (the "
@@ -532,10 +521,7 @@ def main(argv=None):
     results = (evaluate_copydays if args.dataset == "copydays" else evaluate_revisited)(args, device)
     # ============ writing the results ... ============
     if args.output_json:
-        tmp = args.output_json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, args.output_json)
+        write_json(results, args.output_json)
     return results
 
 
