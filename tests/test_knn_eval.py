@@ -103,3 +103,30 @@ def test_top5_counts_only_classes_that_received_a_vote():
     results = knn_classify(train_f, train_l, torch.tensor([[1.0, 0.1, 0.0]]), torch.tensor([2]), nb_knn=[1, 3])
     assert results["top1_k1"] == 0.0 and results["top5_k1"] == 0.0
     assert results["top5_k3"] == 100.0  # with k = 3 every class is voted for
+
+
+def test_torchrun_two_processes_extract_the_same_features_as_one(tmp_path):
+    """`torchrun --nproc_per_node=2 knn_eval.py`: 45 train / 9 val images do not split evenly, the
+    sampler pads the shards, and still every row holds its own image's feature: the gathered
+    features and the metrics equal those of one process."""
+    import os
+    flags = ["--pretrained_weights", "random", "--arch", "resnet18", "--dataset", "synthetic",
+             "--synthetic_images", "45", "--image_size", "16", "--nb_knn", "5", "--num_workers", "0",
+             "--batch_size_per_gpu", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, launcher in (("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node=2"])):
+        out = tmp_path / name
+        run = subprocess.run([*launcher, "knn_eval.py", *flags, "--dump_features", str(out),
+                              "--output_json", str(out / "knn.json")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs[name] = out
+    for split in ("train", "val"):
+        one = torch.load(runs["one"] / f"{split}_features.pth", weights_only=True)
+        two = torch.load(runs["two"] / f"{split}_features.pth", weights_only=True)
+        assert torch.equal(one["labels"], two["labels"])
+        assert torch.allclose(one["features"], two["features"], atol=1e-5)
+    assert json.loads((runs["one"] / "knn.json").read_text()) == json.loads((runs["two"] / "knn.json").read_text())
