@@ -318,3 +318,18 @@ def test_global_mean_is_a_plain_mean_without_a_process_group():
     assert not (dist.is_available() and dist.is_initialized())
     x = torch.tensor([3.0, 6.0, 9.0])
     torch.testing.assert_close(loss.global_mean(x, 3), torch.tensor([1.0, 2.0, 3.0]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_loss_and_gradient_equal_the_cpu_ones():
+    """The same logits on the GPU and the CPU: the same two terms and the same gradient (float32)."""
+    student, teacher, partition = random_case(n_views=4, batch_size=8, n_prototypes=64, partition_size=16)
+    results = {}
+    for device in ("cpu", "cuda"):
+        s = student.to(device).requires_grad_(True)
+        consistency, entropy = loss.carp_loss(s, teacher.to(device), partition.to(device))
+        (consistency + entropy).backward()
+        results[device] = (consistency.item(), entropy.item(), s.grad.cpu())
+    assert results["cuda"][0] == pytest.approx(results["cpu"][0], abs=1e-5)
+    assert results["cuda"][1] == pytest.approx(results["cpu"][1], abs=1e-5)
+    assert torch.allclose(results["cuda"][2], results["cpu"][2], atol=1e-6)

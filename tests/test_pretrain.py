@@ -1,6 +1,7 @@
 """pretrain.py end to end on the synthetic dataset with a tiny configuration: checkpoints, exact
 resume, logs, and a clear message for every kind of bad input."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -189,3 +190,16 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert "effective batch 16" in result.stdout
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert len(checkpoint["rng"]) == 2 and checkpoint["global_step"] == 2  # 32 images / 16 per step
+
+
+# ---------------------------------------------------------------- CUDA (skipped without a GPU) ----
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", [["--use_fp16", "true"], ["--use_bf16", "true"]], ids=["fp16", "bf16"])
+def test_cuda_mixed_precision_run_trains_and_checkpoints(tmp_path, precision):
+    """On a GPU: autocast (fp16 with the gradient scaler, or bf16) and channels_last train two
+    epochs with a finite loss, and the checkpoint (scaler state included) loads with weights_only."""
+    checkpoint = run_main(tmp_path, "--epochs", "2", *precision)
+    assert checkpoint["epoch"] == 2 and "scaler" in checkpoint
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
