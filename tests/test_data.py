@@ -356,3 +356,11 @@ def test_country211_reads_train_and_test_folders(tmp_path):
     assert len(build_dataset("country211", "train", data_path=str(tmp_path))) == 4
     val = build_dataset("country211", "val", data_path=str(tmp_path))
     assert len(val) == 2 and val.classes == ["AD", "AE"]
+
+
+def test_stanford_cars_download_explains_the_dead_link(tmp_path):
+    """torchvision can no longer download Stanford Cars (it raises ValueError): a DataError naming
+    the folder and saying to put the files there by hand."""
+    with pytest.raises(DataError, match="by hand") as error:
+        build_dataset("stanford_cars", "train", data_path=str(tmp_path), download=True)
+    assert "cannot be downloaded" in str(error.value) and str(tmp_path) in str(error.value)
