@@ -150,7 +150,8 @@ def load_backbone(path, arch="resnet50", small_image_stem=False, checkpoint_key=
         return sum(k in expected and expected[k].shape == v.shape for k, v in weights.items())
 
     formats = list(MODEL_FORMATS) if model_format == "auto" else [model_format]
-    scores = {f: n_matching(backbone_weights(checkpoint, f, checkpoint_key)) for f in formats}
+    candidates = {f: backbone_weights(checkpoint, f, checkpoint_key) for f in formats}
+    scores = {f: n_matching(weights) for f, weights in candidates.items()}
     best = max(formats, key=lambda f: scores[f])  # ties: the first in table order
     if scores[best] == 0:
         top = sorted(checkpoint)[:8]
@@ -159,7 +160,7 @@ def load_backbone(path, arch="resnet50", small_image_stem=False, checkpoint_key=
         raise DataError(f"no {arch} backbone weight found in {path} as --model_format {model_format}{hint}; "
                         f"its top-level keys are {top}. Check --arch and --model_format "
                         f"({', '.join(MODEL_FORMATS)})")
-    weights = backbone_weights(checkpoint, best, checkpoint_key)
+    weights = candidates[best]
     mismatched = [f"{k} {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in {arch}"
                   for k, v in weights.items() if k in expected and expected[k].shape != v.shape]
     if mismatched:

@@ -48,7 +48,7 @@ def get_args(argv=None):
                         "assignment changes")
     g.add_argument("--n_init", type=int, default=10,
                    help="restarts from different k-means++ initialisations; the best objective is kept (paper: 10)")
-    g.add_argument("--seed", type=int, default=0, help="seeds the initialisations (and a 'random' backbone)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the k-means++ initialisations")
     g.add_argument("--output_json", default=None, help="write {nmi, ami, ari, acc} of the val split as a flat "
                                                        "JSON object here")
     args = parser.parse_args(argv)
@@ -191,7 +191,6 @@ def main(argv=None):
     args = get_args(argv)
     rank, world_size, device = init_distributed()
     # ============ extracting features ... ============
-    torch.manual_seed(args.seed)  # the same 'random' backbone in every process
     features = frozen_features(args, device)
     results = None
     if is_main_process():

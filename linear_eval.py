@@ -69,8 +69,8 @@ def get_args(argv=None):
     g.add_argument("--val_freq", type=int, default=1, help="evaluate on the val split every this many epochs "
                                                            "(and always after the last one)")
     g.add_argument("--seed", type=int, default=0,
-                   help="seeds the classifier's initialisation, the data order, the augmentations and the "
-                        "'random' backbone, so a resumed run repeats an uninterrupted one")
+                   help="seeds the classifier's initialisation, the data order and the augmentations, so a "
+                        "resumed run repeats an uninterrupted one ('random' weights are always the same)")
     g = parser.add_argument_group("output")
     g.add_argument("--output_dir", default=".", help="linear_checkpoint.pth and log.jsonl go here; a run resumes "
                                                      "from here")
@@ -243,7 +243,6 @@ def main(argv=None):
         print(f"linear probe of {source}, {protocol}")
 
     # ============ preparing data and the frozen backbone ... ============
-    torch.manual_seed(args.seed)  # the same 'random' backbone in every process and after a resume
     if args.cached_features:
         features = frozen_features(args, device)  # the shared eval-transform pipeline and its cache
         train_features, train_labels = features["train"]  # (N, D), (N,)

@@ -506,7 +506,6 @@ def evaluate_copydays(args, device):
 
 def frozen_backbone(args, device):
     """The backbone of --pretrained_weights in eval() mode on `device`; its features are never trained."""
-    torch.manual_seed(0)  # the random-weights baseline is the same network on every run
     backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
                              args.model_format)
     return backbone.to(device).eval().requires_grad_(False)
