@@ -20,7 +20,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import DATASET_NAMES, DataError, build_dataset, eval_transform
-from model import build_backbone
+from model import build_backbone, use_small_image_stem
 
 
 def bool_flag(s):
@@ -29,6 +29,11 @@ def bool_flag(s):
     if s.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def stem_flag(s):
+    """--small_image_stem: 'auto', or true / false."""
+    return "auto" if s.lower() == "auto" else bool_flag(s)
 
 
 def init_distributed():
@@ -117,18 +122,22 @@ def backbone_weights(checkpoint, model_format, checkpoint_key="teacher"):
     return weights
 
 
-def load_backbone(path, arch="resnet50", small_image_stem=False, checkpoint_key="teacher", model_format="auto",
-                  verbose=True):
+def load_backbone(path, arch="resnet50", small_image_stem="auto", checkpoint_key="teacher", model_format="auto",
+                  verbose=True, image_size=224):
     """A backbone with the weights of the checkpoint at `path`, or randomly initialised when
     path == 'random'.
 
     model_format 'auto' tries every layout of MODEL_FORMATS and keeps the one that fills the most
     backbone weights. Architecture options stored in our (or the authors') checkpoints' `args`
-    override the given ones so the weights fit. Missing and unexpected keys are printed; a file
-    from which not a single backbone weight loads is an error.
+    override the given ones so the weights fit. small_image_stem 'auto' follows the checkpoint (its
+    args, else the size of its first conv: 3 x 3 is the small-image stem) and, for 'random', the
+    evaluation `image_size` (model.use_small_image_stem). Missing and unexpected keys are printed;
+    a file from which not a single backbone weight loads is an error.
     """
     if path == "random":
-        warnings.warn(f"--pretrained_weights random: evaluating a randomly initialised {arch} (the baseline)")
+        small_image_stem = use_small_image_stem(small_image_stem, image_size)
+        warnings.warn(f"--pretrained_weights random: evaluating a randomly initialised {arch} "
+                      f"(small_image_stem={small_image_stem}), the baseline")
         # A fixed seed: the same random weights on every process of a torchrun launch and in every run.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -143,14 +152,17 @@ def load_backbone(path, arch="resnet50", small_image_stem=False, checkpoint_key=
     if isinstance(saved_args, dict):
         arch = saved_args.get("arch", arch)
         small_image_stem = saved_args.get("small_image_stem", small_image_stem)
+    formats = list(MODEL_FORMATS) if model_format == "auto" else [model_format]
+    candidates = {f: backbone_weights(checkpoint, f, checkpoint_key) for f in formats}
+    if small_image_stem == "auto":
+        first_convs = [w["conv1.weight"] for w in candidates.values() if w.get("conv1.weight", torch.empty(0)).ndim == 4]
+        small_image_stem = first_convs[0].shape[-1] == 3 if first_convs else use_small_image_stem("auto", image_size)
     backbone = build_backbone(arch, small_image_stem)
     expected = backbone.state_dict()
 
     def n_matching(weights):
         return sum(k in expected and expected[k].shape == v.shape for k, v in weights.items())
 
-    formats = list(MODEL_FORMATS) if model_format == "auto" else [model_format]
-    candidates = {f: backbone_weights(checkpoint, f, checkpoint_key) for f in formats}
     scores = {f: n_matching(weights) for f, weights in candidates.items()}
     best = max(formats, key=lambda f: scores[f])  # ties: the first in table order
     if scores[best] == 0:
@@ -242,8 +254,9 @@ def add_model_args(parser):
     g.add_argument("--model_format", default="auto", choices=["auto", *MODEL_FORMATS],
                    help="key layout of the checkpoint; 'auto' picks the layout that loads the most backbone weights")
     g.add_argument("--arch", default="resnet50", help="torchvision ResNet; our checkpoints' args override it")
-    g.add_argument("--small_image_stem", type=bool_flag, default=False,
-                   help="3x3 stride-1 stem for 32x32 data; our checkpoints' args override it")
+    g.add_argument("--small_image_stem", type=stem_flag, default="auto",
+                   help="3x3 stride-1 stem for small images (true / false); 'auto' follows the checkpoint, "
+                        "and for 'random' is on when --image_size is at most 64")
     return parser
 
 
@@ -291,7 +304,7 @@ def frozen_features(args, device, splits=("train", "val")):
     if is_main_process():
         print(", ".join(f"{len(d)} {split} images" for split, d in datasets.items()) + f" of {args.dataset}")
     backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
-                             args.model_format).to(device)
+                             args.model_format, image_size=args.image_size).to(device)
     out = {split: extract_features(backbone, d, args.batch_size_per_gpu, args.num_workers, device)
            for split, d in datasets.items()}
     if args.dump_features:

@@ -164,7 +164,7 @@ def indexed_features(args, device, datasets):
     if is_main_process():
         print(", ".join(f"{len(d)} {split} images" for split, d in datasets.items()) + f" of {args.data_path}")
     backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
-                             args.model_format).to(device)
+                             args.model_format, image_size=args.image_size).to(device)
     out = {}
     for split, dataset in datasets.items():
         features, index = extract_features(backbone, dataset, args.batch_size_per_gpu, args.num_workers, device)

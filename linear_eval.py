@@ -258,7 +258,7 @@ def main(argv=None):
         val_set = build_dataset(args.dataset, "val", eval_transform(args.image_size), args.data_path, args.download,
                                 args.synthetic_images, args.image_size)
         backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
-                                 args.model_format).to(device)
+                                 args.model_format, image_size=args.image_size).to(device)
         # Frozen: eval() so that BatchNorm normalises with its stored running statistics and never
         # updates them (in train() mode it would use batch statistics and overwrite the running ones
         # at every forward pass, even under no_grad): the probe then sees exactly the features that

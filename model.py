@@ -16,6 +16,19 @@ RESNET_ARCHS = sorted(name for name in torchvision.models.list_models(module=tor
                       if name.startswith(("resnet", "resnext", "wide_resnet")))
 
 
+SMALL_IMAGE_MAX_SIZE = 64  # 'auto' gives images of at most this many pixels the small-image stem
+
+
+def use_small_image_stem(flag, image_size):
+    """Resolve a --small_image_stem flag: True / False as given; 'auto' -> True when the images
+    the network sees are at most SMALL_IMAGE_MAX_SIZE pixels. The ImageNet stem divides the
+    resolution by 4 before the first residual block, so a 16 x 16 view would reach the last block
+    as 1 x 1; solo-learn and most CIFAR recipes swap the stem for such images."""
+    if flag == "auto":
+        return image_size <= SMALL_IMAGE_MAX_SIZE
+    return bool(flag)
+
+
 def build_backbone(arch="resnet50", small_image_stem=False, zero_init_residual=True):
     """A torchvision ResNet without its classifier: (B, 3, H, W) -> pooled features (B, D).
 

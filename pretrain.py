@@ -3,7 +3,7 @@
     # the paper recipe, ResNet-50 on ImageNet, 100 epochs, one node of 8 GPUs
     torchrun --nproc_per_node=8 pretrain.py --data_path /path/to/imagenet --output_dir runs/carp_r50_100ep
     # one process (CPU or one GPU): the short CPU demo of the README
-    python pretrain.py --dataset synthetic --arch resnet18 --small_image_stem true ... --output_dir runs/demo
+    python pretrain.py --dataset synthetic --arch resnet18 --small_image_stem false ... --output_dir runs/demo
 
 Every run writes to --output_dir: checkpoint.pth (every epoch, atomically), checkpointNNNN.pth
 (every --saveckp_freq epochs) and log.jsonl. Running the same command again resumes from
@@ -27,10 +27,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from data import DATASET_NAMES, DataError, MultiCropAugmentation, build_dataset, eval_transform
-from features import bool_flag, extract_features, init_distributed
+from features import bool_flag, extract_features, init_distributed, stem_flag
 from knn_eval import knn_classify
 from loss import carp_loss, partition_for_step
-from model import RESNET_ARCHS, CARPHead, MultiCropWrapper, build_backbone, update_teacher
+from model import RESNET_ARCHS, CARPHead, MultiCropWrapper, build_backbone, update_teacher, use_small_image_stem
 
 
 def get_args(argv=None):
@@ -38,8 +38,9 @@ def get_args(argv=None):
 
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", help="any torchvision ResNet (resnet18, resnet50, wide_resnet50_2, ...)")
-    g.add_argument("--small_image_stem", type=bool_flag, default=False,
-                   help="3x3 stride-1 first conv and no max-pool, for 32x32-pixel data such as CIFAR")
+    g.add_argument("--small_image_stem", type=stem_flag, default="auto",
+                   help="3x3 stride-1 first conv and no max-pool, for small images such as CIFAR's (true / "
+                        "false); 'auto' turns it on when --global_crops_size is at most 64")
     g.add_argument("--out_dim", type=int, default=65536, help="K, the number of prototypes")
     g.add_argument("--partition_size", type=int, default=512,
                    help="N_B, prototypes per block; should divide out_dim. N_B = out_dim gives one block (CARL)")
@@ -116,6 +117,8 @@ def check_args(parser, args):
         parser.error(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must be at least 1")
     if args.arch not in RESNET_ARCHS:
         parser.error(f"unknown --arch {args.arch!r}; choose a torchvision ResNet: {', '.join(RESNET_ARCHS)}")
+    # Stored resolved (true / false) in the checkpoint, so evaluations rebuild the same network.
+    args.small_image_stem = use_small_image_stem(args.small_image_stem, args.global_crops_size)
 
 
 # ============ LARS and the schedules ============

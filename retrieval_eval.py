@@ -507,7 +507,7 @@ def evaluate_copydays(args, device):
 def frozen_backbone(args, device):
     """The backbone of --pretrained_weights in eval() mode on `device`; its features are never trained."""
     backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
-                             args.model_format)
+                             args.model_format, image_size=args.imsize)
     return backbone.to(device).eval().requires_grad_(False)
 
 

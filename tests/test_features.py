@@ -215,6 +215,23 @@ def test_weights_of_another_architecture_are_an_error_naming_the_shapes(tmp_path
         features.load_backbone(path, "resnet18", small_image_stem=True)
 
 
+def test_auto_stem_follows_the_first_conv_of_the_file_then_the_image_size(tmp_path):
+    """small_image_stem 'auto' (the flag's default): a file without args whose conv1 is 3x3 loads
+    into the small-image stem at any image size, a 7x7 one into the ImageNet stem; 'random' takes
+    the small-image stem for images of at most 64 pixels."""
+    torch.manual_seed(0)
+    for small in (True, False):
+        path = str(tmp_path / f"small{small}.pth")
+        torch.save(model.build_backbone("resnet18", small_image_stem=small).state_dict(), path)
+        for image_size in (32, 224):
+            backbone = features.load_backbone(path, "resnet18", image_size=image_size)
+            assert backbone.conv1.kernel_size == ((3, 3) if small else (7, 7))
+    with pytest.warns(UserWarning, match="small_image_stem=True"):
+        assert features.load_backbone("random", "resnet18", image_size=32).conv1.kernel_size == (3, 3)
+    with pytest.warns(UserWarning, match="small_image_stem=False"):
+        assert features.load_backbone("random", "resnet18", image_size=96).conv1.kernel_size == (7, 7)
+
+
 def test_random_baseline_is_the_same_network_in_every_process_and_run():
     """'random' is seeded: two loads (two torchrun processes, two runs) give identical weights,
     and the caller's random stream is left untouched."""

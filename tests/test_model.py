@@ -53,6 +53,13 @@ def test_small_image_stem_is_a_3x3_stride_1_conv_without_max_pool():
     assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 512)
 
 
+@pytest.mark.parametrize("flag, image_size, expected", [("auto", 16, True), ("auto", 64, True), ("auto", 65, False),
+                                                         ("auto", 224, False), (True, 224, True), (False, 16, False)])
+def test_auto_stem_is_the_small_image_stem_up_to_64_pixels(flag, image_size, expected):
+    """--small_image_stem auto: on for images of at most 64 pixels; true / false are kept as given."""
+    assert model.use_small_image_stem(flag, image_size) is expected
+
+
 @pytest.mark.parametrize("zero_init_residual, expected", [(True, 0.0), (False, 1.0)])
 def test_zero_init_residual_sets_the_last_bn_of_every_block_to_zero(zero_init_residual, expected):
     """zero_init_residual: bn2.weight of all 8 BasicBlocks of ResNet-18 is 0 (every block starts as
