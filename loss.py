@@ -25,6 +25,16 @@ prototypes with a softmax over the block's logits. The loss asks two things of t
 The training loss is L_c + L_H. ("entropy" is the authors' name for the second term, kept so that
 logs compare; it is a KL divergence to the uniform distribution and is 0 at uniform usage.)
 
+How the two terms balance against collapse (tested in tests/test_loss.py). Shift the logits of
+every view of every image by the same small vector, the first step of a collapse onto the same
+prototypes for all images. L_c pulls the student further along the shift in proportion to the
+teacher's shift; L_H pushes it back in proportion to the marginal's shift, of which the student
+views are V / (V + 2) (the teacher views count in the marginal but take no gradient). With the
+teacher equal to the student the pull is (V + 2) / V times the push: 2 with 2 views, 1.25 with the
+paper's 2 + 6. The shared shift grows unless the teacher lags enough (teacher shift below
+V^2 / (V^2 + 2V + 4) of the student's: 1/3 with 2 views, 0.76 with 8), which is what multi-crop
+and a slow teacher (momentum 0.99 -> 1) buy.
+
 Everything here is plain tensor code. The only collective is the all-reduce of the block marginal,
 which is the identity when no process group is initialised, so the loss runs and tests the same in
 one process.

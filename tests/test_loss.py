@@ -286,6 +286,36 @@ def test_zero_logits_are_a_stationary_point():
     assert student.grad.abs().max().item() < 1e-7
 
 
+def shared_mode_forces(n_views, student_shift, teacher_shift):
+    """Gradients of L_c and of L_H along a direction a of the logits shared by every view of every
+    image (an image-independent component: the start of a collapse), for student logits
+    student_shift * a and teacher logits teacher_shift * a. Negative = pushes further along a."""
+    a = torch.randn(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    partition = loss.random_partition(64, 16, generator=torch.Generator().manual_seed(0))
+    forces = []
+    for term in (0, 1):  # consistency, entropy
+        student = (student_shift * a).expand(n_views, 8, 64).clone().requires_grad_(True)
+        teacher = (teacher_shift * a).expand(2, 8, 64).clone()
+        grad, = torch.autograd.grad(loss.carp_loss(student, teacher, partition)[term], student)
+        forces.append((grad.double() * a).sum().item())
+    return forces
+
+
+@pytest.mark.parametrize("n_views", [2, 4, 8])
+def test_shared_component_is_pulled_by_consistency_more_than_entropy_pushes_it_back(n_views):
+    """Near uniform assignments, for a shift shared by all images: L_c pulls the student along the
+    teacher's shift and L_H pushes back along the marginal's shift, of which the student views are
+    V / (V + 2). With the teacher equal to the student the pull is (V + 2) / V times the push (2 for
+    2 views, 1.25 for 2 + 6: why 2-view runs collapse first); with an unshifted teacher there is no
+    pull and the push is V / (V + 2) of the former one. The README's *Known limitations* uses this."""
+    pull, push = shared_mode_forces(n_views, 1e-3, 1e-3)
+    assert pull < 0 < push
+    assert -pull / push == pytest.approx((n_views + 2) / n_views, rel=1e-3)
+    pull_0, push_0 = shared_mode_forces(n_views, 1e-3, 0.0)
+    assert abs(pull_0) < 1e-3 * push  # float32 round-off
+    assert push_0 / push == pytest.approx(n_views / (n_views + 2), rel=1e-3)
+
+
 # ---------------------------------------------------------------- one block (CARL) -----------------
 
 def test_single_block_gives_carl_values():
