@@ -155,8 +155,11 @@ def load_backbone(path, arch="resnet50", small_image_stem="auto", checkpoint_key
     formats = list(MODEL_FORMATS) if model_format == "auto" else [model_format]
     candidates = {f: backbone_weights(checkpoint, f, checkpoint_key) for f in formats}
     if small_image_stem == "auto":
-        first_convs = [w["conv1.weight"] for w in candidates.values() if w.get("conv1.weight", torch.empty(0)).ndim == 4]
-        small_image_stem = first_convs[0].shape[-1] == 3 if first_convs else use_small_image_stem("auto", image_size)
+        # The first conv of the file tells: 3 x 3 is the small-image stem, 7 x 7 the ImageNet one.
+        first_convs = [w["conv1.weight"] for w in candidates.values()
+                       if torch.is_tensor(w.get("conv1.weight")) and w["conv1.weight"].ndim == 4]
+        small_image_stem = (first_convs[0].shape[-1] == 3 if first_convs
+                            else use_small_image_stem("auto", image_size))
     backbone = build_backbone(arch, small_image_stem)
     expected = backbone.state_dict()
 
