@@ -74,9 +74,33 @@ def test_zero_init_residual_sets_the_last_bn_of_every_block_to_zero(zero_init_re
 
 
 def test_unknown_arch_raises_value_error_naming_it():
-    """Only torchvision ResNets are backbones; any other name is rejected by name."""
-    with pytest.raises(ValueError, match="vgg16"):
+    """Only torchvision ResNets and the SmallCNN are backbones; any other name is rejected by name,
+    with the choices."""
+    with pytest.raises(ValueError, match="vgg16.*small_cnn.*resnet50"):
         model.build_backbone("vgg16")
+
+
+def test_small_cnn_is_four_3x3_stages_pooled_to_256_features():
+    """small_cnn: 3x3 convs at 32-64-128-256 channels, strides 1-2-2-2, so (B, 3, 32, 32) reaches
+    4 x 4 before the pooling; 3*32*9 + 32*64*9 + 64*128*9 + 128*256*9 = 387,936 conv weights plus
+    2 x 480 BatchNorm weights and biases; embed_dim 256; any image size works."""
+    backbone = model.build_backbone("small_cnn")
+    assert backbone.embed_dim == 256
+    assert sum(p.numel() for p in backbone.parameters()) == 387_936 + 2 * (32 + 64 + 128 + 256)
+    convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (32, (3, 3), (1, 1)), (64, (3, 3), (2, 2)), (128, (3, 3), (2, 2)), (256, (3, 3), (2, 2))]
+    assert backbone.stages(torch.randn(2, 3, 32, 32)).shape == (2, 256, 4, 4)
+    for size in (8, 16, 32, 64):
+        assert backbone(torch.randn(2, 3, size, size)).shape == (2, 256)
+
+
+def test_small_cnn_features_are_the_mean_of_the_last_stage():
+    """Global average pooling: the features are the spatial mean of the last ReLU's output (>= 0)."""
+    backbone = model.build_backbone("small_cnn").eval()
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(backbone(x), backbone.stages(x).mean(dim=(2, 3)))
+    assert backbone(x).min() >= 0
 
 
 # ---------------------------------------------------------------- head ----------------------------
