@@ -1,7 +1,7 @@
 """Frozen backbone features of any checkpoint, on one process or many: what every evaluation
 script (knn_eval, linear_eval, kmeans_eval, fewshot_eval, retrieval_eval) starts from.
 
-- load_backbone: a torchvision ResNet with the weights of our checkpoints, the authors' released
+- load_backbone: a torchvision ResNet (or our SmallCNN) with the weights of our checkpoints, the authors' released
   CARP checkpoints, or the ResNet-50 releases of other self-supervised methods (MODEL_FORMATS),
   or 'random' weights for the baseline. Files are read with `torch.load(weights_only=True)`.
 - extract_features: features (N, D) in dataset order, sharded over the processes of a torchrun
@@ -256,7 +256,8 @@ def add_model_args(parser):
                    help="network to read from CARP/DINO checkpoints: 'teacher' (the paper) or 'student'")
     g.add_argument("--model_format", default="auto", choices=["auto", *MODEL_FORMATS],
                    help="key layout of the checkpoint; 'auto' picks the layout that loads the most backbone weights")
-    g.add_argument("--arch", default="resnet50", help="torchvision ResNet; our checkpoints' args override it")
+    g.add_argument("--arch", default="resnet50",
+                   help="torchvision ResNet, or small_cnn (the CPU recipe's); our checkpoints' args override it")
     g.add_argument("--small_image_stem", type=stem_flag, default="auto",
                    help="3x3 stride-1 stem for small images (true / false); 'auto' follows the checkpoint, "
                         "and for 'random' is on when --image_size is at most 64")

