@@ -7,7 +7,7 @@ linear classifiers, and a fast N-shot logistic regression, for any checkpoint.
     python fewshot_eval.py --protocol lowshot_linear --pretrained_weights carp_r50.pth --data_path /datasets/inat2018
     # any labelled dataset of data.py's table (ImageNet-layout folders, CIFAR, DTD, ...)
     python fewshot_eval.py --protocol lowshot_linear --pretrained_weights carp_r50.pth --dataset imagefolder --data_path /imagenet
-    python fewshot_eval.py --protocol nshot_logreg --pretrained_weights runs/demo/checkpoint.pth --dataset synthetic --image_size 32
+    python fewshot_eval.py --protocol nshot_logreg --pretrained_weights runs/demo/checkpoint.pth --dataset mnist5k --image_size 32
     # the random-weights baseline, on the features of the same images, saved once and reused
     python fewshot_eval.py --protocol nshot_logreg --pretrained_weights random --arch resnet18 --dataset synthetic --image_size 32 --dump_features feats/random
     python fewshot_eval.py --protocol lowshot_linear --pretrained_weights random --arch resnet18 --load_features feats/random

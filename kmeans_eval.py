@@ -1,6 +1,6 @@
 """k-means clustering of frozen features (paper Table 2), for any checkpoint.
 
-    python kmeans_eval.py --pretrained_weights runs/demo/checkpoint.pth --dataset synthetic --image_size 32
+    python kmeans_eval.py --pretrained_weights runs/demo/checkpoint.pth --dataset mnist5k --image_size 32
     python kmeans_eval.py --pretrained_weights random --arch resnet18 --dataset synthetic --image_size 32
     torchrun --nproc_per_node=8 kmeans_eval.py --pretrained_weights carp_r50.pth --dataset imagefolder \
         --data_path /imagenet --dump_features runs/carp_r50_features

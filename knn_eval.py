@@ -1,6 +1,6 @@
 """Weighted k-NN classification on frozen features (the DINO protocol), for any checkpoint.
 
-    python knn_eval.py --pretrained_weights runs/demo/checkpoint.pth --dataset synthetic --image_size 32
+    python knn_eval.py --pretrained_weights runs/demo/checkpoint.pth --dataset mnist5k --image_size 32
     python knn_eval.py --pretrained_weights random --arch resnet18 --small_image_stem true --dataset synthetic --image_size 32
     torchrun --nproc_per_node=8 knn_eval.py --pretrained_weights carp_r50.pth --dataset imagefolder --data_path /imagenet
 

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 linear_eval.py --pretrained_weights carp_r50.pth --dataset imagefolder \
         --data_path /imagenet --batch_size_per_gpu 256 --output_dir runs/linear_carp_r50
     # DINO/SwAV-style SGD instead: lr 0.3 x global batch / 256, cosine
-    python linear_eval.py --pretrained_weights runs/demo/checkpoint.pth --dataset synthetic --image_size 32 \
+    python linear_eval.py --pretrained_weights runs/demo/checkpoint.pth --dataset mnist5k --image_size 32 \
         --optimizer sgd --epochs 10 --output_dir runs/demo_linear
     # fast, NOT the paper's protocol: the classifier trained on cached eval-transform features
     python linear_eval.py --pretrained_weights random --arch resnet18 --dataset synthetic --image_size 32 \
