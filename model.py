@@ -36,8 +36,8 @@ class SmallCNN(nn.Module):
 
     Each stage is one 3x3 conv + BatchNorm + ReLU, at 32, 64, 128 and 256 channels with strides 1,
     2, 2, 2 (a 32 x 32 view ends at 4 x 4), then global average pooling. 0.39 M parameters and
-    about 15 M multiply-adds per 32 x 32 image, some 40 times less than a small-stem ResNet-18 at
-    that size: on a laptop CPU this buys the thousand-odd optimizer steps a CARP run needs to show
+    15 M multiply-adds per 32 x 32 image, 37 times less than a small-stem ResNet-18 at that size
+    (555 M): on a laptop CPU this buys the thousand-odd optimizer steps a CARP run needs to show
     what it learns (README, *Quickstart*). Not a paper network: the paper's is ResNet-50.
     """
 
