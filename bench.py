@@ -583,8 +583,9 @@ def print_results(results):
         print(f"\ncpu_recipe: the README demo's whole training step (pretrain.CPU_RECIPE) on {r['dataset']}, "
               f"{m['device']}, data loading and views included")
         print(f"  {'views':28} {'ms/step':>8} {'images/s':>9} {'waiting for views':>18}")
-        for name, label in (("batched", "per batch (the recipe)"), ("per_image", "per image, "
-                                                                     f"{r['per_image']['workers']} workers")):
+        workers = r["per_image"]["workers"]
+        for name, label in (("batched", "per batch (the recipe)"),
+                            ("per_image", f"per image, {workers} worker{'s' if workers != 1 else ''}")):
             print(f"  {label:28} {r[name]['step_ms']:8.1f} {r[name]['images_per_s']:9.1f} "
                   f"{100 * r[name]['waiting_share']:17.1f}%")
         print(f"  views per batch make the step {r['speedup']:.2f}x faster")
