@@ -317,6 +317,15 @@ def views_pipeline(args, device, memory_format=torch.contiguous_format):
     return MultiCropAugmentation(*crops), make_views
 
 
+def preferred_memory_format(arch, device):
+    """channels_last on CUDA (tensor cores want it) and for the SmallCNN on CPU, where oneDNN's
+    convolutions ran the demo 1.24x faster that way (README, *Performance*); ResNet-18's forward and
+    backward on 32-pixel views were 5% slower in channels_last on CPU, so ResNets keep the default there."""
+    if device.type == "cuda" or arch == SMALL_CNN:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def carp_network(args):
     """Backbone + CARP head as the flags say: the architecture of both student and teacher."""
     backbone = build_backbone(args.arch, args.small_image_stem)
@@ -326,15 +335,6 @@ def carp_network(args):
 
 
 # ============ one epoch ============
-
-def preferred_memory_format(arch, device):
-    """channels_last on CUDA (tensor cores want it) and for the SmallCNN on CPU, where oneDNN's
-    convolutions run its training step about 1.2x faster that way; ResNet-18 on CPU gains nothing
-    (bench.py, section cpu_recipe, and README *Performance*)."""
-    if device.type == "cuda" or arch == SMALL_CNN:
-        return torch.channels_last
-    return torch.contiguous_format
-
 
 def forward_backward(student, teacher, views, partition, autocast, scaler, accumulation_steps=1):
     """One forward pass of both networks, the CARP loss and its backward; the one code path of every
