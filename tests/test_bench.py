@@ -150,14 +150,13 @@ def test_tiny_benchmark_writes_every_number(tmp_path):
 
 def test_cpu_recipe_section_times_the_demo_step_with_both_view_pipelines(tmp_path):
     """--sections cpu_recipe: pretrain.CPU_RECIPE's whole step (batch 128), views drawn per batch and
-    per image; images/s = 128 / step time, and the time waiting for the views is a share of the step."""
+    per image (here in the training process: --recipe_workers 0); the time waiting for the views is
+    a share of the step."""
     out = tmp_path / "bench.json"
     bench.main(["--sections", "cpu_recipe", "--warmup", "0", "--recipe_steps", "1", "--recipe_workers", "0",
                 "--device", "cpu", "--output_json", str(out)])
     results = json.loads(out.read_text())["cpu_recipe"]
     assert results["dataset"] in ("mnist5k", "synthetic")
     for name in ("batched", "per_image"):
-        r = results[name]
-        assert r["images_per_s"] == pytest.approx(128 / (r["step_ms"] / 1000))
-        assert 0 < r["waiting_share"] < 1
-    assert results["speedup"] == pytest.approx(results["batched"]["images_per_s"] / results["per_image"]["images_per_s"])
+        assert results[name]["workers"] == 0 and results[name]["step_ms"] > 0
+        assert 0 < results[name]["waiting_share"] < 1

