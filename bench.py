@@ -397,9 +397,7 @@ def bench_step(args):
     student, teacher = carp_network(), carp_network()
     student = student.to(device, memory_format=memory_format)
     teacher = teacher.to(device, memory_format=memory_format)
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad = False
+    pretrain.start_teacher(student, teacher)
     optimizer = pretrain.LARS(pretrain.param_groups(student))
     fp16 = args.use_fp16 and cuda
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
@@ -511,9 +509,7 @@ def bench_cpu_recipe(args):
                                              persistent_workers=recipe.num_workers > 0)
         student, teacher = pretrain.carp_network(recipe), pretrain.carp_network(recipe)
         student, teacher = student.to(device, memory_format=memory_format), teacher.to(device, memory_format=memory_format)
-        teacher.load_state_dict(student.state_dict())
-        for p in teacher.parameters():
-            p.requires_grad = False
+        pretrain.start_teacher(student, teacher)
         optimizer = torch.optim.AdamW(pretrain.param_groups(student), lr=0.0)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         autocast = torch.autocast(device.type, enabled=False)

@@ -92,6 +92,19 @@ def adjust_hue(x, hue_shift):
     return max_value.unsqueeze(-3) - chroma.unsqueeze(-3) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
+def jitter_operation(x, operation, factor):
+    """One of ColorJitter's four operations on (..., 3, H, W) floats in [0, 1]: 0 brightness, 1 contrast
+    (towards the image's mean grey level), 2 saturation, 3 hue. factor: a number, or a tensor
+    (..., 1, 1, 1) with one factor per image."""
+    if operation == 0:
+        return (x * factor).clamp_(0, 1)
+    if operation == 1:
+        return blend(x, luma(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
+    if operation == 2:
+        return blend(x, luma(x), factor)
+    return adjust_hue(x, factor[..., 0] if torch.is_tensor(factor) else factor)
+
+
 def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
     """torchvision's ColorJitter(brightness, contrast, saturation, hue) on (3, H, W) floats in [0, 1]:
     the four operations in a random order, each with a factor drawn uniformly around 1 (hue: around 0)."""
@@ -101,14 +114,7 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
     s = torch.empty(1).uniform_(1 - saturation, 1 + saturation).item()
     h = torch.empty(1).uniform_(-hue, hue).item()
     for operation in order.tolist():
-        if operation == 0:
-            x = (x * b).clamp_(0, 1)
-        elif operation == 1:
-            x = blend(x, luma(x).mean(), c)
-        elif operation == 2:
-            x = blend(x, luma(x), s)
-        else:
-            x = adjust_hue(x, h)
+        x = jitter_operation(x, operation, (b, c, s, h)[operation])
     return x
 
 
@@ -282,16 +288,8 @@ class BatchedMultiCrop:
                 rows = jittered[order[jittered, slot] == operation]  # (r,): views doing `operation` in `slot`
                 if len(rows) == 0:
                     continue
-                y, f = x[rows], factors[operation, rows].view(-1, 1, 1, 1)  # (r, 3, S, S), (r, 1, 1, 1)
-                if operation == 0:
-                    y = (y * f).clamp_(0, 1)
-                elif operation == 1:
-                    y = blend(y, luma(y).mean(dim=(-3, -2, -1), keepdim=True), f)
-                elif operation == 2:
-                    y = blend(y, luma(y), f)
-                else:
-                    y = adjust_hue(y, f.view(-1, 1, 1))
-                x[rows] = y
+                # (r, 3, S, S) views with their factors (r, 1, 1, 1)
+                x[rows] = jitter_operation(x[rows], operation, factors[operation, rows].view(-1, 1, 1, 1))
         grey = (torch.rand(n, device=device) < 0.2).nonzero()[:, 0]  # (n_g,)
         x[grey] = luma(x[grey]).expand(-1, 3, -1, -1)
         blurred = (torch.rand(n, device=device) <= blur_p).nonzero()[:, 0]  # (n_b,)

@@ -332,6 +332,14 @@ def preferred_memory_format(arch, device):
     return torch.contiguous_format
 
 
+def start_teacher(student, teacher):
+    """The teacher starts as a copy of the student and never takes a gradient (it follows the
+    student by EMA only, model.update_teacher)."""
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+
+
 def carp_network(args):
     """Backbone + CARP head as the flags say: the architecture of both student and teacher."""
     backbone = build_backbone(args.arch, args.small_image_stem)
@@ -504,9 +512,7 @@ def main(argv=None):
             warnings.warn("SyncBatchNorm needs CUDA: on CPU every process normalises with its own batch")
     student = student.to(device, memory_format=memory_format)
     teacher = teacher.to(device, memory_format=memory_format)
-    teacher.load_state_dict(student.state_dict())  # the teacher starts as a copy of the student
-    for p in teacher.parameters():
-        p.requires_grad = False
+    start_teacher(student, teacher)
     student_module = student
     if world_size > 1:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
