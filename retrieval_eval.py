@@ -1,30 +1,32 @@
 """Image retrieval (Revisited Oxford 5k / Paris 6k) and copy detection (Copydays) on frozen features.
 
-    # the paper's settings: images at most 512 px on the longer side, full query images (whether the
-    # paper averaged three scales is not stated; DINO did for Paris at 512: add --multiscale true)
+    # the paper's settings, which are the defaults (the authors' evaluations/knn/eval_scripts.sh runs
+    # --imsize 512 --multiscale 1): longer side at most 512 px, three scales, full query images
+    python retrieval_eval.py --pretrained_weights carp_r50.pth --dataset roxford5k --data_path /data/datasets
+    python retrieval_eval.py --pretrained_weights carp_r50.pth --dataset rparis6k --data_path /data/datasets
+    # the official revisitop protocol instead: queries cropped to their bounding box
     python retrieval_eval.py --pretrained_weights carp_r50.pth --dataset roxford5k --data_path /data/datasets \
-        --imsize 512
-    python retrieval_eval.py --pretrained_weights carp_r50.pth --dataset rparis6k --data_path /data/datasets \
-        --imsize 512
-    # the official revisitop protocol instead: queries cropped to their bounding box, three scales
-    python retrieval_eval.py --pretrained_weights carp_r50.pth --dataset roxford5k --data_path /data/datasets \
-        --imsize 512 --crop_query_bbox true --multiscale true
-    # Copydays, strong block as the headline; 10k distractors and 20k whitening images as in DINO
+        --crop_query_bbox true
+    # Copydays as the authors' eval_scripts.sh runs it: 320 x 320, one scale, AP over the top 20, and no
+    # distractors or whitening (it passes neither path); 'strong' is the headline block
+    python retrieval_eval.py --pretrained_weights carp_r50.pth --dataset copydays --data_path /data/copydays
+    # Copydays as DINO's paper describes it: 10k distractors and 20k (other) whitening images from YFCC100M
     python retrieval_eval.py --pretrained_weights carp_r50.pth --dataset copydays --data_path /data/copydays \
         --distractors_path /data/yfcc_distractors --whitening_path /data/yfcc_whitening
     # the random-weights baseline every table needs
-    python retrieval_eval.py --pretrained_weights random --dataset roxford5k --data_path /data/datasets --imsize 512
+    python retrieval_eval.py --pretrained_weights random --dataset roxford5k --data_path /data/datasets
 
 Protocols (../shared/docs/eval-protocols.md). Revisited Oxford / Paris: every database image and
-query is thumbnailed so that its longer side is at most --imsize (aspect kept), the backbone's
-global-average-pooled features are L2-normalised (optionally averaged over the scales 1, 1/sqrt(2),
-1/2 first), and the database is ranked by cosine similarity. mAP Medium counts easy + hard images as
-positives and ignores junk; mAP Hard counts hard images and ignores easy + junk; ignored images are
-removed from the ranking before AP and precision at k are computed, exactly as revisitop's
-compute_map. Copydays: 320 x 320 images, the 157 originals (plus optional distractors) form the
+query is thumbnailed so that its longer side is at most --imsize (512, aspect kept), the backbone's
+global-average-pooled features at the scales 1, 1/sqrt(2) and 1/2 are averaged and L2-normalised, and
+the database is ranked by cosine similarity. mAP Medium counts easy + hard images as positives and
+ignores junk; mAP Hard counts hard images and ignores easy + junk; ignored images are removed from
+the ranking before AP and precision at k are computed, exactly as revisitop's compute_map.
+Copydays: 320 x 320 images at one scale, the 157 originals (plus optional distractors) form the
 database, every edited image is a query whose positive is its original, optional PCA whitening is
-learned on a separate image set, and the mAP is reported per query block ('strong' is the headline;
-"block" is Copydays' own word for a folder of queries, unrelated to CARP's blocks of prototypes).
+learned on a separate image set, each query's AP is computed on the first 20 images of its ranking
+(DINO and the authors), and the mAP is reported per query block ('strong' is the headline; "block" is
+Copydays' own word for a folder of queries, unrelated to CARP's blocks of prototypes).
 
 Data. Revisited Oxford / Paris: the revisitop tools (github.com/filipradenovic/revisitop,
 python/download.py: `download_datasets('/data')`) fetch the Oxford and Paris buildings images and the
@@ -55,6 +57,7 @@ from features import add_model_args, bool_flag, load_backbone, write_json
 REVISITED = ("roxford5k", "rparis6k")
 MULTISCALE = (1.0, 1 / math.sqrt(2), 0.5)  # DINO's and the revisitop/cirtorch scales
 KAPPAS = (1, 5, 10)  # the k of mean precision at k
+COPYDAYS_TOP_K = 20  # Copydays AP is computed on each query's top 20 (DINO and the authors)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
@@ -69,11 +72,16 @@ def get_args(argv=None):
     g.add_argument("--data_path", required=True, help="see --dataset")
     g.add_argument("--imsize", type=int, default=None,
                    help="roxford5k / rparis6k: longer side of the thumbnails (aspect kept, never enlarged), "
-                        "default 512 (the paper; DINO's script defaults to 224). copydays: images are resized "
-                        "to imsize x imsize, default 320 (DINO)")
-    g.add_argument("--multiscale", type=bool_flag, default=False,
-                   help="average the pooled features of the image at scales 1, 1/sqrt(2) and 1/2 before "
-                        "L2-normalising (default false, single scale)")
+                        "default 512: the authors' eval_scripts.sh passes --imsize 512 (their script's own "
+                        "default, like DINO's, is 224). copydays: images are resized to imsize x imsize, default "
+                        "320 (DINO and the authors)")
+    g.add_argument("--multiscale", type=bool_flag, default=None,
+                   help="true: run the image at scales 1, 1/sqrt(2) and 1/2 (bilinear), average the three raw "
+                        "pooled features and L2-normalise the mean (DINO's and the authors' utils.multi_scale: "
+                        "a plain mean, no power). Default true for roxford5k / rparis6k (the authors' "
+                        "eval_scripts.sh: --multiscale 1), false for copydays (the authors' "
+                        "eval_copy_detection.py extracts one scale). false: one scale, 1.75x faster (the smaller "
+                        "scales hold 1/2 and 1/4 of the pixels)")
     g.add_argument("--crop_query_bbox", type=bool_flag, default=False,
                    help="roxford5k / rparis6k: crop each query to its ground-truth box (the official revisitop "
                         "protocol). Default false: the full query image, as DINO and the authors do; every "
@@ -83,20 +91,37 @@ def get_args(argv=None):
     g.add_argument("--num_workers", type=int, default=4, help="data-loading processes")
     g = parser.add_argument_group("copydays")
     g.add_argument("--distractors_path", default=None,
-                   help="folder of distractor images added to the database of originals (DINO: 10k YFCC100M images)")
+                   help="folder of distractor images added to the database of originals (DINO: 10k YFCC100M "
+                        "images); none = the 157 originals alone, as the authors' eval_scripts.sh runs")
     g.add_argument("--whitening_path", default=None,
                    help="folder of images on which the PCA whitening (power 0.5) is learned (DINO: 20k YFCC100M "
-                        "images, not the distractors); none = no whitening")
+                        "images, not the distractors); none = no whitening, as the authors' eval_scripts.sh runs")
+    g.add_argument("--ap_top_k", type=int, default=None,
+                   help="each query's AP is computed on the first ap_top_k images of its ranking, default 20 "
+                        "(DINO's and the authors' eval_copy_detection.py keep similarity.topk(20)): an original "
+                        "ranked lower adds nothing, yet the AP still divides by all of the query's originals. "
+                        "0: the whole ranking (the textbook AP, never lower)")
     g = parser.add_argument_group("output")
     g.add_argument("--output_json", default=None,
                    help="write the metrics (in %%) as a flat JSON object here: map_medium, map_hard, mp@1, mp@5, "
                         "mp@10 (Medium) and mp@k_hard; map_<block> for copydays")
     args = parser.parse_args(argv)
+    # Defaults that depend on --dataset: each protocol's own, as the authors ran it (see the --help texts).
+    copydays = args.dataset == "copydays"
+    if args.dataset in REVISITED and args.ap_top_k is not None:
+        parser.error(f"--ap_top_k {args.ap_top_k} belongs to --dataset copydays; revisitop's AP ranks the whole "
+                     f"database: drop the flag")
     if args.imsize is None:
-        args.imsize = 320 if args.dataset == "copydays" else 512
+        args.imsize = 320 if copydays else 512
+    if args.multiscale is None:
+        args.multiscale = not copydays
+    if args.ap_top_k is None and copydays:
+        args.ap_top_k = COPYDAYS_TOP_K
     if args.imsize < 1 or args.batch_size_per_gpu < 1 or args.num_workers < 0:
         parser.error(f"--imsize {args.imsize} and --batch_size_per_gpu {args.batch_size_per_gpu} must be >= 1 "
                      f"and --num_workers {args.num_workers} >= 0")
+    if copydays and args.ap_top_k < 0:
+        parser.error(f"--ap_top_k {args.ap_top_k} must be >= 0: 20 as DINO and the authors, 0 for the whole ranking")
     if args.dataset in REVISITED and (args.distractors_path or args.whitening_path):
         parser.error("--distractors_path and --whitening_path belong to --dataset copydays")
     if args.dataset == "copydays" and args.crop_query_bbox:
@@ -235,7 +260,13 @@ class ImageList(torch.utils.data.Dataset):
 def multiscale_features(backbone, images, scales=(1.0,)):
     """Pooled features (B, D) averaged over `scales`: the image batch is resized by each factor
     (bilinear, as DINO and cirtorch) and the backbone's global average pooling accepts any size.
-    Not normalised here: the average of the raw features is L2-normalised by the caller."""
+
+    The raw features are averaged (no power, no per-scale normalisation) and the caller L2-normalises
+    the mean: DINO's and the authors' utils.multi_scale, whose own division by 3 and by the norm
+    cannot change a cosine ranking.
+    NOTE(authors' code): multi_scale divides by the norm of the whole batch, which is the per-image
+    norm only because their retrieval script runs one image per batch; we normalise each image.
+    """
     total = 0
     for s in scales:
         resized = images if s == 1 else F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
@@ -423,9 +454,10 @@ def fit_whitening(features, power=0.5, eps=1e-5):
     features, strongest first; power 0.5 gives unit variance in every direction (full whitening).
     Eigenvalues below eps x the largest are raised to it: with fewer images than dimensions the
     covariance is singular, and dividing by ~0 would blow noise up.
-    NOTE(DINO): DINO's eval_copy_detection takes the eigenvectors of the uncentred second moment
-    features.T @ features / n while centring the data by the mean; we use the covariance, which is
-    what PCA whitening means.
+    NOTE(authors' code): their eval_copy_detection.py, DINO's unchanged, takes the eigenvectors of the
+    uncentred second moment features.T @ features / n while centring the data by the mean; we use the
+    covariance, which is what PCA whitening means. The Copydays run their eval_scripts.sh records
+    whitens nothing: it passes no --whitening_path and the default is the placeholder /path/to/....
     """
     features = features.double()
     mean = features.mean(dim=0)  # (D,)
@@ -437,13 +469,23 @@ def fit_whitening(features, power=0.5, eps=1e-5):
     return mean.float(), (eigenvectors / eigenvalues ** power).float()  # (D,), (D, D)
 
 
-def copydays_scores(query_features, query_groups, database_features, original_groups, chunk_size=256):
+def copydays_scores(query_features, query_groups, database_features, original_groups, top_k=COPYDAYS_TOP_K,
+                    chunk_size=256):
     """AP (in %) of each query: the rank of its original(s) among the database (originals first,
-    then distractors), with the trapezoidal AP. Features are L2-normalised."""
+    then distractors; a distractor is never a positive), with the trapezoidal AP. Features are
+    L2-normalised.
+
+    top_k: the AP is computed on the first top_k images of each ranking, as DINO's and the authors'
+    eval_copy_detection.py do (similarity.topk(20), then score_ap_from_ranks_1 with nres = all the
+    query's positives): an original ranked below top_k adds nothing, and the AP is still divided by
+    the number of the query's originals. top_k 0 (or None): the whole ranking.
+    """
     positives = [np.flatnonzero(np.asarray(original_groups) == group) for group in query_groups]
     aps = []
     for start in range(0, len(query_features), chunk_size):
         ranks = rank_database(query_features[start:start + chunk_size], database_features)  # (c, N)
+        if top_k:
+            ranks = ranks[:, :top_k]  # (c, top_k)
         for q, ranking in enumerate(ranks, start):
             found = positive_ranks(ranking, positives[q], [])
             aps.append(100 * average_precision(found, len(positives[q])))
@@ -466,10 +508,11 @@ def evaluate_copydays(args, device):
     distractors = image_files(args.distractors_path, "--distractors_path") if args.distractors_path else []
     whitening = image_files(args.whitening_path, "--whitening_path") if args.whitening_path else []
     scales = MULTISCALE if args.multiscale else (1.0,)
+    ap_range = f"AP over the top {args.ap_top_k}" if args.ap_top_k else "AP over the whole ranking (--ap_top_k 0)"
     print(f"copydays: {len(blocks)} query blocks, database of {len(blocks['original'])} originals + "
           f"{len(distractors)} distractors, {args.imsize}x{args.imsize} images, "
           f"{'scales 1, 1/sqrt(2), 1/2' if args.multiscale else 'single scale'}, "
-          f"{f'PCA whitening learned on {len(whitening)} images' if whitening else 'no whitening'}")
+          f"{f'PCA whitening learned on {len(whitening)} images' if whitening else 'no whitening'}, {ap_range}")
 
     # ============ extracting features ... ============
     backbone = frozen_backbone(args, device)
@@ -495,12 +538,12 @@ def evaluate_copydays(args, device):
     results = {}
     for block, block_features in features.items():
         aps = copydays_scores(F.normalize(block_features, dim=1), block_groups[block], database_features,
-                              original_groups)
+                              original_groups, args.ap_top_k)
         results[f"map_{block.replace('/', '_')}"] = float(aps.mean())
         print(f"{block:12} {len(aps):5} queries  mAP {aps.mean():6.2f}")
     print(f"strong (headline): mAP {results['map_strong']:.2f}")
     results.update(n_database=len(database_features), imsize=args.imsize, multiscale=float(args.multiscale),
-                   whitening=float(bool(args.whitening_path)))
+                   whitening=float(bool(args.whitening_path)), ap_top_k=args.ap_top_k)
     return results
 
 

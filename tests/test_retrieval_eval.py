@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 import retrieval_eval as R
-from data import DataError
+from data import IMAGENET_MEAN, IMAGENET_STD, DataError
 from model import build_backbone
 
 RANDOM = ["--pretrained_weights", "random", "--arch", "resnet18", "--num_workers", "0", "--batch_size_per_gpu", "16"]
@@ -21,6 +22,35 @@ def pattern(seed, size=(32, 24)):
     """A visibly distinct image: a 4 x 3 grid of random colours, `size` = (width, height)."""
     grid = np.random.default_rng(seed).integers(0, 256, size=(3, 4, 3), dtype=np.uint8)
     return Image.fromarray(grid).resize(size, Image.Resampling.NEAREST)
+
+
+# ============ the authors' settings are the defaults ============
+
+def test_defaults_are_the_settings_the_authors_ran():
+    """The authors' eval_scripts.sh runs retrieval at --imsize 512 --multiscale 1 on full query images,
+    and eval_copy_detection.py at 320 x 320, one scale, AP over the top 20: with no flag given,
+    those are our settings too."""
+    for dataset in R.REVISITED:
+        args = R.get_args(["--pretrained_weights", "random", "--dataset", dataset, "--data_path", "d"])
+        assert (args.imsize, args.multiscale, args.crop_query_bbox, args.ap_top_k) == (512, True, False, None)
+    args = R.get_args(["--pretrained_weights", "random", "--dataset", "copydays", "--data_path", "d"])
+    assert (args.imsize, args.multiscale, args.ap_top_k) == (320, False, 20)
+    args = R.get_args(["--pretrained_weights", "random", "--data_path", "d", "--multiscale", "false",
+                       "--imsize", "224"])
+    assert (args.imsize, args.multiscale) == (224, False)  # the single-scale setting stays reachable
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "copydays", "--ap_top_k", "-1"], "--ap_top_k -1 must be >= 0"),
+    (["--dataset", "roxford5k", "--ap_top_k", "20"], "--ap_top_k 20 belongs to --dataset copydays"),
+    (["--multiscale", "maybe"], "expected true or false, got 'maybe'"),
+])
+def test_bad_flags_are_one_line_errors_naming_the_value(argv, message, capsys):
+    """A negative --ap_top_k, --ap_top_k on revisitop (whose AP ranks the whole database) and a
+    --multiscale that is not true/false stop with a message naming the value."""
+    with pytest.raises(SystemExit):
+        R.get_args(["--pretrained_weights", "random", "--data_path", "d"] + argv)
+    assert message in capsys.readouterr().err
 
 
 # ============ revisitop metrics on hand-computed rankings ============
@@ -123,6 +153,29 @@ def test_multiscale_features_are_the_average_of_three_scales(tmp_path):
     assert not torch.allclose(multiscale, backbone.backbone(image).detach(), rtol=1e-2)
 
 
+class HeightFeature(torch.nn.Module):
+    """A hand-made backbone whose feature of an image of H rows is (1, H): each scale's feature is
+    known without running a network."""
+
+    def forward(self, images):
+        return torch.tensor([[1.0, images.shape[-2]]]).expand(len(images), 2)  # (B, 2)
+
+
+def test_multiscale_feature_is_the_normalised_mean_of_the_raw_features(tmp_path):
+    """The scales of a 24-row image have 24, 16 and 12 rows, so the features (1, 24), (1, 16), (1, 12):
+    the authors' multi_scale averages the raw features, (1, 52/3), and the L2-normalised mean is
+    (3, 52) / sqrt(2713). Normalising each scale first, or a power mean, would change the first
+    component."""
+    pattern(2).save(tmp_path / "a.jpg")
+    dataset = R.ImageList([str(tmp_path / "a.jpg")], 512)
+    multiscale = R.extract_features(HeightFeature(), dataset, num_workers=0, scales=R.MULTISCALE, progress=False)
+    assert multiscale.tolist() == [pytest.approx([1, 52 / 3])]
+    assert torch.nn.functional.normalize(multiscale, dim=1).tolist() == [pytest.approx([3 / 2713 ** 0.5,
+                                                                                         52 / 2713 ** 0.5])]
+    single = R.extract_features(HeightFeature(), dataset, num_workers=0, progress=False)
+    assert single.tolist() == [[1, 24]]
+
+
 def test_batches_hold_one_image_size_and_features_keep_dataset_order(tmp_path):
     """Images of three sizes, interleaved, batch size 2: every batch holds one size, no batch is larger
     than 2, and each feature lands in its image's row (same features as one image at a time)."""
@@ -166,19 +219,44 @@ def make_revisited(root, name="roxford5k"):
 
 
 def test_revisited_end_to_end_matches_the_construction(tmp_path, capsys):
-    """Random ResNet-18 on the generated roxford5k: copies rank first, so mAP Medium and Hard and
-    mP@1/5/10 are 100 once junk is ignored; query c (no positive) is skipped in both protocols; the
-    JSON has the documented keys and says the full query image was used."""
+    """Random ResNet-18 on the generated roxford5k with the default settings (512 px, three scales, full
+    query images): copies rank first, so mAP Medium and Hard and mP@1/5/10 are 100 once junk is
+    ignored; query c (no positive) is skipped in both protocols; the JSON has the documented keys and
+    says which settings were used."""
     make_revisited(tmp_path)
     out = tmp_path / "out.json"
-    results = R.main(RANDOM + ["--dataset", "roxford5k", "--data_path", str(tmp_path), "--imsize", "32",
-                               "--output_json", str(out)])
+    results = R.main(RANDOM + ["--dataset", "roxford5k", "--data_path", str(tmp_path), "--output_json", str(out)])
     assert json.loads(out.read_text()) == results
     for key in ("map_medium", "map_hard", "mp@1", "mp@5", "mp@10", "mp@1_hard", "mp@10_hard"):
         assert results[key] == pytest.approx(100.0), key
     assert results["skipped_medium"] == 1 and results["skipped_hard"] == 1
-    assert results["crop_query_bbox"] == 0.0
-    assert "queries: full images (--crop_query_bbox false" in capsys.readouterr().out
+    assert (results["crop_query_bbox"], results["imsize"], results["multiscale"]) == (0.0, 512, 1.0)
+    printed = capsys.readouterr().out
+    assert "scales 1, 1/sqrt(2), 1/2; queries: full images (--crop_query_bbox false" in printed
+
+
+def test_revisited_runs_three_scales_by_default_and_one_with_multiscale_false(tmp_path, monkeypatch):
+    """By default every image of the generated roxford5k (11 of 32x24 and 1 of 24x32, never enlarged at
+    512) is also run at 1/sqrt(2) and 1/2 (22x16 and 16x12 pixels); --multiscale false runs each image
+    once, at its own size."""
+    make_revisited(tmp_path)
+    torch.manual_seed(0)
+    recorder = Recorder(build_backbone("resnet18")).eval()
+    monkeypatch.setattr(R, "frozen_backbone", lambda args, device: recorder)
+    argv = RANDOM + ["--dataset", "roxford5k", "--data_path", str(tmp_path)]
+
+    def images_per_size():  # (H, W) -> number of images the backbone saw at that size
+        seen = Counter()
+        for n, _, h, w in recorder.calls:
+            seen[(h, w)] += n
+        recorder.calls.clear()
+        return dict(seen)
+
+    R.main(argv)
+    assert images_per_size() == {(24, 32): 11, (16, 22): 11, (12, 16): 11, (32, 24): 1, (22, 16): 1, (16, 12): 1}
+    results = R.main(argv + ["--multiscale", "false"])
+    assert images_per_size() == {(24, 32): 11, (32, 24): 1}
+    assert results["multiscale"] == 0.0 and results["map_medium"] == pytest.approx(100.0)
 
 
 def test_revisited_junk_ranked_first_would_cost_without_removal(tmp_path):
@@ -272,6 +350,27 @@ def test_copydays_ap_of_each_query_by_hand():
     assert aps == pytest.approx([100 / 8, 100 / 4])
 
 
+def test_copydays_ap_is_computed_on_the_top_20():
+    """DINO's and the authors' Copydays AP keeps each query's top 20. Database: originals 2000 at 50
+    degrees and 2001 at 0.5 degrees, then 23 distractors at 1, 2, ..., 23 degrees. A query at 10 degrees
+    of original 2001 finds it 20th (19 distractors are within 9.5 degrees): AP (0/19 + 1/20)/2 = 1/40,
+    with or without the cut. A query at 0 degrees of original 2000 finds it 25th, below the cut: AP 0,
+    where the whole ranking would give (0/24 + 1/25)/2 = 1/50. With both originals in group 2001, the
+    0-degree query finds one 1st and one 25th: the cut leaves (1 + 1)/2 x 1/2 = 1/2, since the AP still
+    divides by both originals (the whole ranking adds (1/24 + 2/25)/2 x 1/2)."""
+    angle = lambda degrees: [np.cos(np.radians(degrees)), np.sin(np.radians(degrees))]  # noqa: E731
+    database = torch.tensor([angle(50), angle(0.5)] + [angle(d) for d in range(1, 24)], dtype=torch.float32)
+    queries = torch.tensor([angle(10), angle(0)], dtype=torch.float32)
+    assert R.COPYDAYS_TOP_K == 20
+    assert R.copydays_scores(queries, ["2001", "2000"], database, ["2000", "2001"]) == pytest.approx([100 / 40, 0])
+    assert R.copydays_scores(queries, ["2001", "2000"], database, ["2000", "2001"], top_k=0) == pytest.approx(
+        [100 / 40, 100 / 50])
+    two = R.copydays_scores(queries[1:], ["2001"], database, ["2001", "2001"])
+    assert two == pytest.approx([100 / 2])
+    whole = R.copydays_scores(queries[1:], ["2001"], database, ["2001", "2001"], top_k=0)
+    assert whole == pytest.approx([100 * (1 / 2 + (1 / 24 + 2 / 25) / 4)])
+
+
 def test_whitening_gives_unit_variance():
     """Points (+-2, 0), (0, +-1) have covariance diag(2, 1/2): whitened, every point has norm sqrt(2)
     (x / sqrt(2) and y / sqrt(1/2)). On 3 points in 5-d the singular directions are clamped and the
@@ -287,29 +386,86 @@ def test_whitening_gives_unit_variance():
     assert torch.allclose(whitened.T @ whitened / 3, torch.diag(torch.tensor([1.0, 1, 0, 0, 0])), atol=1e-4)
 
 
-def make_copydays(root):
-    """original/ 200000 (A), 200100 (B), 200200 (C); strong/ 200001 and 200002 copies of A, 200101 of B;
-    jpegqual/75 and crops/50 copies of the three originals under their names; distractors and
-    whitening images that are distinct images."""
+def primary(seed, channel, size=(32, 24)):
+    """A 4 x 3 grid whose cells have random intensities (128..255) on one colour channel only: its mean
+    colour points exactly along that channel, whatever part of it is kept."""
+    grid = np.zeros((3, 4, 3), dtype=np.uint8)
+    grid[..., channel] = np.random.default_rng(seed).integers(128, 256, size=(3, 4))
+    return Image.fromarray(grid).resize(size, Image.Resampling.NEAREST)
+
+
+def complementary(image):
+    """Copydays-style strong colour edit: each channel replaced by the mean of the other two, so a pure
+    red image turns cyan (0, r/2, r/2), orthogonal in mean colour to what it was."""
+    r, g, b = np.moveaxis(np.asarray(image, dtype=np.uint16), -1, 0)
+    return Image.fromarray(np.stack([(g + b) // 2, (r + b) // 2, (r + g) // 2], axis=-1).astype(np.uint8))
+
+
+def make_copydays(root, n_distractors=4):
+    """The INRIA layout, generated. original/ 200000 (A, red cells), 200100 (B, green), 200200 (C, blue).
+    strong/ (strong edits: complementary colours, then a 90-degree rotation for 200001 and 200101, a
+    crop and a mirror for 200002) 200001 and 200002 of A, 200101 of B. jpegqual/75 (weak: the originals
+    re-encoded at JPEG quality 75) and crops/50 (the central half of their surface) under the originals'
+    names. Distractors and whitening images: grids of random colours, every channel in 60..255."""
     (root / "original").mkdir(parents=True)
-    for i, image in enumerate(["200000", "200100", "200200"]):
-        pattern(300 + i).save(root / "original" / f"{image}.jpg", quality=95)
-    for block, names in (("strong", {"200001": "200000", "200002": "200000", "200101": "200100"}),
-                         ("jpegqual/75", {n: n for n in ("200000", "200100", "200200")}),
-                         ("crops/50", {n: n for n in ("200000", "200100", "200200")})):
+    originals = {name: primary(300 + i, i) for i, name in enumerate(["200000", "200100", "200200"])}
+    for name, image in originals.items():
+        image.save(root / "original" / f"{name}.jpg", quality=95)
+    a, b = (Image.open(root / "original" / f"{name}.jpg").convert("RGB") for name in ("200000", "200100"))
+    blocks = {
+        "strong": {"200001": complementary(a).transpose(Image.Transpose.ROTATE_90),
+                   "200002": complementary(a).crop((2, 2, 30, 22)).transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+                   "200101": complementary(b).transpose(Image.Transpose.ROTATE_90)},
+        "jpegqual/75": {n: Image.open(root / "original" / f"{n}.jpg").convert("RGB") for n in originals},
+        "crops/50": {n: Image.open(root / "original" / f"{n}.jpg").convert("RGB").crop((4, 3, 27, 20))
+                     for n in originals},
+    }
+    for block, images in blocks.items():
         (root / block).mkdir(parents=True)
-        for name, original in names.items():
-            shutil.copy(root / "original" / f"{original}.jpg", root / block / f"{name}.jpg")
-    for folder, seeds in (("distractors", range(400, 404)), ("whitening", range(500, 506))):
+        for name, image in images.items():
+            image.save(root / block / f"{name}.jpg", quality=75 if block == "jpegqual/75" else 95)
+    for folder, seeds in (("distractors", range(400, 400 + n_distractors)), ("whitening", range(500, 506))):
         (root.parent / folder).mkdir()
         for seed in seeds:
-            pattern(seed).save(root.parent / folder / f"{seed}.jpg", quality=95)
+            grid = np.random.default_rng(seed).integers(60, 256, size=(3, 4, 3), dtype=np.uint8)
+            image = Image.fromarray(grid).resize((32, 24), Image.Resampling.NEAREST)
+            image.save(root.parent / folder / f"{seed}.jpg", quality=95)
     return root
+
+
+class MeanColour(torch.nn.Module):
+    """A hand-made backbone whose feature is the image's mean colour, RGB in [0, 1] (the ImageNet
+    normalisation undone): a copy is found exactly when its mean colour points where its original's does."""
+
+    def forward(self, images):
+        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        return (images * std + mean).mean(dim=(2, 3))  # (B, 3)
+
+
+def test_copydays_end_to_end_scores_by_hand(tmp_path, monkeypatch, capsys):
+    """Default Copydays settings (320 x 320, one scale, AP over the top 20) with the mean-colour backbone
+    and 22 distractors, so a database of 25. Weak copies (JPEG 75, central crop) keep their original's
+    colour: found first, mAP 100. A strong copy's colour is orthogonal to its original's (up to JPEG
+    noise: cosine < 0.02) and at cosine > 0.7 to every other image's: the original ranks 25th, below
+    the cut, so mAP strong is 0; over the whole ranking (--ap_top_k 0) it is (0/24 + 1/25)/2 = 2%."""
+    root = make_copydays(tmp_path / "copydays", n_distractors=22)
+    monkeypatch.setattr(R, "frozen_backbone", lambda args, device: MeanColour())
+    argv = RANDOM + ["--dataset", "copydays", "--data_path", str(root),
+                     "--distractors_path", str(tmp_path / "distractors")]
+    results = R.main(argv)
+    assert "320x320 images, single scale, no whitening, AP over the top 20" in capsys.readouterr().out
+    assert (results["n_database"], results["imsize"], results["multiscale"], results["ap_top_k"]) == (25, 320, 0.0, 20)
+    for block in ("original", "jpegqual_75", "crops_50"):
+        assert results[f"map_{block}"] == pytest.approx(100.0), block
+    assert results["map_strong"] == pytest.approx(0.0)
+    whole = R.main(argv + ["--ap_top_k", "0"])
+    assert whole["map_strong"] == pytest.approx(100 * (1 / 25) / 2) and whole["map_jpegqual_75"] == pytest.approx(100.0)
 
 
 def test_copydays_end_to_end_with_distractors_and_whitening(tmp_path):
     """Random ResNet-18 on the generated Copydays with 4 distractors and whitening learned on 6 images:
-    every query is a copy of its original, so every block has mAP 100, and the database holds 3 + 4."""
+    each original finds itself (mAP 100), the weak blocks (JPEG 75, central crop) score 100 and the
+    strong block less, and the database holds 3 + 4."""
     root = make_copydays(tmp_path / "copydays")
     out = tmp_path / "out.json"
     with pytest.warns(UserWarning, match="whitening learned on 6 images"):
@@ -317,21 +473,25 @@ def test_copydays_end_to_end_with_distractors_and_whitening(tmp_path):
                                    "--distractors_path", str(tmp_path / "distractors"),
                                    "--whitening_path", str(tmp_path / "whitening"), "--output_json", str(out)])
     assert json.loads(out.read_text()) == results
-    for block in ("original", "strong", "jpegqual_75", "crops_50"):
-        assert results[f"map_{block}"] == pytest.approx(100.0), block
-    assert results["n_database"] == 7 and results["whitening"] == 1.0
+    assert results["map_original"] == pytest.approx(100.0)
+    assert results["map_jpegqual_75"] == pytest.approx(100.0) and results["map_crops_50"] == pytest.approx(100.0)
+    assert results["map_strong"] < results["map_jpegqual_75"]  # the strong edits do move the features
+    assert results["n_database"] == 7 and results["whitening"] == 1.0 and results["ap_top_k"] == 20
 
 
 def test_copydays_on_a_carp_checkpoint(tmp_path):
-    """A checkpoint laid out as pretrain.py writes it ({'teacher': {'backbone.*'}, 'args'}) loads and
-    scores the copies at 100, with the architecture read from its args (resnet18, not the default)."""
+    """A checkpoint laid out as pretrain.py writes it ({'teacher': {'backbone.*'}, 'args'}) loads, with
+    the architecture read from its args (resnet18, not the default): each original finds itself, the
+    weak JPEG copies score 100 and the strong edits less, over a database of the 3 originals."""
     make_copydays(tmp_path / "copydays")  # found as <data_path>/copydays
+    torch.manual_seed(0)
     state = build_backbone("resnet18").state_dict()
     torch.save({"teacher": {f"backbone.{k}": v for k, v in state.items()},
                 "args": {"arch": "resnet18", "small_image_stem": False}}, tmp_path / "checkpoint.pth")
     results = R.main(["--pretrained_weights", str(tmp_path / "checkpoint.pth"), "--num_workers", "0",
                       "--dataset", "copydays", "--data_path", str(tmp_path), "--imsize", "32"])
-    assert results["map_strong"] == pytest.approx(100.0) and results["n_database"] == 3
+    assert results["map_original"] == pytest.approx(100.0) and results["map_jpegqual_75"] == pytest.approx(100.0)
+    assert results["map_strong"] < 100.0 and results["n_database"] == 3
 
 
 def test_copydays_query_without_original_is_named(tmp_path):
