@@ -290,10 +290,17 @@ def features_file(folder, split):
     return os.path.join(folder, f"{split}_features.pth")
 
 
-def frozen_features(args, device, splits=("train", "val")):
+def frozen_features(args, device, splits=("train", "val"), subsets=None):
     """{split: (features (N, D), labels (N,))} of the teacher backbone on the evaluation transform,
-    read from --load_features when given, saved to --dump_features when given."""
+    read from --load_features when given, saved to --dump_features when given.
+
+    subsets: {split: function(dataset) -> indices}: only those images of the split are extracted
+    (k-means fits on 10 % of ImageNet: the other 90 % are never run through the backbone), in the
+    order of the indices; --dump_features then saves the features of those images only."""
     if args.load_features:
+        if subsets:
+            raise DataError(f"cannot select {', '.join(subsets)} images among the features in {args.load_features}: "
+                            f"they are used as they were dumped")
         out = {}
         for split in splits:
             path = features_file(args.load_features, split)
@@ -305,6 +312,8 @@ def frozen_features(args, device, splits=("train", "val")):
     transform = eval_transform(args.image_size)
     datasets = {split: build_dataset(args.dataset, split, transform, args.data_path, args.download,
                                      args.synthetic_images, args.image_size) for split in splits}
+    for split, select in (subsets or {}).items():
+        datasets[split] = torch.utils.data.Subset(datasets[split], select(datasets[split]))
     if is_main_process():
         print(", ".join(f"{len(d)} {split} images" for split, d in datasets.items()) + f" of {args.dataset}")
     backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,

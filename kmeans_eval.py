@@ -2,8 +2,12 @@
 
     python kmeans_eval.py --pretrained_weights runs/demo/checkpoint.pth --dataset mnist5k --image_size 32
     python kmeans_eval.py --pretrained_weights random --arch resnet18 --dataset synthetic --image_size 32
+    # the paper's ImageNet numbers: fit on SimCLR's 10 % image list, assign the 50,000 val images
     torchrun --nproc_per_node=8 kmeans_eval.py --pretrained_weights carp_r50.pth --dataset imagefolder \
-        --data_path /imagenet --dump_features runs/carp_r50_features
+        --data_path /imagenet --train_subset 10percent.txt --dump_features runs/carp_r50_features_10pc
+
+(10percent.txt: google-research/simclr, imagenet_subsets/10percent.txt, 128,116 file names such as
+n01440764_10026.JPEG, one per line.)
 
 Protocol (../shared/docs/eval-protocols.md): teacher-backbone features of the train and val
 splits (evaluation transform), standardised with the train split's per-dimension mean and
@@ -12,18 +16,25 @@ standard deviation, then spherical k-means on the train split with k = number of
 goes to its nearest centroid, and the val clusters are scored against the val labels: NMI,
 adjusted mutual information (AMI), adjusted Rand index (ARI), and clustering accuracy with the
 best one-to-one cluster-to-class matching (Hungarian algorithm), all x100.
+On ImageNet the "train split" is a subset: the authors' kmeans_eval_imagenet.py (--label-subset,
+default "10") replaces the train images by SimCLR's 10 % list (utils.imagenet_subset_samples) and
+assigns the whole val split. --train_subset FILE does the same with a local copy of the list,
+--train_fraction 0.1 draws a seeded 10 % of any dataset instead (not class-balanced, so not the
+authors' images). The selection happens before feature extraction.
 NOTE(authors' code): they run faiss.Kmeans(spherical=True, niter=100, nredo=10) on the
 standardised features, which does not L2-normalise the points (a centroid is the normalised mean
 of the raw standardised vectors, so long vectors weigh more; the assignment by inner product with
 unit centroids is the same as by cosine), starts from random points rather than k-means++, trains
-on at most 256 x k sampled points, and splits a large cluster to refill an empty one. Here every
-point is normalised, all train points are used, and empty clusters are re-seeded as explained in
+on at most 256 x k sampled points (256,000 for ImageNet: the 128,116 images of the 10 % list are
+all used, as here), and splits a large cluster to refill an empty one. Here every point is
+normalised, all train points are used, and empty clusters are re-seeded as explained in
 update_centroids. Accuracy is not in their script.
 
 Features are extracted by all processes of a torchrun launch; the clustering runs on the main
 process, on the GPU when there is one.
 """
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -48,7 +59,20 @@ def get_args(argv=None):
                         "assignment changes")
     g.add_argument("--n_init", type=int, default=10,
                    help="restarts from different k-means++ initialisations; the best objective is kept (paper: 10)")
-    g.add_argument("--seed", type=int, default=0, help="seeds the k-means++ initialisations")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the k-means++ initialisations and the images drawn by --train_fraction")
+    g.add_argument("--train_subset", default=None, metavar="FILE",
+                   help="fit on these train images only: a text file with one image per line, a bare file name "
+                        "(n01440764_10026.JPEG) or a path relative to the train folder "
+                        "(n01440764/n01440764_10026.JPEG). "
+                        "The paper's ImageNet numbers fit on SimCLR's imagenet_subsets/10percent.txt (the "
+                        "authors' script downloads it). Needs a folder of image files (--dataset imagefolder); every "
+                        "line must name one image of it. Default: the whole train split")
+    g.add_argument("--train_fraction", type=float, default=None,
+                   help="fit on a random fraction of the train split, e.g. 0.1: round(fraction x N) images drawn "
+                        "without replacement by a generator seeded with --seed, the same in every process and "
+                        "every run. Any dataset; not class-balanced, so not the authors' images (for those use "
+                        "--train_subset). Default: the whole train split")
     g.add_argument("--output_json", default=None, help="write {nmi, ami, ari, acc} of the val split as a flat "
                                                        "JSON object here")
     args = parser.parse_args(argv)
@@ -58,19 +82,116 @@ def get_args(argv=None):
         parser.error(f"--n_iter {args.n_iter} must be at least 1 (paper: 100)")
     if args.n_init < 1:
         parser.error(f"--n_init {args.n_init} must be at least 1 (paper: 10)")
+    if args.train_subset is not None and args.train_fraction is not None:
+        parser.error(f"--train_subset {args.train_subset} and --train_fraction {args.train_fraction} both select "
+                     f"train images; pass one of them")
+    if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
+        parser.error(f"--train_fraction {args.train_fraction} must be in (0, 1] (0.1 for a 10 % subset)")
+    if args.train_subset is not None and not os.path.isfile(args.train_subset):
+        parser.error(f"--train_subset {args.train_subset} does not exist; pass a text file with one train image "
+                     f"per line (e.g. SimCLR's imagenet_subsets/10percent.txt)")
+    selection = args.train_subset if args.train_subset is not None else args.train_fraction
+    if selection is not None and args.load_features:
+        parser.error(f"--load_features {args.load_features} reads the train features as they were dumped, so "
+                     f"--train_{'subset' if args.train_subset else 'fraction'} {selection} cannot apply: dump them "
+                     f"with the selection flag (the dump then holds only the selected images) and load them without")
     return args
+
+
+# ============ selecting the train images to fit on ============
+
+def subset_from_file(dataset, path):
+    """Sorted indices of the images of `dataset`, a folder of image files (torchvision ImageFolder:
+    `root` and `samples`), named by the lines of the text file `path`.
+
+    A line is a bare file name, matched against the file names of the dataset's images (it must
+    name exactly one), or a path relative to the train folder. Blank lines are skipped and a
+    repeated line selects its image once. Any line that names no image is an error: a partial copy
+    of ImageNet would otherwise fit on other images than the paper's without a word."""
+    if not (hasattr(dataset, "samples") and hasattr(dataset, "root")):
+        raise DataError(f"--train_subset {path} names image files, but this train split ({type(dataset).__name__}) "
+                        f"is not a folder of image files; use --dataset imagefolder, or --train_fraction")
+    by_path, by_name = {}, {}  # 'class/image.JPEG' -> index; 'image.JPEG' -> [indices]
+    for index, (file, _) in enumerate(dataset.samples):
+        relative = os.path.relpath(file, dataset.root).replace(os.sep, "/")
+        by_path[relative] = index
+        by_name.setdefault(relative.rsplit("/", 1)[-1], []).append(index)
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    selected, unmatched = set(), []
+    for line in lines:
+        key = os.path.normpath(line).replace(os.sep, "/")
+        if "/" in key:
+            matches = [by_path[key]] if key in by_path else []
+        else:
+            matches = by_name.get(key, [])
+        if len(matches) > 1:
+            examples = ", ".join(os.path.relpath(dataset.samples[i][0], dataset.root) for i in matches[:3])
+            raise DataError(f"--train_subset {path}: {line!r} names {len(matches)} images of {dataset.root} "
+                            f"({examples}); write it as a path relative to that folder")
+        if not matches:
+            unmatched.append(line)
+        selected.update(matches)
+    if unmatched:
+        raise DataError(f"--train_subset {path}: {len(unmatched)} of {len(lines)} lines name no image of "
+                        f"{dataset.root} ({len(dataset.samples)} images), e.g. {', '.join(unmatched[:3])}; check "
+                        f"--data_path, or that the file lists this dataset's train images")
+    return sorted(selected)
+
+
+def random_fraction(n, fraction, seed):
+    """Sorted indices of round(fraction x n) of n images drawn without replacement. The generator is a
+    CPU torch.Generator seeded with `seed` and nothing else, so every process of a launch and every
+    run draws the same images."""
+    size = round(fraction * n)
+    if size < 1:
+        raise DataError(f"--train_fraction {fraction} of {n} train images selects no image; raise it to at "
+                        f"least {1 / n:.3g}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # (n,)
+    return order[:size].sort().values.tolist()
+
+
+def train_selection(args):
+    """{'train': function(dataset) -> indices} for frozen_features, or None to use the whole train split."""
+    if args.train_subset is not None:
+        return {"train": lambda dataset: subset_from_file(dataset, args.train_subset)}
+    if args.train_fraction is not None:
+        return {"train": lambda dataset: random_fraction(len(dataset), args.train_fraction, args.seed)}
+    return None
 
 
 # ============ spherical k-means ============
 
-def standardize(train_features, val_features):
-    """Both splits standardised with the train split's per-dimension mean and std (float32), the
-    population std as sklearn's StandardScaler in the authors' script. A dimension that is constant on the train split (std 0, e.g. a channel that is 0 after the last
-    ReLU for every image) is only centred: dividing by 0 would give NaN or huge values."""
-    train_features = train_features.double()  # (N, D); float64 sums stay exact for millions of images
-    mean, std = train_features.mean(dim=0), train_features.std(dim=0, correction=0)  # (D,) each
+def standardize(train_features, val_features, chunk_size=65536):
+    """Both splits standardised with the train split's per-dimension mean and std, returned in
+    float32, the population std as sklearn's StandardScaler in the authors' script. A dimension that
+    is constant on the train split (std 0, e.g. a channel that is 0 after the last ReLU for every
+    image) is only centred: dividing by 0 would give NaN or huge values.
+
+    Memory: ImageNet's 1.28 M x 2048 float32 features are 10.5 GB; a float64 copy would be 21 GB,
+    and (x - mean) / std in float64 several of them. So the statistics are float64 accumulators of
+    shape (D,) filled chunk by chunk (float64 so the sums stay exact for millions of images; two
+    passes, mean then squared deviations, so the variance does not cancel catastrophically), and
+    each chunk is standardised in float64 and written to a float32 output: the largest float64
+    tensor is one chunk (chunk_size, D)."""
+    n, dim = train_features.shape
+    total = torch.zeros(dim, dtype=torch.float64, device=train_features.device)  # (D,)
+    for chunk in train_features.split(chunk_size):
+        total += chunk.sum(dim=0, dtype=torch.float64)
+    mean = total / n  # (D,)
+    squares = torch.zeros_like(total)  # (D,)
+    for chunk in train_features.split(chunk_size):
+        squares += (chunk.double() - mean).square().sum(dim=0)  # over (c, D)
+    std = (squares / n).sqrt()  # (D,)
     std = torch.where(std > 0, std, torch.ones_like(std))
-    return ((train_features - mean) / std).float(), ((val_features.double() - mean) / std).float()
+
+    def apply(features):
+        out = torch.empty(features.shape, dtype=torch.float32, device=features.device)  # (N, D)
+        for rows, chunk in zip(out.split(chunk_size), features.split(chunk_size)):
+            rows.copy_((chunk.double() - mean) / std)  # (c, D)
+        return out
+
+    return apply(train_features), apply(val_features)
 
 
 def nearest_centroid(x, centroids, chunk_size=65536):
@@ -191,7 +312,7 @@ def main(argv=None):
     args = get_args(argv)
     rank, world_size, device = init_distributed()
     # ============ extracting features ... ============
-    features = frozen_features(args, device)
+    features = frozen_features(args, device, subsets=train_selection(args))
     results = None
     if is_main_process():
         # ============ standardising with the train split ... ============
@@ -211,9 +332,12 @@ def main(argv=None):
                   else f"{args.pretrained_weights} on {args.dataset}")
         results = clustering_metrics(val_assignment, val_labels)
         train_results = clustering_metrics(train_assignment, train_labels)
+        selection = (f" (the images listed in {args.train_subset})" if args.train_subset is not None else
+                     f" (a random {args.train_fraction:g} of the split, seed {args.seed})"
+                     if args.train_fraction is not None else "")
         print(f"spherical k-means (k={k}, best of {args.n_init} restarts, objective {objective:.1f} = "
               f"{objective / len(train_labels):.4f} mean cosine) of {source}: "
-              f"fit on {len(train_labels)} train images, {len(val_labels)} val images assigned")
+              f"fit on {len(train_labels)} train images{selection}, {len(val_labels)} val images assigned")
         print(f"{'metric':>8} {'val':>7} {'(train)':>8}")
         for name in ("nmi", "ami", "ari", "acc"):
             print(f"{name.upper():>8} {results[name]:>7.2f} {train_results[name]:>8.2f}")

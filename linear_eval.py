@@ -3,6 +3,9 @@
     # the paper's protocol on ImageNet: 100 epochs, LARS lr 1.0, global batch 8 x 256 = 2048
     torchrun --nproc_per_node=8 linear_eval.py --pretrained_weights carp_r50.pth --dataset imagefolder \
         --data_path /imagenet --batch_size_per_gpu 256 --output_dir runs/linear_carp_r50
+    # the same global batch of 2048 on one GPU: 128 images x 16 accumulation steps
+    python linear_eval.py --pretrained_weights carp_r50.pth --dataset imagefolder --data_path /imagenet \
+        --batch_size_per_gpu 128 --gradient_accumulation_steps 16 --output_dir runs/linear_carp_r50
     # DINO/SwAV-style SGD instead: lr 0.3 x global batch / 256, cosine
     python linear_eval.py --pretrained_weights runs/demo/checkpoint.pth --dataset mnist5k --image_size 32 \
         --optimizer sgd --epochs 10 --output_dir runs/demo_linear
@@ -19,7 +22,11 @@ and for the best epoch (the anchors report the best, which is optimistic: it is 
 NOTE(authors' code): their script steps the cosine once per epoch (CosineAnnealingLR) and crops
 train images with the default bilinear interpolation; we follow the shared protocol (a per-step
 cosine as DINO's schedules, bicubic crops as everywhere else in this codebase). Their global batch
-is 4 GPUs x 128 x 4 accumulation steps = 2048.
+is 4 GPUs x 128 x 4 accumulation steps = 2048 (eval_script.sh): the paper's numbers need
+processes x --batch_size_per_gpu x --gradient_accumulation_steps = 2048, e.g. 8 x 256 x 1,
+4 x 128 x 4 or 1 x 128 x 16. LARS at lr 1.0 is not rescaled with the batch, so another batch
+changes the protocol; the SGD lr is rescaled. Every such combination makes 626 optimizer steps per
+ImageNet epoch (train_one_epoch explains how the last, shorter group of an epoch is handled).
 
 --output_dir receives linear_checkpoint.pth (every epoch, atomically) and log.jsonl; running the
 same command again resumes from the checkpoint, or only re-reports a finished run.
@@ -66,6 +73,12 @@ def get_args(argv=None):
                    help="fast mode: compute the eval-transform features of the train split once (see "
                         "--dump_features / --load_features) and train on them, with no augmentation. NOT the "
                         "paper's protocol: use it to compare checkpoints quickly, not to report numbers")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="one optimizer step every this many batches, on the mean loss over all their images, so "
+                        "that few GPUs reproduce a large batch. The global batch is processes x "
+                        "--batch_size_per_gpu x this; the paper's is 2048 (the authors: 4 GPUs x 128 x 4; here "
+                        "e.g. 8 x 256 x 1 or 1 x 128 x 16). The learning-rate schedule counts optimizer steps, "
+                        "ceil(batches per epoch / this) per epoch (default: 1, no accumulation)")
     g.add_argument("--val_freq", type=int, default=1, help="evaluate on the val split every this many epochs "
                                                            "(and always after the last one)")
     g.add_argument("--seed", type=int, default=0,
@@ -92,6 +105,9 @@ def get_args(argv=None):
         parser.error(f"--val_freq {args.val_freq} must be at least 1")
     if args.batch_size_per_gpu < 1:
         parser.error(f"--batch_size_per_gpu {args.batch_size_per_gpu} must be at least 1")
+    if args.gradient_accumulation_steps < 1:
+        parser.error(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must be at least 1 "
+                     f"(1: no accumulation)")
     if not args.cached_features and (args.dump_features or args.load_features):
         parser.error("--dump_features and --load_features apply to --cached_features only: the paper's protocol "
                      "runs the backbone on new augmented views at every epoch")
@@ -128,6 +144,13 @@ def build_optimizer(linear, args):
     return torch.optim.SGD(groups, lr=0.0, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
+def optimizer_steps_per_epoch(n_batches, accumulation_steps):
+    """ceil(batches / N): every N consecutive batches of an epoch make one optimizer step, and the
+    last group, shorter when N does not divide the batches, makes one too (as in the authors'
+    script), so every image of the epoch counts."""
+    return -(-n_batches // accumulation_steps)
+
+
 def peak_lr(args, global_batch):
     """LARS: --lr as is (the authors' 1.0 for a batch of 2048); SGD: --lr x global batch / 256."""
     return args.lr if args.optimizer == "lars" else args.lr * global_batch / 256
@@ -162,22 +185,52 @@ def feature_batches(n, batch_size, seed, epoch, rank=0, world_size=1):
 
 # ============ one epoch and the evaluation ============
 
-def train_one_epoch(linear, optimizer, batches, lr_schedule, first_step, device, backbone=None):
+def groups_of(items, n):
+    """Consecutive groups of n items; the last group is shorter when the items run out."""
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def train_one_epoch(linear, optimizer, batches, lr_schedule, first_step, device, backbone=None,
+                    accumulation_steps=1):
     """One pass over the train split; returns the mean loss and top-1 (%) over all processes.
 
     `batches` yields (inputs, labels): images when a backbone is given (the paper's protocol,
     features computed here under no_grad), features (b, D) otherwise (the cached mode).
+
+    Gradient accumulation: every `accumulation_steps` consecutive batches make one optimizer step
+    (optimizer_steps_per_epoch), on the gradient of the mean cross-entropy over all the images of
+    the group, which is the step a single batch of those images would make. The backbone is
+    frozen, so accumulating the gradients of N batches is the same as keeping their features
+    (N x b, D), a few MB, and running the classifier once on all of them: exact, one forward and
+    backward per step, and DDP all-reduces once per step without no_sync. lr_schedule is indexed
+    by optimizer steps. NOTE(authors' code): they divide every batch's loss by N, so the last,
+    shorter group of an epoch (3 batches of 4 on ImageNet) steps on 3/4 of its mean gradient and
+    a short last batch weighs as much as a full one; here that group's step uses its mean.
     """
     linear.train()
     sums = torch.zeros(3, device=device)  # summed loss, correct predictions, images
-    for i, (inputs, labels) in enumerate(batches):
-        for group in optimizer.param_groups:
-            group["lr"] = float(lr_schedule[first_step + i])
-        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if backbone is not None:
-            with torch.no_grad():
-                inputs = backbone(inputs)  # (b, D): frozen features of the augmented images
-        logits = linear(inputs)  # (b, C)
+
+    def features_of(batches):
+        for inputs, labels in batches:
+            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if backbone is not None:
+                with torch.no_grad():
+                    inputs = backbone(inputs)  # (b, D): frozen features of the augmented images
+            yield inputs, labels
+
+    for step, group in enumerate(groups_of(features_of(batches), accumulation_steps)):
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = float(lr_schedule[first_step + step])
+        inputs = torch.cat([x for x, _ in group])  # (N b, D)
+        labels = torch.cat([y for _, y in group])  # (N b,)
+        logits = linear(inputs)  # (N b, C)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -212,14 +265,18 @@ def backbone_changes(backbone, reference):
 
 # Flags that define the run: resuming with another value would mix two experiments.
 RESUME_ARGS = ("pretrained_weights", "checkpoint_key", "arch", "dataset", "image_size", "cached_features",
-               "optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size_per_gpu", "seed")
+               "optimizer", "lr", "momentum", "weight_decay", "epochs", "batch_size_per_gpu",
+               "gradient_accumulation_steps", "seed")
+# Flags added after checkpoints were written: their value in a checkpoint without them.
+RESUME_DEFAULTS = {"gradient_accumulation_steps": 1}
 
 
 def load_checkpoint(path, args, linear, optimizer, world_size):
     """Restore the classifier and optimizer from `path`; returns the checkpoint's other entries."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    changed = [f"--{k} {checkpoint['args'].get(k)} (now {getattr(args, k)})"
-               for k in RESUME_ARGS if checkpoint["args"].get(k) != getattr(args, k)]
+    saved = {**RESUME_DEFAULTS, **checkpoint["args"]}
+    changed = [f"--{k} {saved.get(k)} (now {getattr(args, k)})"
+               for k in RESUME_ARGS if saved.get(k) != getattr(args, k)]
     if checkpoint["world_size"] != world_size:
         changed.append(f"{checkpoint['world_size']} processes (now {world_size})")
     if changed:
@@ -249,8 +306,8 @@ def main(argv=None):
         val_features, val_labels = features["val"]  # (M, D), (M,)
         dim = train_features.shape[1]
         n_classes = int(max(train_labels.max(), val_labels.max())) + 1
-        steps_per_epoch = len(feature_batches(len(train_labels), args.batch_size_per_gpu, args.seed, 0,
-                                              rank, world_size))
+        batches_per_epoch = len(feature_batches(len(train_labels), args.batch_size_per_gpu, args.seed, 0,
+                                                rank, world_size))
         backbone = None
     else:
         train_set = build_dataset(args.dataset, "train", train_transform(args.image_size), args.data_path,
@@ -275,7 +332,7 @@ def main(argv=None):
                                                       seed=args.seed)
         loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
                                              num_workers=args.num_workers, pin_memory=device.type == "cuda")
-        steps_per_epoch = len(loader)
+        batches_per_epoch = len(loader)
         if rank == 0:
             print(f"{len(train_set)} train and {len(val_set)} val images of {args.dataset}")
 
@@ -287,12 +344,16 @@ def main(argv=None):
         linear = nn.parallel.DistributedDataParallel(linear_module,
                                                      device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(linear_module, args)
-    global_batch = args.batch_size_per_gpu * world_size
+    # The batch of one optimizer step: what the SGD learning rate scales with and what the paper fixes (2048).
+    global_batch = args.batch_size_per_gpu * world_size * args.gradient_accumulation_steps
+    steps_per_epoch = optimizer_steps_per_epoch(batches_per_epoch, args.gradient_accumulation_steps)
     lr_schedule = cosine_schedule(peak_lr(args, global_batch), 0.0, args.epochs, steps_per_epoch)  # (E * steps,)
     if rank == 0:
         print(f"nn.Linear({dim}, {n_classes}), {args.optimizer} with peak learning rate "
-              f"{peak_lr(args, global_batch):.4g} (global batch {global_batch}), cosine to 0 over "
-              f"{args.epochs} epochs of {steps_per_epoch} steps")
+              f"{peak_lr(args, global_batch):.4g} (global batch {global_batch} = {world_size} process"
+              f"{'es' if world_size > 1 else ''} x {args.batch_size_per_gpu} x {args.gradient_accumulation_steps} "
+              f"accumulation step{'s' if args.gradient_accumulation_steps > 1 else ''}), cosine to 0 "
+              f"over {args.epochs} epochs of {steps_per_epoch} optimizer steps ({batches_per_epoch} batches)")
 
     # ============ optionally resuming a run ... ============
     start_epoch, history, best = 0, [], {"top1": 0.0, "top5": 0.0, "epoch": 0}
@@ -315,7 +376,7 @@ def main(argv=None):
             sampler.set_epoch(epoch)
             batches = loader
         train_loss, train_top1 = train_one_epoch(linear, optimizer, batches, lr_schedule, epoch * steps_per_epoch,
-                                                 device, backbone)
+                                                 device, backbone, args.gradient_accumulation_steps)
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_top1": train_top1, "top1": None, "top5": None}
         if (epoch + 1) % args.val_freq == 0 or epoch + 1 == args.epochs:
             record["top1"], record["top5"] = evaluate(linear_module, val_features, val_labels, device)

@@ -283,3 +283,31 @@ def test_a_small_cnn_checkpoint_round_trips_through_every_evaluation_script(tmp_
                          "--imsize", "16", "--num_workers", "0"])
     out = capsys.readouterr().out
     assert out.count("loaded 24/24 backbone tensors") == 5, out
+
+
+def test_subsets_are_selected_before_extraction_and_refused_on_loaded_features(tmp_path, monkeypatch):
+    """subsets={'train': rows 1, 4, 6}: the backbone sees 3 of the 10 synthetic train images (k-means
+    on 10 % of ImageNet must not extract the other 90 %), their features are those of the full
+    split's rows 1, 4, 6, and the dump holds only them; features read with --load_features cannot
+    be subset again."""
+    parser = features.add_eval_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--pretrained_weights", "random", "--arch", "small_cnn", "--dataset", "synthetic",
+                              "--synthetic_images", "10", "--image_size", "16", "--num_workers", "0"])
+    sizes, extract = [], features.extract_features
+
+    def recording_extract_features(backbone, dataset, *rest, **kwargs):
+        sizes.append(len(dataset))
+        return extract(backbone, dataset, *rest, **kwargs)
+
+    monkeypatch.setattr(features, "extract_features", recording_extract_features)
+    with pytest.warns(UserWarning):
+        full = features.frozen_features(args, "cpu", splits=("train",))["train"]
+        args.dump_features = str(tmp_path)
+        subset = features.frozen_features(args, "cpu", splits=("train",), subsets={"train": lambda d: [1, 4, 6]})
+    assert sizes == [10, 3]
+    assert torch.allclose(subset["train"][0], full[0][[1, 4, 6]], atol=1e-6)
+    assert torch.equal(subset["train"][1], full[1][[1, 4, 6]])
+    assert torch.load(features.features_file(str(tmp_path), "train"), weights_only=True)["features"].shape[0] == 3
+    args.load_features = str(tmp_path)
+    with pytest.raises(DataError, match="cannot select train images among the features in"):
+        features.frozen_features(args, "cpu", splits=("train",), subsets={"train": lambda d: [0]})

@@ -143,3 +143,157 @@ def test_more_clusters_than_points_is_a_clear_error():
     """k = 5 clusters of 4 points cannot be made: DataError naming both numbers."""
     with pytest.raises(data.DataError, match="cannot make 5 clusters of 4 points"):
         spherical_kmeans(torch.randn(4, 3), 5, 10, 1)
+
+
+# ============ the train images k-means fits on (the authors: SimCLR's 10 % list of ImageNet) ============
+
+def image_folder(root, files):
+    """root/train/<class>/<file> and root/val/<class>/<file>: tiny JPEGs, each class a distinct colour."""
+    from PIL import Image
+    for split in ("train", "val"):
+        for relative in files:
+            path = root / split / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shade = 40 if relative.startswith("n01") else 200
+            Image.new("RGB", (8, 8), (shade, shade, shade)).save(path, format="JPEG")
+    return root
+
+
+IMAGENET_LIKE = ["n01/n01_1.JPEG", "n01/n01_2.JPEG", "n01/n01_3.JPEG", "n02/n02_1.JPEG", "n02/n02_2.JPEG",
+                 "n02/n02_3.JPEG"]
+
+
+def test_train_subset_file_selects_exactly_the_listed_images(tmp_path):
+    """Lines name images by bare file name (SimCLR's list) or by path relative to the train folder;
+    blank lines and a repeated line change nothing: n01_2, n02_1 and n02_3 are rows 1, 3 and 5 of
+    the ImageFolder (sorted n01_1 n01_2 n01_3 n02_1 n02_2 n02_3)."""
+    dataset = data.build_dataset("imagefolder", "train", data_path=str(image_folder(tmp_path / "in", IMAGENET_LIKE)))
+    listing = tmp_path / "subset.txt"
+    listing.write_text("n02_3.JPEG\n\nn01/n01_2.JPEG\n  n02_1.JPEG  \n./n01/n01_2.JPEG\n")
+    assert kmeans_eval.subset_from_file(dataset, str(listing)) == [1, 3, 5]
+
+
+def test_train_subset_lines_that_name_no_image_are_an_error(tmp_path):
+    """2 of 4 lines match no image (a partial copy of ImageNet, a typo): DataError naming the list
+    file and the first unmatched lines, rather than a fit on fewer images than the paper's."""
+    dataset = data.build_dataset("imagefolder", "train", data_path=str(image_folder(tmp_path / "in", IMAGENET_LIKE)))
+    listing = tmp_path / "subset.txt"
+    listing.write_text("n01_1.JPEG\nn09_7.JPEG\nn02/n02_1.JPEG\nn01/n01_9.JPEG\n")
+    with pytest.raises(data.DataError, match=rf"--train_subset {listing}: 2 of 4 lines name no image of .*6 images\), "
+                                             r"e\.g\. n09_7\.JPEG, n01/n01_9\.JPEG"):
+        kmeans_eval.subset_from_file(dataset, str(listing))
+
+
+def test_train_subset_refuses_an_ambiguous_name_and_a_dataset_without_files(tmp_path):
+    """A bare name found in two class folders must be written as a path; a dataset that is not a
+    folder of image files (here the synthetic images) cannot take a list of file names."""
+    root = image_folder(tmp_path / "in", ["n01/same.JPEG", "n02/same.JPEG"])
+    dataset = data.build_dataset("imagefolder", "train", data_path=str(root))
+    listing = tmp_path / "subset.txt"
+    listing.write_text("same.JPEG\n")
+    with pytest.raises(data.DataError, match="'same.JPEG' names 2 images .*write it as a path relative"):
+        kmeans_eval.subset_from_file(dataset, str(listing))
+    listing.write_text("n02/same.JPEG\n")
+    assert kmeans_eval.subset_from_file(dataset, str(listing)) == [1]
+    with pytest.raises(data.DataError, match="SyntheticImages.*is not a folder of image files.*--train_fraction"):
+        kmeans_eval.subset_from_file(data.SyntheticImages("train", 10, 8), str(listing))
+
+
+def test_train_subset_end_to_end_extracts_only_the_listed_images(tmp_path, monkeypatch, capsys):
+    """--train_subset on an ImageNet-like folder: only the 4 listed train images (2 per class) go
+    through the backbone, k = their 2 classes, and all 6 val images are assigned."""
+    import features
+    extracted, extract = [], features.extract_features
+
+    def recording_extract_features(backbone, dataset, *rest, **kwargs):
+        extracted.append(len(dataset))
+        return extract(backbone, dataset, *rest, **kwargs)
+
+    monkeypatch.setattr(features, "extract_features", recording_extract_features)
+    root = image_folder(tmp_path / "in", IMAGENET_LIKE)
+    listing = tmp_path / "subset.txt"
+    listing.write_text("n01_1.JPEG\nn01_3.JPEG\nn02_2.JPEG\nn02_3.JPEG\n")
+    kmeans_eval.main(["--pretrained_weights", "random", "--arch", "small_cnn", "--dataset", "imagefolder",
+                      "--data_path", str(root), "--image_size", "8", "--num_workers", "0", "--n_init", "1",
+                      "--train_subset", str(listing)])
+    assert extracted == [4, 6]  # train (the subset), then val (all of it)
+    assert "k=2" in (printed := capsys.readouterr().out)
+    assert f"fit on 4 train images (the images listed in {listing}), 6 val images assigned" in printed
+
+
+def test_train_fraction_is_seeded_reproducible_and_of_the_right_size():
+    """round(0.1 x 1000) = 100 distinct sorted indices, and round(0.1 x 1,281,167) = 128,117 for
+    ImageNet; the same seed draws the same images whatever the global random state (every process
+    of a launch, every run), another seed other images."""
+    torch.manual_seed(1)
+    first = kmeans_eval.random_fraction(1000, 0.1, seed=0)
+    torch.manual_seed(2)
+    torch.rand(10)
+    assert kmeans_eval.random_fraction(1000, 0.1, seed=0) == first
+    assert len(first) == 100 and first == sorted(set(first)) and 0 <= first[0] and first[-1] < 1000
+    assert kmeans_eval.random_fraction(1000, 0.1, seed=1) != first
+    assert len(kmeans_eval.random_fraction(1_281_167, 0.1, seed=0)) == 128_117
+    assert kmeans_eval.random_fraction(7, 1.0, seed=3) == list(range(7))
+    with pytest.raises(data.DataError, match="--train_fraction 0.01 of 20 train images selects no image"):
+        kmeans_eval.random_fraction(20, 0.01, seed=0)
+
+
+def test_train_fraction_end_to_end_fits_on_half_the_synthetic_images(capsys):
+    """--train_fraction 0.5 of 40 synthetic train images: k-means fits on 20, the 8 val images are
+    all assigned."""
+    kmeans_eval.main(["--pretrained_weights", "random", "--arch", "small_cnn", "--dataset", "synthetic",
+                      "--synthetic_images", "40", "--image_size", "16", "--num_workers", "0", "--n_init", "1",
+                      "--train_fraction", "0.5", "--n_clusters", "4"])
+    printed = capsys.readouterr().out
+    assert "fit on 20 train images (a random 0.5 of the split, seed 0), 8 val images assigned" in printed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train_fraction", "0"], "--train_fraction 0.0 must be in (0, 1]"),
+    (["--train_fraction", "1.5"], "--train_fraction 1.5 must be in (0, 1]"),
+    (["--train_subset", "/nonexistent/10percent.txt"], "--train_subset /nonexistent/10percent.txt does not exist"),
+    (["--train_subset", __file__, "--train_fraction", "0.1"], "pass one of them"),
+    (["--train_fraction", "0.1", "--load_features", "feats"], "--train_fraction 0.1 cannot apply"),
+])
+def test_bad_train_selection_flags_are_refused_by_name(flags, message, capsys):
+    """A fraction outside (0, 1], a list file that does not exist, both selections at once, and a
+    selection of features that were already extracted stop argument parsing, naming the value."""
+    with pytest.raises(SystemExit):
+        kmeans_eval.get_args(["--pretrained_weights", "random", *flags])
+    assert message in capsys.readouterr().err
+
+
+# ============ standardisation memory: ImageNet's 1.28 M x 2048 features on one GPU ============
+
+def test_standardize_matches_float64_and_never_holds_a_float64_copy_of_the_features():
+    """Columns with means up to 1000 and stds from 0.01 to 3: the result equals the float64
+    reference (x - mean) / std to 1e-5, and no float64 tensor larger than one chunk (100 x 8 of
+    the 1000 x 8 features) is ever created: every aten op's outputs are recorded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    generator = torch.Generator().manual_seed(0)
+    scale = torch.tensor([0.01, 0.1, 1.0, 3.0, 0.5, 2.0, 0.05, 1.5])  # (D,)
+    offset = torch.tensor([1000.0, -500.0, 0.0, 3.0, 250.0, -1.0, 100.0, 7.0])  # (D,)
+    train = offset + scale * torch.randn(1000, 8, generator=generator)  # (N, D) float32
+    val = offset + scale * torch.randn(300, 8, generator=generator)  # (M, D)
+    mean, std = train.double().mean(dim=0), train.double().std(dim=0, correction=0)
+    reference = ((train.double() - mean) / std, (val.double() - mean) / std)
+
+    class Float64Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if torch.is_tensor(t) and t.dtype == torch.float64:
+                    self.sizes.append(t.numel())
+            return out
+
+    with Float64Sizes() as recorder:
+        train_z, val_z = standardize(train, val, chunk_size=100)
+    assert train_z.dtype == val_z.dtype == torch.float32
+    assert torch.allclose(train_z.double(), reference[0], atol=1e-5, rtol=0)
+    assert torch.allclose(val_z.double(), reference[1], atol=1e-5, rtol=0)
+    assert recorder.sizes and max(recorder.sizes) <= 100 * 8

@@ -217,6 +217,7 @@ def test_cached_batches_are_dealt_out_like_distributed_sampler():
     (["--val_freq", "0"], "--val_freq 0 must be at least 1"),
     (["--optimizer", "adam"], "invalid choice: 'adam'"),
     (["--load_features", "x"], "apply to --cached_features only"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0 must be at least 1"),
 ])
 def test_bad_flags_are_refused_by_name(flags, message, capsys):
     """Each bad flag stops argument parsing with a message naming the value."""
@@ -231,3 +232,81 @@ def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         linear_eval.main(["--pretrained_weights", "random", "--arch", "resnet18", "--dataset", "imagefolder",
                           "--data_path", str(tmp_path / "empty"), "--output_dir", str(tmp_path)])
+
+
+# ============ gradient accumulation: the paper's global batch of 2048 on fewer GPUs ============
+
+def checkpoint_weights(folder):
+    return torch.load(folder / "out" / "linear_checkpoint.pth", weights_only=True)["linear"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_accumulating_4_batches_of_10_equals_batches_of_40(tmp_path, optimizer, capsys):
+    """88 cached features, 2 epochs: 4 accumulated batches of 10 (9 batches, steps on 40, 40, 8
+    images) end with the classifier of batches of 40 (3 batches), the same images in the same
+    order: one optimizer step per group on its mean gradient, the cosine indexed by optimizer
+    steps (3 per epoch), and the SGD lr scaled by the global batch 40 = 1 x 10 x 4. Batches of 10
+    without accumulation (9 steps) end elsewhere, so the comparison can fail."""
+    save_blobs(tmp_path / "blobs", 22, seed=3)
+    cached = ["--cached_features", "--load_features", str(tmp_path / "blobs"), "--epochs", "2",
+              "--optimizer", optimizer]
+    run(tmp_path / "big", "random", *cached, "--batch_size_per_gpu", "40")
+    capsys.readouterr()
+    run(tmp_path / "accumulated", "random", *cached, "--batch_size_per_gpu", "10",
+        "--gradient_accumulation_steps", "4")
+    printed = capsys.readouterr().out
+    assert "global batch 40 = 1 process x 10 x 4 accumulation steps" in printed
+    assert "of 3 optimizer steps (9 batches)" in printed
+    big, accumulated = checkpoint_weights(tmp_path / "big"), checkpoint_weights(tmp_path / "accumulated")
+    for key in big:
+        assert torch.allclose(accumulated[key], big[key], atol=1e-6), key
+    run(tmp_path / "small", "random", *cached, "--batch_size_per_gpu", "10")  # 9 steps on 10: another classifier
+    assert not torch.allclose(checkpoint_weights(tmp_path / "small")["weight"], big["weight"], atol=1e-4)
+
+
+def test_augmented_protocol_accumulates_like_the_bigger_batch(tmp_path):
+    """The paper's path (augmented images through the frozen ResNet-18), 40 synthetic images, SGD:
+    2 steps on 4 accumulated batches of 5 give the classifier of 2 steps on batches of 20; the
+    sampler order and the augmentations do not depend on the batch size."""
+    flags = ["--epochs", "1", "--optimizer", "sgd"]
+    run(tmp_path / "big", "random", *flags, "--batch_size_per_gpu", "20")
+    run(tmp_path / "accumulated", "random", *flags, "--batch_size_per_gpu", "5", "--gradient_accumulation_steps", "4")
+    big, accumulated = checkpoint_weights(tmp_path / "big"), checkpoint_weights(tmp_path / "accumulated")
+    for key in big:
+        assert torch.allclose(accumulated[key], big[key], atol=1e-5), key
+
+
+def test_optimizer_steps_per_epoch_is_the_ceiling_and_the_schedule_counts_them():
+    """ceil(batches / N): 9 batches with N = 4 make 3 steps (4 + 4 + 1 batches), the authors'
+    ImageNet run (2503 batches per GPU, N = 4) and 1 GPU x 128 x 16 (10010 batches) both 626.
+    train_one_epoch reads the learning rate at schedule[first_step + optimizer step]."""
+    assert linear_eval.optimizer_steps_per_epoch(9, 4) == 3
+    assert linear_eval.optimizer_steps_per_epoch(8, 4) == 2
+    assert linear_eval.optimizer_steps_per_epoch(1, 16) == 1
+    assert linear_eval.optimizer_steps_per_epoch(2503, 4) == linear_eval.optimizer_steps_per_epoch(10010, 16) == 626
+    linear = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=0.0)
+    used = []
+    original_step = optimizer.step
+    optimizer.step = lambda: (used.append(optimizer.param_groups[0]["lr"]), original_step())
+    batches = [(torch.randn(3, 2), torch.tensor([0, 1, 0])) for _ in range(9)]
+    schedule = [0.0, 0.5, 0.25, 0.125, 0.0625, 0.03125]
+    linear_eval.train_one_epoch(linear, optimizer, batches, schedule, 3, "cpu", accumulation_steps=4)
+    assert used == [0.125, 0.0625, 0.03125]
+
+
+def test_resuming_with_another_accumulation_is_refused(tmp_path, capsys):
+    """A run with 2 accumulation steps is not continued with 4 (another global batch and schedule);
+    a checkpoint written before the flag existed counts as 1 step and still resumes."""
+    save_blobs(tmp_path / "blobs", 10, seed=4)
+    cached = ["--cached_features", "--load_features", str(tmp_path / "blobs"), "--epochs", "1"]
+    run(tmp_path, "random", *cached, "--gradient_accumulation_steps", "2")
+    with pytest.raises(DataError, match=r"--gradient_accumulation_steps 2 \(now 4\)"):
+        run(tmp_path, "random", *cached, "--gradient_accumulation_steps", "4")
+    path = tmp_path / "out" / "linear_checkpoint.pth"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["args"]["gradient_accumulation_steps"]
+    torch.save(checkpoint, path)
+    capsys.readouterr()
+    run(tmp_path, "random", *cached)
+    assert "finished: re-reporting" in capsys.readouterr().out
