@@ -1,21 +1,26 @@
 """fewshot_eval.py: VOC07 labels from the real on-disk layout, VOC AP, the k-shot draws, the three
-protocols on toy features, and each protocol end to end on generated data."""
-import argparse
+protocols on toy features, the authors' VOC07 protocol (one shared pool, difficult = negative, fixed C)
+against Goyal et al.'s, the authors' low-shot linear protocol (augmented views through the frozen
+backbone, also under two processes) against the labelled fast mode, and each protocol end to end on
+generated data."""
 import json
 import math
 import os
+import time
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 import fewshot_eval
 from data import DataError
-from fewshot_eval import (VOC_CLASSES, fit_logreg, inat2018_datasets, kshot_classifiers, lr_per_epoch,
-                          sample_kshot, voc07_dataset, voc07_svm, voc_average_precision, voc_full_sets,
-                          voc_lowshot_sets, voc_mean_ap, voc_svm_test_scores)
+from fewshot_eval import (VOC_CLASSES, difficult_as_negative, fit_logreg, inat2018_datasets, kshot_classifiers,
+                          last_and_best, lr_per_epoch, sample_kshot, voc07_dataset, voc07_svm, voc_average_precision,
+                          voc_full_sets, voc_lowshot_sets, voc_mean_ap, voc_shared_pool, voc_svm_test_scores)
+from linear_eval import train_transform
 
 
 # ============ generated data in the real layouts ============
@@ -63,13 +68,13 @@ def voc_row(**labels):
     return row
 
 
-def args_of(**overrides):
-    """The protocol flags at their defaults, as get_args would give them."""
-    args = dict(protocol="voc07_svm", shots=[1, 2, 4, 8, 16], runs=5, seed=0, cost=0.5, voc_negatives="sampled",
-                voc_ap="area", svm_max_iter=2000, epochs=20, lr=0.3, momentum=0.9, weight_decay=1e-6,
-                lr_milestones=[12, 18], lr_gamma=0.1, linear_batch_size=256, logreg_c=1.0, logreg_max_iter=1000)
-    args.update(overrides)
-    return argparse.Namespace(**args)
+def args_of(protocol="voc07_svm", **overrides):
+    """The protocol flags at get_args's defaults, with `overrides`."""
+    args = fewshot_eval.get_args(["--protocol", protocol, "--pretrained_weights", "random"])
+    for name, value in overrides.items():
+        assert hasattr(args, name), name
+        setattr(args, name, value)
+    return args
 
 
 # ============ VOC07 labels ============
@@ -136,8 +141,9 @@ def separable_voc(n_per_class=6, classes=(0, 3, 7), dim=32, seed=0):
 
 
 def test_voc_svms_give_perfect_map_on_separable_features():
-    """Classes carried by one feature dimension each: full-data and 1-shot SVMs rank every positive
-    first, mAP 100 over the classes with positives; the 17 classes without any are left out (nan)."""
+    """Classes carried by one feature dimension each: full-data and 1-shot SVMs (Goyal et al.'s
+    per-class sets and the authors' shared pool) rank every positive first, mAP 100 over the classes
+    with positives; the 17 classes without any are left out (nan)."""
     train_features, train_labels = separable_voc(seed=0)
     test_features, test_labels = separable_voc(seed=1)
     args = args_of()
@@ -148,6 +154,10 @@ def test_voc_svms_give_perfect_map_on_separable_features():
     sets, _ = voc_lowshot_sets(train_labels, 1, np.random.default_rng(0))
     scores, _ = voc_svm_test_scores(train_features, sets, test_features, args)
     assert voc_mean_ap(scores, test_labels)[0] == pytest.approx(100.0)
+    pool, _ = voc_shared_pool(train_labels, 1, np.random.default_rng(0))  # 3 images, one per class
+    scores, _ = voc_svm_test_scores(train_features, [(pool, difficult_as_negative(train_labels)[pool, c])
+                                                     for c in range(20)], test_features, args)
+    assert len(pool) == 3 and voc_mean_ap(scores, test_labels)[0] == pytest.approx(100.0)
 
 
 def test_voc_map_is_the_mean_ap_over_classes_with_positives_by_hand():
@@ -164,9 +174,10 @@ def test_voc_map_is_the_mean_ap_over_classes_with_positives_by_hand():
     assert aps[:2].tolist() == [1.0, 0.5] and np.isnan(aps[2:]).all()
 
 
-def test_voc_lowshot_sets_draw_k_positives_and_19k_negatives():
-    """Per class: k positives (+1 images), (20 - 1) k negatives (-1 images), never a difficult
-    image; a class with fewer positives keeps all it has and is reported; same seed, same sets."""
+def test_goyal_voc_lowshot_sets_draw_k_positives_and_19k_negatives():
+    """--voc_protocol goyal, per class: k positives (+1 images), (20 - 1) k negatives (-1 images),
+    never a difficult image; a class with fewer positives keeps all it has and is reported; same
+    seed, same sets."""
     labels = np.full((60, 20), -1)
     labels[:5, 0] = 1  # class 0: 5 positives, 3 difficult-only images
     labels[5:8, 0] = 0
@@ -188,16 +199,125 @@ def test_voc_lowshot_sets_draw_k_positives_and_19k_negatives():
     assert short[0] == (3, 52)
 
 
-def test_voc07_svm_reports_every_k_and_the_full_data_map():
-    """voc07_svm: map_k{k}_mean/_std over --runs draws and map_full, 100 on separable features."""
+@pytest.mark.parametrize("voc_protocol", ["authors", "goyal"])
+def test_voc07_svm_reports_every_k_and_the_full_data_map(voc_protocol):
+    """voc07_svm: map_k{k}_mean/_std over --runs draws and map_full, 100 on separable features,
+    in both protocols."""
     train_features, train_labels = separable_voc(seed=0)
     test_features, test_labels = separable_voc(seed=1)
     features = {"trainval": (torch.tensor(train_features), torch.tensor(train_labels)),
                 "test": (torch.tensor(test_features), torch.tensor(test_labels))}
-    results = voc07_svm(features, args_of(shots=[1, 2], runs=3))
+    results = voc07_svm(features, args_of(shots=[1, 2], runs=3, voc_protocol=voc_protocol))
     for key in ("map_k1_mean", "map_k2_mean", "map_full"):
         assert results[key] == pytest.approx(100.0)
     assert results["map_k1_std"] == pytest.approx(0.0) and len(results["map_k2_runs"]) == 3
+
+
+# ============ VOC07: the authors' protocol (default) against Goyal et al.'s ============
+
+def pool_labels():
+    """(10, 20) trainval labels: aeroplane in images 0 and 2, bicycle in 2 and 5 and only difficult
+    in 7, bird in 7; no other class anywhere."""
+    labels = np.full((10, 20), -1)
+    labels[[0, 2], VOC_CLASSES.index("aeroplane")] = 1
+    labels[[2, 5], VOC_CLASSES.index("bicycle")] = 1
+    labels[7, VOC_CLASSES.index("bicycle")] = 0
+    labels[7, VOC_CLASSES.index("bird")] = 1
+    return labels
+
+
+def test_voc_protocol_defaults_are_the_authors():
+    """By default voc07_svm is the authors' protocol: shared pool, C = 0.5, the area AP, 2000 liblinear
+    iterations; Goyal et al.'s is --voc_protocol goyal, whose negatives default to 'sampled'."""
+    args = args_of()
+    assert (args.voc_protocol, args.cost, args.voc_ap, args.svm_max_iter) == ("authors", 0.5, "area", 2000)
+    assert args_of(voc_protocol="goyal").voc_negatives == "sampled"
+
+
+def test_authors_pool_holds_k_positives_of_every_class_and_keeps_repeats():
+    """The authors' pool for k = 2: aeroplane draws its 2 images {0, 2}, bicycle its 2 {2, 5}, bird its
+    1 {7}: 5 rows <= 20 k, image 2 twice (drawn by two classes, as in their convert_low_shot); bird
+    and the 17 absent classes are short. For k = 1: 3 rows, one per class with positives."""
+    labels = pool_labels()
+    pool, short = voc_shared_pool(labels, 2, np.random.default_rng(3))
+    assert sorted(pool.tolist()) == [0, 2, 2, 5, 7] and len(pool) <= 20 * 2
+    assert short[VOC_CLASSES.index("bird")] == 1 and len(short) == 18
+    pool, _ = voc_shared_pool(labels, 1, np.random.default_rng(3))
+    assert len(pool) == 3 and pool[2] == 7 and pool[0] in (0, 2) and pool[1] in (2, 5)
+    again, _ = voc_shared_pool(labels, 1, np.random.default_rng(3))
+    np.testing.assert_array_equal(pool, again)
+
+
+def test_difficult_is_a_negative_in_authors_training_and_left_out_by_goyal():
+    """Image 7 is difficult-only for bicycle. Authors: it is a bicycle negative (-1) in the shared pool
+    and in the full-data set (all 10 images). Goyal: never in bicycle's low-shot set, and the full-data
+    set has 9 images."""
+    labels = pool_labels()
+    bicycle = VOC_CLASSES.index("bicycle")
+    authors_labels = difficult_as_negative(labels)
+    pool, _ = voc_shared_pool(authors_labels, 2, np.random.default_rng(0))
+    targets = dict(zip(pool.tolist(), authors_labels[pool, bicycle].tolist()))
+    assert targets == {0: -1, 2: 1, 5: 1, 7: -1}
+    indices, targets = voc_full_sets(authors_labels)[bicycle]
+    assert len(indices) == 10 and targets[indices.tolist().index(7)] == -1
+    sets, _ = voc_lowshot_sets(labels, 2, np.random.default_rng(0))
+    assert 7 not in sets[bicycle][0].tolist()
+    assert 7 not in voc_full_sets(labels)[bicycle][0].tolist() and len(voc_full_sets(labels)[bicycle][0]) == 9
+
+
+def test_voc_ap_counts_a_difficult_test_image_as_a_negative_in_the_authors_protocol():
+    """Ranked +, difficult, +: authors (difficult = -1) AP = (1 + 2/3) / 2 = 5/6; Goyal (ignored) AP = 1."""
+    scores, labels = np.array([3.0, 2.0, 1.0]), np.array([1, 0, 1])
+    assert voc_average_precision(scores, difficult_as_negative(labels[None])[0]) == pytest.approx(5 / 6)
+    assert voc_average_precision(scores, labels) == pytest.approx(1.0)
+
+
+def voc_features_with_a_difficult_test_image():
+    """separable_voc trainval (aeroplane, boat, car); test: one positive per class, e_c + 0.5 e_31
+    (normalised), and image 3 = e_0 exactly, difficult-only for aeroplane: every aeroplane SVM scores it
+    above the aeroplane positive."""
+    train_features, train_labels = separable_voc(seed=0)
+    test_features, test_labels = np.zeros((4, 32)), np.full((4, 20), -1)
+    for i, c in enumerate((0, 3, 7)):
+        test_features[i, c], test_features[i, 31], test_labels[i, c] = 1.0, 0.5, 1
+    test_features[3, 0], test_labels[3, 0] = 1.0, 0
+    return {"trainval": (torch.tensor(train_features), torch.tensor(train_labels)),
+            "test": (torch.tensor(test_features), torch.tensor(test_labels))}
+
+
+def test_voc07_svm_difficult_test_image_lowers_the_authors_map_only():
+    """Aeroplane test ranking: difficult image, then the positive. Authors: AP 1/2 for aeroplane, 1 for
+    boat and car, mAP (1/2 + 1 + 1) / 3 = 83.33 at every k and for the full data; goyal: 100."""
+    features = voc_features_with_a_difficult_test_image()
+    authors = voc07_svm(features, args_of(shots=[1, 2], runs=2))
+    goyal = voc07_svm(features, args_of(shots=[1, 2], runs=2, voc_protocol="goyal"))
+    for key in ("map_k1_mean", "map_k2_mean", "map_full"):
+        assert authors[key] == pytest.approx(250 / 3) and goyal[key] == pytest.approx(100.0)
+    assert authors["ap_full_aeroplane"] == pytest.approx(50.0) and authors["ap_full_boat"] == pytest.approx(100.0)
+
+
+def test_authors_svms_share_one_pool_and_a_fixed_cost(monkeypatch):
+    """Every LinearSVC fit, recorded: C = 0.5 each time (no cross-validation: one fit per class and
+    draw); in a draw the 3 SVMs (aeroplane, boat, car: the classes with positives) train on the same
+    3-row pool, one positive of each class; 2 runs x 3 + 3 full-data fits on the 18 images = 9 fits."""
+    fits = []
+
+    class RecordingSVC(fewshot_eval.LinearSVC):
+        def fit(self, X, y):
+            fits.append((self.C, X.copy(), y.copy()))
+            return super().fit(X, y)
+
+    monkeypatch.setattr(fewshot_eval, "LinearSVC", RecordingSVC)
+    train_features, train_labels = separable_voc(seed=0)
+    features = {"trainval": (torch.tensor(train_features), torch.tensor(train_labels)),
+                "test": (torch.tensor(train_features), torch.tensor(train_labels))}
+    voc07_svm(features, args_of(shots=[1], runs=2))
+    assert len(fits) == 9 and {c for c, _, _ in fits} == {0.5}
+    for run in range(2):
+        draw = fits[3 * run:3 * run + 3]
+        assert all(X.shape == (3, 32) and np.array_equal(X, draw[0][1]) for _, X, _ in draw)
+        assert all(sorted(y.tolist()) == [-1, -1, 1] for _, _, y in draw)
+    assert all(X.shape == (18, 32) for _, X, _ in fits[6:])
 
 
 # ============ k-shot draws ============
@@ -241,6 +361,8 @@ def test_kshot_classifiers_are_perfect_on_separable_features(protocol):
     for k in (1, 4):  # k = 4: 4 images of classes 0-2, the 3 of class 3
         assert results[f"top1_k{k}_mean"] == pytest.approx(100.0) and results[f"top1_k{k}_std"] == 0.0
         assert results[f"top5_k{k}_mean"] == pytest.approx(100.0)
+    if protocol == "lowshot_linear":  # cached features given: the fast mode, labelled as such
+        assert results["cached_features"] == 1.0 and results["best_top1_k4_mean"] == pytest.approx(100.0)
 
 
 def test_logreg_matches_sklearn_logistic_regression():
@@ -252,6 +374,160 @@ def test_logreg_matches_sklearn_logistic_regression():
     reference = LogisticRegression(C=0.5, tol=1e-10, max_iter=10000).fit(features.numpy(), labels.numpy())
     probabilities = torch.softmax(features @ weight.T + bias, dim=1).numpy()
     np.testing.assert_allclose(probabilities, reference.predict_proba(features.numpy()), atol=1e-4)
+
+
+# ============ lowshot_linear: the authors' augmented views (default) and the fast mode ============
+
+def test_lowshot_linear_defaults_are_the_authors():
+    """lowshot_linear by default: augmented views (--cached_features false), SGD lr 0.3, momentum 0.9,
+    weight decay 1e-6, 20 epochs, x 0.1 at 12 and 18, batch 256, as evaluate_inat2018.py with
+    --lr-classifier 0.3 --lr-scheduler multistep."""
+    args = args_of(protocol="lowshot_linear")
+    assert args.cached_features is False
+    assert (args.lr, args.momentum, args.weight_decay, args.epochs, args.lr_milestones, args.lr_gamma,
+            args.linear_batch_size) == (0.3, 0.9, 1e-6, 20, [12, 18], 0.1, 256)
+    assert fewshot_eval.get_args(["--protocol", "lowshot_linear", "--pretrained_weights", "random",
+                                  "--cached_features", "true"]).cached_features is True
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--protocol", "voc07_svm", "--voc_negatives", "all"], "--voc_negatives all applies to --protocol voc07_svm "
+                                                            "--voc_protocol goyal only"),
+    (["--protocol", "nshot_logreg", "--cached_features", "true"], "--cached_features true applies to --protocol "
+                                                                  "lowshot_linear only"),
+    (["--protocol", "lowshot_linear", "--load_features", "f"], "apply to --cached_features true only"),
+    (["--protocol", "lowshot_linear", "--cached_features", "maybe"], "expected true or false, got 'maybe'"),
+    (["--protocol", "voc07_svm", "--voc_protocol", "vissl"], "invalid choice: 'vissl'"),
+])
+def test_bad_protocol_flags_are_refused_by_name(flags, message, capsys):
+    """A flag that does not apply to the chosen protocol, or a bad value, is a one-line argparse
+    error that names the flag and the value."""
+    with pytest.raises(SystemExit):
+        fewshot_eval.get_args(flags + ["--pretrained_weights", "random"])
+    assert message in capsys.readouterr().err
+
+
+def test_last_and_best_epoch_by_hand():
+    """Val (top-1, top-5) after 3 epochs: (10, 50), (30, 40), (20, 45). Last: 20 / 45; best top-1 30
+    (epoch 2), best top-5 50 (epoch 1): each maximised on its own, as the authors' best_acc1/5."""
+    assert last_and_best([(10.0, 50.0), (30.0, 40.0), (20.0, 45.0)]) == [20.0, 45.0, 30.0, 50.0]
+
+
+class NoiseImages(torch.utils.data.Dataset):
+    """`n` random-noise 24 x 24 RGB images with labels `targets`, under `transform`."""
+
+    def __init__(self, targets, transform, seed=0):
+        rng = np.random.default_rng(seed)
+        self.images = [Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in targets]
+        self.targets, self.transform = list(targets), transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.transform(self.images[index]), self.targets[index]
+
+
+def tiny_backbone():
+    """conv, BatchNorm, pool: (B, 3, H, W) -> (B, 4); BatchNorm so that train() mode would move it."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+
+def test_authors_lowshot_runs_the_frozen_backbone_on_new_views_every_epoch():
+    """Default lowshot_linear, k = 1 of 2 classes, batch 1, 2 epochs: the backbone runs 2 epochs x 2
+    images = 4 times, always in eval() mode, on 16 x 16 crops that differ from one epoch to the next;
+    its weights and BatchNorm statistics are unchanged afterwards, although it was handed over in
+    train() mode. The JSON labels the mode: cached_features 0."""
+    backbone = tiny_backbone().train()
+    before = {name: value.clone() for name, value in backbone.state_dict().items()}
+    calls = []
+    backbone.register_forward_hook(lambda module, inputs, output: calls.append((module.training, inputs[0].clone())))
+    train_set = NoiseImages([0, 0, 1, 1], train_transform(16))
+    val = (torch.randn(4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 0, 1]))
+    features = {"train": (None, torch.tensor(train_set.targets)), "val": val}
+    args = args_of(protocol="lowshot_linear", shots=[1], runs=1, epochs=2, linear_batch_size=1, num_workers=0)
+    results = kshot_classifiers(features, args, torch.device("cpu"), views=(backbone, train_set))
+    assert len(calls) == 4 and not any(training for training, _ in calls)
+    assert all(x.shape == (1, 3, 16, 16) for _, x in calls)
+    first_epoch, second_epoch = [x for _, x in calls[:2]], [x for _, x in calls[2:]]
+    assert not any(torch.equal(a, b) for a in first_epoch for b in second_epoch)  # new views every epoch
+    for name, value in backbone.state_dict().items():  # conv and BN weights, running mean / var, batch count
+        assert torch.equal(value, before[name]), name
+    assert results["cached_features"] == 0.0
+    assert {"top1_k1_mean", "top5_k1_mean", "best_top1_k1_mean", "best_top5_k1_mean"} <= set(results)
+    assert results["best_top1_k1_mean"] >= results["top1_k1_mean"]
+
+
+def test_a_backbone_that_moves_during_lowshot_training_is_caught(monkeypatch):
+    """If anything trains the backbone (here: eval() made a no-op, so BatchNorm updates its running
+    statistics on the views), the run stops with an error instead of reporting numbers."""
+    backbone = tiny_backbone().train()
+    monkeypatch.setattr(backbone, "eval", lambda: backbone)
+    train_set = NoiseImages([0, 1], train_transform(16))
+    features = {"train": (None, torch.tensor([0, 1])), "val": (torch.randn(2, 4), torch.tensor([0, 1]))}
+    args = args_of(protocol="lowshot_linear", shots=[1], runs=1, epochs=1, num_workers=0)
+    with pytest.raises(RuntimeError, match="frozen backbone changed"):
+        kshot_classifiers(features, args, torch.device("cpu"), views=(backbone, train_set))
+
+
+# ============ lowshot_linear under torchrun ============
+
+WORLD_SIZE = 2
+
+
+def _lowshot_worker(rank, port, out_dir):
+    """One torchrun-like process (RANK, WORLD_SIZE, ... in the environment) running the default
+    lowshot_linear end to end; it records which k-shot images (KShotViews positions) it loaded."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD_SIZE))
+    seen = []
+    get = fewshot_eval.KShotViews.__getitem__
+    fewshot_eval.KShotViews.__getitem__ = lambda self, i: (seen.append(i), get(self, i))[1]
+    results = fewshot_eval.main(["--protocol", "lowshot_linear", "--pretrained_weights", "random", "--arch",
+                                 "small_cnn", "--dataset", "synthetic", "--synthetic_images", "20", "--image_size",
+                                 "16", "--num_workers", "0", "--shots", "1", "--runs", "1", "--epochs", "2",
+                                 "--linear_batch_size", "4", "--output_json", str(out_dir / "out.json")])
+    torch.save({"results": results, "seen": seen}, out_dir / f"rank{rank}.pt")
+
+
+def test_authors_lowshot_under_two_processes_shares_each_epoch_and_agrees(tmp_path):
+    """Two gloo processes, 10 classes x k = 1 = 10 images, global batch 4 (2 per process): in each of
+    the 2 epochs each process loads 5 of the 10 views and the two halves are disjoint; both processes
+    end with the same numbers (same draw, same averaged gradients), and rank 0 writes the JSON."""
+    from test_distributed import free_port
+    context = mp.spawn(_lowshot_worker, args=(free_port(), tmp_path), nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + 120
+    try:  # join() re-raises a worker's exception; a hung collective fails the test instead of hanging it
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail("the lowshot_linear processes still run after 120 s (hung collective?)")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    for epoch in range(2):
+        halves = [set(r["seen"][5 * epoch:5 * epoch + 5]) for r in ranks]
+        assert len(halves[0]) == len(halves[1]) == 5 and halves[0] | halves[1] == set(range(10))
+    assert all(len(r["seen"]) == 10 for r in ranks)
+    assert ranks[0]["results"] == ranks[1]["results"] and ranks[0]["results"]["cached_features"] == 0.0
+    assert json.load(open(tmp_path / "out.json"))["top1_k1_mean"] == ranks[0]["results"]["top1_k1_mean"]
+
+
+def test_batch_that_does_not_split_over_the_processes_is_refused(monkeypatch, capsys):
+    """Under torchrun with 3 processes, --linear_batch_size 256 cannot be shared equally: a one-line
+    error naming both numbers, before any process group is made."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        fewshot_eval.get_args(["--protocol", "lowshot_linear", "--pretrained_weights", "random"])
+    assert "--linear_batch_size 256 is not a multiple of the 3 processes" in capsys.readouterr().err
+    args = fewshot_eval.get_args(["--protocol", "lowshot_linear", "--pretrained_weights", "random", "--cached_features",
+                                  "true"])  # the fast mode trains on one process
+    assert args.linear_batch_size == 256
 
 
 # ============ end to end ============
@@ -290,11 +566,29 @@ def test_lowshot_linear_end_to_end_on_the_inat2018_json_release(tmp_path, capsys
                        "--output_json", str(tmp_path / "out.json")])
     out = capsys.readouterr().out
     assert "k=2: 1 of 3 classes have fewer than 2 train images" in out  # class 0 (id 2) has one image
+    assert "the authors' protocol: new RandomResizedCrop + flip views" in out and "FAST MODE" not in out
     results = json.load(open(tmp_path / "out.json"))
+    assert results["cached_features"] == 0
     for k in (1, 2):
-        assert {f"top1_k{k}_mean", f"top1_k{k}_std", f"top5_k{k}_mean", f"top5_k{k}_std"} <= set(results)
+        assert {f"top1_k{k}_mean", f"top1_k{k}_std", f"top5_k{k}_mean", f"top5_k{k}_std", f"best_top1_k{k}_mean",
+                f"best_top5_k{k}_mean"} <= set(results)
         assert results[f"top5_k{k}_mean"] == 100.0  # 3 classes: every class is in the top 5
         assert results[f"top1_k{k}_mean"] in {0.0, 12.5, 25.0, 37.5, 50.0, 62.5, 75.0, 87.5, 100.0}
+        assert results[f"best_top1_k{k}_mean"] >= results[f"top1_k{k}_mean"]
+
+
+def test_fast_lowshot_mode_is_labelled_in_the_output_and_the_json(tmp_path, capsys):
+    """--cached_features true: the table says FAST MODE, not the authors' protocol, and the JSON has
+    cached_features 1; the features can be saved and reused, the same numbers come back."""
+    common = ["--protocol", "lowshot_linear", "--cached_features", "true", "--pretrained_weights", "random",
+              "--arch", "small_cnn", "--dataset", "synthetic", "--synthetic_images", "20", "--image_size", "16",
+              "--num_workers", "0", "--shots", "1", "--runs", "2", "--epochs", "2"]
+    fewshot_eval.main(common + ["--dump_features", str(tmp_path / "f"), "--output_json", str(tmp_path / "a.json")])
+    assert "FAST MODE (--cached_features true): cached centre-crop features, NOT the authors' protocol" in \
+        capsys.readouterr().out
+    fewshot_eval.main(common + ["--load_features", str(tmp_path / "f"), "--output_json", str(tmp_path / "b.json")])
+    first, second = json.load(open(tmp_path / "a.json")), json.load(open(tmp_path / "b.json"))
+    assert first["cached_features"] == 1 and first == second
 
 
 def test_nshot_logreg_from_saved_features_and_bad_input(tmp_path):
