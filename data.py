@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -24,6 +25,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class DataError(Exception):
     """Data that cannot be used as given; the message says what was expected and how to fix it."""
+
+
+def default_num_workers(cap=8):
+    """Data-loading processes per training or evaluation process when --num_workers is not given:
+    the CPU cores this process may use (its affinity, which containers and job schedulers restrict),
+    shared among the processes torchrun started on this machine, at most `cap`. More workers than
+    cores only make them wait for each other (PyTorch warns about it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(cap, cores // local_processes))
 
 
 # ============ transforms ============
@@ -463,12 +474,26 @@ def load_image(path):
 def image_folder(root, split, transform):
     """ImageNet layout: root/train/<class>/<image> and root/val/<class>/<image>. For pretraining,
     root may also be a plain folder of class sub-folders (labels are then unused)."""
+    if root is None:
+        raise DataError("--dataset imagefolder needs --data_path DIR, a folder with train/ and val/ folders of class "
+                        "sub-folders (the ImageNet layout); to try the code without data, use --dataset mnist5k "
+                        "or --dataset synthetic")
     folder = os.path.join(root, "train" if split == "pretrain" else split)
     if split == "pretrain" and not os.path.isdir(folder):
         folder = root
     if not os.path.isdir(folder):
         raise DataError(f"image folder {folder} does not exist; --data_path should hold train/ and val/ "
                         f"folders of class sub-folders (the ImageNet layout)")
+    # torchvision's message for a class folder without images names the classes but not the folder:
+    # say which sub-folder is empty before saying anything about the whole split.
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    empty = [c for c in classes if not any(has_file_allowed_extension(name, IMG_EXTENSIONS)
+                                           for _, _, names in os.walk(os.path.join(folder, c)) for name in names)]
+    if classes and empty:
+        raise DataError(f"class folder {os.path.join(folder, empty[0])} holds no images"
+                        + (f" (nor do {len(empty) - 1} more: {', '.join(empty[1:4])}{', ...' if len(empty) > 4 else ''})"
+                           if len(empty) > 1 else "")
+                        + f"; add images ({', '.join(IMG_EXTENSIONS)}) or remove the empty folder")
     try:
         return torchvision.datasets.ImageFolder(folder, transform=transform, loader=load_image)
     except FileNotFoundError as e:

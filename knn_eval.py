@@ -55,7 +55,7 @@ def knn_classify(train_features, train_labels, test_features, test_labels, nb_kn
     return results
 
 
-def get_args():
+def get_args(argv=None):
     parser = argparse.ArgumentParser("Weighted k-NN evaluation on frozen features")
     add_eval_args(parser)
     g = parser.add_argument_group("k-NN")
@@ -63,18 +63,19 @@ def get_args():
                    help="numbers of neighbours k (20 is usually best)")
     g.add_argument("--temperature", type=float, default=0.07, help="T of the exp(s / T) vote weights")
     g.add_argument("--output_json", default=None, help="write the metrics as a flat JSON object here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if min(args.nb_knn) < 1 or args.temperature <= 0:
         parser.error(f"--nb_knn {args.nb_knn} must be >= 1 and --temperature {args.temperature} > 0")
     return args
 
 
-def main():
-    args = get_args()
+def main(argv=None):
+    args = get_args(argv)
     rank, world_size, device = init_distributed()
     # ============ extracting features ... ============
     features = frozen_features(args, device)
     # ============ classifying ... ============
+    results = None  # on rank 0 only
     if is_main_process():
         results = knn_classify(*features["train"], *features["val"], args.nb_knn, args.temperature)
         print(f"weighted k-NN (T={args.temperature}) of {args.pretrained_weights} on {args.dataset}")
@@ -85,6 +86,7 @@ def main():
             write_json(results, args.output_json)
     if dist.is_initialized():
         dist.destroy_process_group()
+    return results
 
 
 if __name__ == "__main__":

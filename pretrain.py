@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import sys
 import time
 import warnings
@@ -24,10 +25,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torchvision
 from tqdm import tqdm
 
-from data import (DATASET_NAMES, BatchedMultiCrop, DataError, MultiCropAugmentation, build_dataset, eval_transform,
-                  fixed_size_uint8)
+from data import (DATASET_NAMES, BatchedMultiCrop, DataError, MultiCropAugmentation, build_dataset,
+                  default_num_workers, eval_transform, fixed_size_uint8)
 from features import bool_flag, extract_features, init_distributed, stem_flag
 from knn_eval import knn_classify
 from loss import carp_loss, partition_for_step
@@ -79,7 +81,9 @@ def get_args(argv=None):
                         "Use a smaller value (e.g. 0.9-0.99) for short runs and small batches")
 
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--epochs", type=int, default=100,
+                   help="passes over the training set (paper: 100 to 400 epochs); the schedules span them all, "
+                        "so a run resumed with another --epochs follows a different schedule")
     g.add_argument("--batch_size_per_gpu", type=int, default=64, help="images per process and forward pass")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1,
                    help="forward passes per optimizer step; the effective batch is "
@@ -93,7 +97,10 @@ def get_args(argv=None):
     g.add_argument("--warmup_epochs", type=int, default=0, help="linear warm-up epochs (paper: 0)")
     g.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay at the start (cosine schedule)")
     g.add_argument("--weight_decay_end", type=float, default=1e-6, help="weight decay at the end")
-    g.add_argument("--clip_grad", type=float, default=0.0, help="max gradient norm per parameter; 0 = no clipping")
+    g.add_argument("--clip_grad", type=float, default=0.0,
+                   help="max norm of all the student's gradients together (one global norm, "
+                        "torch.nn.utils.clip_grad_norm_, not DINO's per-parameter clipping); 0 = no clipping, the "
+                        "paper's. The log's grad_norm column shows the norms a run has; clip at about twice them")
     g.add_argument("--use_fp16", type=bool_flag, default=True,
                    help="fp16 autocast and a gradient scaler on CUDA (the paper); ignored on CPU")
     g.add_argument("--use_bf16", type=bool_flag, default=False,
@@ -118,7 +125,9 @@ def get_args(argv=None):
                    "split; torchvision datasets: the folder that holds their files")
     g.add_argument("--download", action="store_true", help="download a torchvision dataset into --data_path")
     g.add_argument("--synthetic_images", type=int, default=5000, help="size of the synthetic training split")
-    g.add_argument("--num_workers", type=int, default=8, help="data loading processes per training process")
+    g.add_argument("--num_workers", type=int, default=default_num_workers(),
+                   help="data-loading processes per training process (default: this machine's cores shared "
+                        "among the processes torchrun starts on it, at most 8)")
 
     g = parser.add_argument_group("run")
     g.add_argument("--output_dir", default=".", help="checkpoints and log.jsonl go here; a run resumes from here")
@@ -203,6 +212,11 @@ def param_groups(model):
     return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0, "lars_exclude": True}]
 
 
+def scaled_lr(lr, batch_size_per_gpu, world_size, accumulation_steps):
+    """The linear scaling rule (Goyal et al., 2017): --lr is for an effective batch of 256 images."""
+    return lr * batch_size_per_gpu * world_size * accumulation_steps / 256
+
+
 def cosine_schedule(base_value, final_value, epochs, steps_per_epoch, warmup_epochs=0, start_warmup_value=0.0):
     """One value per optimizer step: linear warm-up, then a half cosine from base_value to final_value.
     Precomputed as an array indexed by the global step, so it is plottable and resume-safe."""
@@ -226,6 +240,10 @@ class NonFiniteLoss(Exception):
     pass
 
 
+class Interrupted(Exception):
+    """Ctrl-C: where training stopped and what the checkpoint holds, one line instead of a traceback."""
+
+
 # ============ checkpoints ============
 
 def save_checkpoint(state, path):
@@ -233,6 +251,51 @@ def save_checkpoint(state, path):
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def read_training_checkpoint(path):
+    """The checkpoint a run resumes from. A file that is not one (cut short by a full disk, a copy
+    that did not finish, another file under this name) is refused with a message; it is never
+    deleted or overwritten, the user may still want it."""
+    what_to_do = (f"It was left as it is: move it away to start this run again from scratch, or copy an "
+                  f"earlier checkpointNNNN.pth of this folder to {path} to resume from that epoch")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, text, empty file, a pickle with objects we do not load, ...
+        raise DataError(f"{path} ({os.path.getsize(path)} bytes) is not a readable checkpoint: torch.load failed "
+                        f"with {type(e).__name__}; it may have been cut short (a full disk, an unfinished copy) or "
+                        f"be another kind of file. {what_to_do}") from None
+    missing = [k for k in ("student", "teacher", "optimizer", "epoch", "args") if not isinstance(checkpoint, dict)
+               or k not in checkpoint]
+    if missing:
+        raise DataError(f"{path} is not a pretraining checkpoint of pretrain.py (no {', '.join(missing)}). {what_to_do}")
+    return checkpoint
+
+
+def write_json(record, path):
+    """A small JSON file, written atomically like the checkpoints."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def timestamp():
+    """Local wall-clock time, to the second, for the log lines and the run files."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def run_settings(args, world_size, start_epoch):
+    """What settings.json records: the flags, the command, the versions and the machine, so that a
+    run folder says on its own how it was made."""
+    return {"started": timestamp(), "start_epoch": start_epoch, "argv": sys.argv,
+            "args": vars(args), "world_size": world_size,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "numpy": np.__version__,
+                         "cuda": torch.version.cuda},
+            "machine": {"host": platform.node(), "cpu_cores": os.cpu_count(),
+                        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
 
 
 def rng_state():
@@ -252,7 +315,7 @@ RESUME_DEFAULTS = {"hidden_dim": 2048, "bottleneck_dim": 256}
 
 def load_checkpoint(path, args, student, teacher, optimizer, scaler, rank):
     """Restore a run from `path`; returns (start_epoch, extra) where extra holds the k-NN baseline."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_training_checkpoint(path)
     saved = {k: checkpoint["args"].get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_ARGS}
     changed = [f"--{k} {saved[k]} (now {getattr(args, k)})" for k in RESUME_ARGS if saved[k] != getattr(args, k)]
     if changed:
@@ -366,20 +429,27 @@ def forward_backward(student, teacher, views, partition, autocast, scaler, accum
 
 def optimizer_step(student, teacher, optimizer, scaler, lr, weight_decay, momentum, clip_grad=0.0):
     """Scheduled learning rate and weight decay, optional gradient clipping, the (scaled) optimizer
-    step, then the teacher's EMA update with momentum m."""
+    step, then the teacher's EMA update with momentum m. Returns the norm of all the student's
+    gradients together, before clipping (a 0-d tensor on the device: no host sync here)."""
     for i, group in enumerate(optimizer.param_groups):
         group["lr"] = float(lr)
         if i == 0:  # only the regularised group has weight decay
             group["weight_decay"] = float(weight_decay)
+    # The true gradients: fp16's scaler multiplied them by its scale (scaler.step knows they are unscaled).
+    scaler.unscale_(optimizer)
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
     if clip_grad > 0:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(student.parameters(), clip_grad)
+        # One global norm: g <- g * min(1, clip_grad / ||(g_1, ..., g_n)||), the direction is kept.
+        grad_norm = nn.utils.clip_grad_norm_(student.parameters(), clip_grad)
+    else:
+        grad_norm = nn.utils.get_total_norm(grads)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     # NOTE(authors' code): they update the teacher just before the optimizer step; like DINO we
     # update it just after, so the teacher follows the student with one step less lag.
     update_teacher(student, teacher, momentum)
+    return grad_norm
 
 
 def train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader, make_views, schedules,
@@ -396,56 +466,68 @@ def train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader, ma
     sums = torch.zeros(3, device=device)  # loss, consistency, entropy summed over forward passes
     epoch_sums = torch.zeros(4, device=device)  # same + count of forward passes
     used = torch.zeros(args.out_dim, device=device)  # 1 where a prototype was some view's argmax
+    grad_norms = torch.zeros(2, device=device)  # sum of the finite gradient norms of the interval, their count
     first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
     n_forward, last_time = 0, time.time()
     images_per_step = args.batch_size_per_gpu * world_size * accum
 
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=rank != 0, dynamic_ncols=True)
-    for micro_step, (batch, _) in enumerate(loader):
-        step_in_epoch, micro = divmod(micro_step, accum)
-        if step_in_epoch >= steps_per_epoch:
-            break  # the last incomplete accumulation group is dropped
-        it = epoch * steps_per_epoch + step_in_epoch  # global optimizer step: indexes the schedules
-        views = make_views(batch)
-        last_micro = micro == accum - 1
-        # DDP averages gradients over processes only on the last forward pass of an accumulation group.
-        sync = contextlib.nullcontext() if last_micro or world_size == 1 else student.no_sync()
-        with sync:
-            # A fresh partition for every forward pass, the same on every process.
-            partition = partition_for_step(args.out_dim, args.partition_size, args.seed, it * accum + micro)
-            student_logits, loss, consistency, entropy = forward_backward(
-                student, teacher, views, partition.to(device), autocast, scaler, accum)
+    done = epoch * steps_per_epoch  # optimizer steps taken so far, for the Ctrl-C message
+    try:
+        for micro_step, (batch, _) in enumerate(loader):
+            step_in_epoch, micro = divmod(micro_step, accum)
+            if step_in_epoch >= steps_per_epoch:
+                break  # the last incomplete accumulation group is dropped
+            it = epoch * steps_per_epoch + step_in_epoch  # global optimizer step: indexes the schedules
+            views = make_views(batch)
+            last_micro = micro == accum - 1
+            # DDP averages gradients over processes only on the last forward pass of an accumulation group.
+            sync = contextlib.nullcontext() if last_micro or world_size == 1 else student.no_sync()
+            with sync:
+                # A fresh partition for every forward pass, the same on every process.
+                partition = partition_for_step(args.out_dim, args.partition_size, args.seed, it * accum + micro)
+                student_logits, loss, consistency, entropy = forward_backward(
+                    student, teacher, views, partition.to(device), autocast, scaler, accum)
 
-        with torch.no_grad():
-            stats = torch.stack([loss, consistency, entropy]).detach()
-            sums += stats
-            epoch_sums[:3] += stats
-            epoch_sums[3] += 1
-            used[student_logits.argmax(dim=-1).flatten()] = 1
-            bad = ~torch.isfinite(loss.detach())
-            first_bad_step = torch.where(bad & (first_bad_step < 0), it, first_bad_step)
-        n_forward += 1
-        if not last_micro:
-            continue
+            with torch.no_grad():
+                stats = torch.stack([loss, consistency, entropy]).detach()
+                sums += stats
+                epoch_sums[:3] += stats
+                epoch_sums[3] += 1
+                used[student_logits.argmax(dim=-1).flatten()] = 1
+                bad = ~torch.isfinite(loss.detach())
+                first_bad_step = torch.where(bad & (first_bad_step < 0), it, first_bad_step)
+            n_forward += 1
+            if not last_micro:
+                continue
 
-        optimizer_step(student_module, teacher, optimizer, scaler, lr_schedule[it], wd_schedule[it],
-                       momentum_schedule[it], args.clip_grad)
-        bar.update(1)
+            grad_norm = optimizer_step(student_module, teacher, optimizer, scaler, lr_schedule[it], wd_schedule[it],
+                                       momentum_schedule[it], args.clip_grad)
+            # fp16's scaler skips the steps whose gradients overflowed (inf norm): leave them out of the mean.
+            finite = torch.isfinite(grad_norm)
+            grad_norms += torch.stack([torch.where(finite, grad_norm, 0.0), finite.float()])
+            done = it + 1
+            bar.update(1)
 
-        # ---- logging (the only host-device syncs of the loop) ----
-        if (step_in_epoch + 1) % args.log_every == 0 or step_in_epoch + 1 == steps_per_epoch:
-            check_finite(first_bad_step, epoch)
-            record = interval_stats(sums, n_forward, used, args.partition_size)
-            elapsed = time.time() - last_time
-            record.update(epoch=epoch, step=it + 1, lr=lr_schedule[it], wd=wd_schedule[it],
-                          momentum=momentum_schedule[it],
-                          images_per_s=n_forward // accum * images_per_step / max(elapsed, 1e-9))
-            bar.set_postfix(loss=f"{record['loss']:.3f}", cons=f"{record['consistency']:.3f}",
-                            ent=f"{record['entropy']:.4f}", lr=f"{record['lr']:.3g}",
-                            img_s=f"{record['images_per_s']:.0f}")
-            log(record)
-            sums.zero_()
-            n_forward, last_time = 0, time.time()
+            # ---- logging (the only host-device syncs of the loop) ----
+            if (step_in_epoch + 1) % args.log_every == 0 or step_in_epoch + 1 == steps_per_epoch:
+                check_finite(first_bad_step, epoch)
+                record = interval_stats(sums, n_forward, used, args.partition_size)
+                elapsed = time.time() - last_time
+                total, count = grad_norms.tolist()
+                record.update(epoch=epoch, step=it + 1, lr=lr_schedule[it], wd=wd_schedule[it],
+                              momentum=momentum_schedule[it], grad_norm=total / count if count else None,
+                              images_per_s=n_forward // accum * images_per_step / max(elapsed, 1e-9))
+                bar.set_postfix(loss=f"{record['loss']:.3f}", cons=f"{record['consistency']:.3f}",
+                                ent=f"{record['entropy']:.4f}", lr=f"{record['lr']:.3g}",
+                                img_s=f"{record['images_per_s']:.0f}")
+                log(record)
+                sums.zero_()
+                grad_norms.zero_()
+                n_forward, last_time = 0, time.time()
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(f"epoch {epoch}, after optimizer step {done}") from None
     bar.close()
     check_finite(first_bad_step, epoch)
     return interval_stats(epoch_sums[:3], int(epoch_sums[3].item()), used, args.partition_size)
@@ -456,7 +538,9 @@ def check_finite(first_bad_step, epoch):
     if step >= 0:
         raise NonFiniteLoss(f"the loss became NaN or infinite at optimizer step {step} (epoch {epoch}). Nothing "
                             f"was saved after the last completed epoch: checkpoint.pth is intact. Try a lower --lr, "
-                            f"--clip_grad 3.0, or --use_fp16 false, then run the same command to resume.")
+                            f"--clip_grad about twice the grad_norm that log.jsonl shows before the failure (a "
+                            f"bound on all the gradients' norm together), or --use_fp16 false, then run the same "
+                            f"command to resume.")
 
 
 def interval_stats(sums, n_forward, used, partition_size):
@@ -479,7 +563,7 @@ def main(argv=None):
     def log(record):
         if rank == 0:
             with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, "time": timestamp()}) + "\n")
 
     # ============ preparing data ... ============
     memory_format = preferred_memory_format(args.arch, device)
@@ -524,7 +608,7 @@ def main(argv=None):
 
     # ============ preparing optimizer and schedules ... ============
     effective_batch = args.batch_size_per_gpu * world_size * args.gradient_accumulation_steps
-    base_lr = args.lr * effective_batch / 256  # linear scaling rule
+    base_lr = scaled_lr(args.lr, args.batch_size_per_gpu, world_size, args.gradient_accumulation_steps)
     if args.optimizer == "lars":
         optimizer = LARS(param_groups(student_module))
     elif args.optimizer == "sgd":
@@ -543,8 +627,12 @@ def main(argv=None):
     start_epoch, extra = 0, {}
     if os.path.isfile(checkpoint_path):
         start_epoch, extra = load_checkpoint(checkpoint_path, args, student_module, teacher, optimizer, scaler, rank)
+        log({"event": "resume", "epoch": start_epoch, "step": start_epoch * steps_per_epoch})
         if rank == 0:
             print(f"resuming from {checkpoint_path} at epoch {start_epoch}, step {start_epoch * steps_per_epoch}")
+    if rank == 0:
+        # Rewritten at every start: the flags of a resumed run may differ in what a resume allows.
+        write_json(run_settings(args, world_size, start_epoch), os.path.join(args.output_dir, "settings.json"))
     if start_epoch == 0 and args.knn_every > 0:
         extra["knn_top1_init"], extra["knn_top1_pixels"] = knn_monitor(args, teacher, device, raw_pixels=True)
         if extra["knn_top1_init"] is not None:
@@ -557,40 +645,57 @@ def main(argv=None):
 
     # ============ training ... ============
     start_time = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        stats = train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader, make_views,
-                                (lr_schedule, wd_schedule, momentum_schedule), steps_per_epoch, device,
-                                rank, world_size, log)
-        stats["epoch"] = epoch
-        last_epoch = epoch + 1 == args.epochs
-        if args.knn_every > 0 and ((epoch + 1) % args.knn_every == 0 or last_epoch):
-            stats["knn_top1"] = knn_monitor(args, teacher, device)
-        log({"epoch_summary": True, **stats})
-        if rank == 0:
-            print(json.dumps(stats))
-        # Gathered on every process (a collective), written by rank 0.
-        states = [rng_state()]
-        if world_size > 1:
-            states = [None] * world_size
-            dist.all_gather_object(states, rng_state())
-        if rank == 0:
-            checkpoint = {"student": student_module.state_dict(), "teacher": teacher.state_dict(),
-                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                          "epoch": epoch + 1, "global_step": (epoch + 1) * steps_per_epoch,
-                          "rng": states, "args": vars(args), "extra": extra}
-            save_checkpoint(checkpoint, checkpoint_path)
-            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                save_checkpoint(checkpoint, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
+    completed, stats = start_epoch, {}  # completed: the epochs that checkpoint.pth holds
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            sampler.set_epoch(epoch)
+            stats = train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader, make_views,
+                                    (lr_schedule, wd_schedule, momentum_schedule), steps_per_epoch, device,
+                                    rank, world_size, log)
+            stats["epoch"] = epoch
+            last_epoch = epoch + 1 == args.epochs
+            if args.knn_every > 0 and ((epoch + 1) % args.knn_every == 0 or last_epoch):
+                stats["knn_top1"] = knn_monitor(args, teacher, device)
+            log({"epoch_summary": True, **stats})
+            if rank == 0:
+                print(json.dumps(stats))
+            # Gathered on every process (a collective), written by rank 0.
+            states = [rng_state()]
+            if world_size > 1:
+                states = [None] * world_size
+                dist.all_gather_object(states, rng_state())
+            if rank == 0:
+                checkpoint = {"student": student_module.state_dict(), "teacher": teacher.state_dict(),
+                              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                              "epoch": epoch + 1, "global_step": (epoch + 1) * steps_per_epoch,
+                              "rng": states, "args": vars(args), "extra": extra}
+                save_checkpoint(checkpoint, checkpoint_path)
+                if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+                    save_checkpoint(checkpoint, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
+            completed = epoch + 1
+    except (KeyboardInterrupt, Interrupted) as e:
+        where = str(e) if isinstance(e, Interrupted) else f"epoch {completed}, outside its optimizer steps"
+        held = (f"{checkpoint_path} holds the first {completed} of {args.epochs} epochs; run the same command "
+                f"to resume" if completed else "no checkpoint was written yet; run the same command to start again")
+        log({"event": "interrupted", "epoch": completed, "where": where})
+        raise Interrupted(f"interrupted at {where}; {held}") from None
 
     if rank == 0:
         print(f"training done in {time.time() - start_time:.0f}s; checkpoint: {checkpoint_path}")
-        if start_epoch < args.epochs and extra.get("knn_top1_init") is not None and stats.get("knn_top1") is not None:
-            # What was learned, side by side on the same validation images.
-            pixels = extra.get("knn_top1_pixels")
-            print(f"k-NN top-1 (k={args.knn_k}) on the {args.dataset} validation images: randomly initialised "
-                  f"backbone {extra['knn_top1_init']:.2f}% | CARP teacher after {args.epochs} epochs "
-                  f"{stats['knn_top1']:.2f}% | raw pixels " + (f"{pixels:.2f}%" if pixels is not None else "not measured"))
+        if start_epoch < args.epochs:
+            summary = {"finished": timestamp(), "epochs": args.epochs, "trained_epochs": args.epochs - start_epoch,
+                       "training_seconds": round(time.time() - start_time, 1), "final_epoch": stats,
+                       "knn_k": args.knn_k, "knn_top1_random_init": extra.get("knn_top1_init"),
+                       "knn_top1_teacher": stats.get("knn_top1"), "knn_top1_pixels": extra.get("knn_top1_pixels")}
+            if extra.get("knn_top1_init") is not None and stats.get("knn_top1") is not None:
+                # What was learned, side by side on the same validation images.
+                pixels = extra.get("knn_top1_pixels")
+                summary["line"] = (f"k-NN top-1 (k={args.knn_k}) on the {args.dataset} validation images: randomly "
+                                   f"initialised backbone {extra['knn_top1_init']:.2f}% | CARP teacher after "
+                                   f"{args.epochs} epochs {stats['knn_top1']:.2f}% | raw pixels "
+                                   + (f"{pixels:.2f}%" if pixels is not None else "not measured"))
+                print(summary["line"])
+            write_json(summary, os.path.join(args.output_dir, "summary.json"))
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -606,3 +711,6 @@ if __name__ == "__main__":
         main()
     except (DataError, NonFiniteLoss) as e:
         sys.exit(f"error: {error_message(e)}")
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)  # the shell's code for a command stopped by Ctrl-C

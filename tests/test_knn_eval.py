@@ -1,6 +1,7 @@
 """knn_eval.py: the weighted k-NN protocol (DINO): L2-normalised features, top-k cosine
 neighbours, exp(s / T) votes, top-1 / top-5, chunked over test images."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,31 @@ def test_well_separated_classes_are_classified_perfectly():
     results = knn_classify(train_f, train_l, test_f + 0.01, test_l, nb_knn=[1, 10, 20], temperature=0.07)
     assert all(results[f"top1_k{k}"] == 100.0 for k in [1, 10, 20])
     assert all(results[f"top5_k{k}"] == 100.0 for k in [1, 10, 20])
+
+
+def test_votes_are_weighted_by_exp_similarity_over_temperature():
+    """One test image, 5 neighbours: 2 of class 0 at cosine 0.9, 3 of class 1 at cosine 0.5. With
+    T = 0.07 the votes are 2 e^(0.9/0.07) > 3 e^(0.5/0.07): class 0 wins; with T = 10 they are
+    2 e^0.09 < 3 e^0.05: class 1 wins; with k = 2 only class 0 votes. Exact top-1 of 100 or 0."""
+    def unit(cos):  # a 2-d feature at cosine `cos` from the test image (1, 0)
+        return [cos, math.sqrt(1 - cos ** 2)]
+    train_f = torch.tensor([unit(0.9), unit(0.9), unit(0.5), unit(0.5), unit(0.5)])
+    train_l = torch.tensor([0, 0, 1, 1, 1])
+    test_f, test_l = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    assert 2 * math.exp(0.9 / 0.07) > 3 * math.exp(0.5 / 0.07) and 2 * math.exp(0.09) < 3 * math.exp(0.05)
+    assert knn_classify(train_f, train_l, test_f, test_l, nb_knn=[5], temperature=0.07)["top1_k5"] == 100.0
+    assert knn_classify(train_f, train_l, test_f, test_l, nb_knn=[5], temperature=10.0)["top1_k5"] == 0.0
+    assert knn_classify(train_f, train_l, test_f, torch.tensor([1]), nb_knn=[5], temperature=10.0)["top1_k5"] == 100.0
+    assert knn_classify(train_f, train_l, test_f, torch.tensor([1]), nb_knn=[2], temperature=10.0)["top1_k2"] == 0.0
+
+
+def test_accuracy_is_the_share_of_test_images_classified_right():
+    """4 test images, each a copy of one train image of its class except the last, which copies an
+    image of another class: k = 1 gives exactly 75 % top-1, and top-5 75 % (one class voted)."""
+    train_f, train_l = torch.eye(4), torch.tensor([0, 1, 2, 3])
+    test_f, test_l = torch.eye(4)[[0, 1, 2, 0]], torch.tensor([0, 1, 2, 3])
+    results = knn_classify(train_f, train_l, test_f, test_l, nb_knn=[1], temperature=0.07)
+    assert results["top1_k1"] == 75.0 and results["top5_k1"] == 75.0
 
 
 def test_random_labels_give_chance_accuracy():

@@ -4,8 +4,10 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import torch
 from PIL import Image
 
 import data
+import knn_eval
 import pretrain
 from knn_eval import knn_classify
 
@@ -90,7 +93,7 @@ def test_a_killed_run_resumes_exactly(tmp_path, monkeypatch, capsys, views):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(pretrain, "train_one_epoch", killed_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(pretrain.Interrupted, match="holds the first 2 of 3 epochs; run the same command to resume"):
         run_main(tmp_path / "resumed", "--epochs", "3", *views)
     assert torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)["epoch"] == 2
     monkeypatch.setattr(pretrain, "train_one_epoch", original)
@@ -143,6 +146,11 @@ def test_knn_monitor_reports_random_init_trained_teacher_and_raw_pixels(tmp_path
             for split, d in pixels.items()}
     expected = knn_classify(*flat["train"], *flat["val"], [20])["top1_k20"]
     assert knn[0]["knn_top1_pixels"] == pytest.approx(expected)
+    # The monitor's number for the trained teacher is what knn_eval.py reports on the checkpoint.
+    knn_eval.main(["--pretrained_weights", str(tmp_path / "checkpoint.pth"), "--dataset", "synthetic",
+                   "--synthetic_images", "40", "--image_size", "16", "--nb_knn", "20", "--num_workers", "0",
+                   "--output_json", str(tmp_path / "knn.json")])
+    assert json.loads((tmp_path / "knn.json").read_text())["top1_k20"] == pytest.approx(knn[1]["knn_top1"])
     out = capsys.readouterr().out
     assert re.search(rf"randomly initialised backbone {knn[0]['knn_top1']:.2f}% \| CARP teacher after 1 epochs "
                      rf"{knn[1]['knn_top1']:.2f}% \| raw pixels {expected:.2f}%", out), out
@@ -216,6 +224,8 @@ def corrupt_image_folder(root):
     (["--partition_size", "64"], "--partition_size 64 must be between 1 and --out_dim 32"),
     (["--batch_size_per_gpu", "1"], "BatchNorm needs at least 2 images per process"),
     (["--dataset", "imagefolder", "--data_path", "EMPTY"], "no images in"),
+    (["--dataset", "imagefolder"], "--dataset imagefolder needs --data_path DIR"),
+    (["--dataset", "imagefolder", "--data_path", "EMPTY_CLASS"], "class folder EMPTY_CLASS/c holds no images"),
     (["--dataset", "cifar10", "--data_path", "EMPTY"], "Pass --download"),
     (["--synthetic_images", "3"], "cannot fill one optimizer step"),
     (["--dataset", "imagefolder", "--data_path", "CORRUPT", "--batch_size_per_gpu", "9"], "broken.png"),
@@ -224,11 +234,14 @@ def test_bad_input_gets_a_clear_message_and_no_traceback(tmp_path, flags, messag
     """Each bad input stops the script with one clear message naming the bad value, no traceback."""
     (tmp_path / "empty").mkdir()
     corrupt_image_folder(tmp_path / "corrupt")
-    flags = [str(tmp_path / "empty") if f == "EMPTY" else str(tmp_path / "corrupt") if f == "CORRUPT" else f
-             for f in flags]
+    corrupt_image_folder(tmp_path / "empty_class")  # classes a and b hold images, c none
+    (tmp_path / "empty_class" / "b" / "broken.png").unlink()
+    (tmp_path / "empty_class" / "c").mkdir()
+    folders = {"EMPTY": "empty", "CORRUPT": "corrupt", "EMPTY_CLASS": "empty_class"}
+    flags = [str(tmp_path / folders[f]) if f in folders else f for f in flags]
     result = run_script(*TINY, "--epochs", "1", "--output_dir", str(tmp_path / "out"), *flags)
     assert result.returncode != 0
-    assert message in result.stderr
+    assert message.replace("EMPTY_CLASS", str(tmp_path / "empty_class")) in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -286,3 +299,81 @@ def test_cuda_batched_views_run_on_the_gpu(tmp_path, monkeypatch):
     assert devices and set(devices) == {("cuda", "cuda")}
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint\n", "TRUNCATED", "WEIGHTS_ONLY"],
+                         ids=["empty", "text", "truncated", "not a training checkpoint"])
+def test_an_unreadable_checkpoint_stops_the_resume_and_is_left_untouched(tmp_path, content):
+    """A checkpoint.pth that is not one (empty, text, cut short, another file saved by torch) stops the
+    resume with one line that names it and says what to do; the file is neither deleted nor changed."""
+    run_main(tmp_path / "run", "--epochs", "1")
+    path = tmp_path / "run" / "checkpoint.pth"
+    if content == "TRUNCATED":
+        content = path.read_bytes()[:1000]
+    elif content == "WEIGHTS_ONLY":
+        torch.save({"backbone": torch.zeros(2)}, tmp_path / "weights.pth")
+        content = (tmp_path / "weights.pth").read_bytes()
+    path.write_bytes(content)
+    result = run_script(*TINY, "--epochs", "2", "--output_dir", str(tmp_path / "run"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"error: {path} ") and "not a" in last_line and "move it away" in last_line
+    assert path.read_bytes() == content
+
+
+def test_ctrl_c_prints_where_it_stopped_and_what_the_checkpoint_holds(tmp_path):
+    """SIGINT (Ctrl-C) during epoch 2 or later: exit code 130 and one line instead of a traceback,
+    naming the step and the epochs checkpoint.pth holds; the checkpoint is intact and resumes."""
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "pretrain.py", *TINY, "--epochs", "500", "--output_dir", str(out)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pth").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    epochs = torch.load(out / "checkpoint.pth", weights_only=True)["epoch"]
+    last_line = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"interrupted at epoch \d+, (after optimizer step \d+|outside its optimizer steps); "
+                        rf"{re.escape(str(out / 'checkpoint.pth'))} holds the first {epochs} of 500 epochs; "
+                        rf"run the same command to resume", last_line), last_line
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["event"] == "interrupted"
+
+
+def test_the_run_folder_records_settings_times_resumes_and_a_summary(tmp_path, capsys):
+    """settings.json (flags and versions) at every start, a wall-clock time in every log line, a
+    resume marker between the runs' lines, and summary.json with the random -> CARP k-NN line."""
+    run_main(tmp_path, "--epochs", "1", "--knn_every", "1")
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["args"]["out_dim"] == 32 and settings["start_epoch"] == 0
+    assert settings["versions"]["torch"] == torch.__version__
+    run_main(tmp_path, "--epochs", "2", "--knn_every", "1")
+    assert json.loads((tmp_path / "settings.json").read_text())["start_epoch"] == 1
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", r["time"]) for r in records)
+    events = [r.get("event") for r in records]
+    assert events.count("resume") == 1
+    resume = events.index("resume")
+    assert {r["epoch"] for r in records[:resume]} == {-1, 0} and {r["epoch"] for r in records[resume + 1:]} == {1}
+    assert records[resume]["step"] == 4
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["knn_top1_teacher"] == records[-1]["knn_top1"] and summary["trained_epochs"] == 1
+    assert summary["knn_top1_random_init"] == records[0]["knn_top1"]
+    assert summary["line"] in capsys.readouterr().out
+
+
+def test_grad_norm_is_logged_and_worker_default_follows_the_machine(tmp_path, monkeypatch):
+    """The log's grad_norm (the global norm --clip_grad bounds) is a positive number, and with no
+    --num_workers the loaders use this machine's cores, at most 8, shared among torchrun's processes."""
+    run_main(tmp_path, "--epochs", "1")
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 for r in records if "step" in r)
+    cores = len(os.sched_getaffinity(0))
+    assert data.default_num_workers() == min(8, cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
+    assert data.default_num_workers() == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    parser, args = pretrain.get_args(["--dataset", "synthetic"])
+    assert args.num_workers == min(8, cores)
