@@ -509,7 +509,7 @@ def torchvision_dataset(cls, splits, **fixed):
         try:
             return cls(root, transform=transform, download=download, **splits[split], **fixed)
         except (RuntimeError, OSError, ValueError) as e:  # OSError: no network; ValueError: StanfordCars
-            how = ("Pass --download to fetch it there" if not download
+            how = ("Pass --download true to fetch it there" if not download
                    else "Download it by hand as the torchvision documentation of the class explains")
             raise DataError(f"{cls.__name__} not found in {root} ({e}). {how}, or point --data_path to the "
                             f"folder that holds it.") from None

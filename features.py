@@ -13,14 +13,23 @@ import argparse
 import json
 import math
 import os
+import re
 import warnings
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import DATASET_NAMES, DataError, build_dataset, eval_transform
+from data import DATASET_NAMES, DataError, build_dataset, default_num_workers, eval_transform
 from model import build_backbone, use_small_image_stem
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help of every script: each flag's default, and the examples' line breaks. A default of None
+    is not shown: those flags' help says what happens when they are left out."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def bool_flag(s):
@@ -34,6 +43,10 @@ def bool_flag(s):
 def stem_flag(s):
     """--small_image_stem: 'auto', or true / false."""
     return "auto" if s.lower() == "auto" else bool_flag(s)
+
+
+# What the data flags of the evaluations mean when neither the user nor the checkpoint says.
+DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_SYNTHETIC_IMAGES = "imagefolder", 224, 5000
 
 
 def init_distributed():
@@ -86,15 +99,39 @@ MODEL_FORMATS = {
 }
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, what_to_do="Pass --pretrained_weights PATH to a checkpoint (.pth) file, or 'random' "
+                                     "for the random-weights baseline", mmap=False):
     """torch.load with weights_only=True. The authors' CARP checkpoints pickle an
     argparse.Namespace under 'args': that one class is allow-listed, nothing else, so a file that
-    holds any other object is refused rather than unpickled (unpickling can run code)."""
+    holds any other object is refused rather than unpickled (unpickling can run code).
+    A file that torch.load cannot read (cut short, empty, text, ...) is a DataError naming it and
+    ending with `what_to_do`; it is never changed. mmap=True maps the file instead of reading it
+    (to look at its args without reading every weight)."""
     if not os.path.isfile(path):
-        raise DataError(f"checkpoint {path} does not exist; pass --pretrained_weights PATH to a .pth file, "
-                        f"or 'random' for the random-weights baseline")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        raise DataError(f"checkpoint {path} does not exist. {what_to_do}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # a truncated zip, an empty or text file, a pickle of arbitrary objects
+        found = re.search(r"GLOBAL (\S+) was not an allowed", str(e))
+        if found:
+            raise DataError(f"{path} holds Python objects (such as {found.group(1)}) that torch.load(weights_only="
+                            f"True) does not unpickle, as unpickling can run code: load it yourself only if you "
+                            f"trust it, and save its tensors alone (e.g. its state_dict). {what_to_do}") from None
+        raise DataError(f"{path} ({os.path.getsize(path)} bytes) is not a readable checkpoint: torch.load failed "
+                        f"with {type(e).__name__}; it may have been cut short (a full disk, an unfinished copy) "
+                        f"or be another kind of file. {what_to_do}") from None
+
+
+def checkpoint_args(path):
+    """The flags a checkpoint was trained with (ours: a dict; the authors': an argparse.Namespace),
+    as a dict; {} for 'random' and for files without them."""
+    if path == "random":
+        return {}
+    checkpoint = read_checkpoint(path, mmap=True)
+    saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    return saved if isinstance(saved, dict) else {}
 
 
 def backbone_weights(checkpoint, model_format, checkpoint_key="teacher"):
@@ -264,26 +301,59 @@ def add_model_args(parser):
     return parser
 
 
-def add_eval_args(parser, image_size=224):
+def add_eval_args(parser):
     """Model, data and feature-cache flags of the classification protocols (k-NN, linear, k-means,
-    few-shot), with the same names in every script."""
+    few-shot), with the same names in every script. The data flags left out follow the checkpoint
+    (follow_checkpoint)."""
     add_model_args(parser)
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="imagefolder", choices=DATASET_NAMES,
-                   help="imagefolder: --data_path holds train/ and val/ class folders (the ImageNet layout)")
-    g.add_argument("--data_path", default=None, help="folder that holds (or, with --download, will hold) the data")
-    g.add_argument("--download", action="store_true", help="let torchvision download the dataset into --data_path")
-    g.add_argument("--synthetic_images", type=int, default=5000,
-                   help="synthetic only: train images (val gets a fifth as many)")
-    g.add_argument("--image_size", type=int, default=image_size,
-                   help="centre-crop size after resizing the short side to image_size / 0.875 (224; 32 for CIFAR)")
+    g.add_argument("--dataset", default=None, choices=DATASET_NAMES,
+                   help="imagefolder: --data_path holds train/ and val/ class folders (the ImageNet layout). "
+                        "Default: with neither --dataset nor --data_path, the data the checkpoint was trained on "
+                        f"(its --dataset and --data_path); else {DEFAULT_DATASET}")
+    g.add_argument("--data_path", default=None, help="folder that holds (or, with --download true, will hold) the data")
+    g.add_argument("--download", type=bool_flag, default=False,
+                   help="let torchvision download the dataset into --data_path (true / false)")
+    g.add_argument("--synthetic_images", type=int, default=None,
+                   help=f"synthetic only: train images (val gets a fifth as many). Default: the checkpoint's, "
+                        f"else {DEFAULT_SYNTHETIC_IMAGES}")
+    g.add_argument("--image_size", type=int, default=None,
+                   help=f"centre-crop size after resizing the short side to image_size / 0.875. Default: the size "
+                        f"the checkpoint was trained on (its --global_crops_size), else {DEFAULT_IMAGE_SIZE}")
     g.add_argument("--batch_size_per_gpu", type=int, default=128, help="images per process for feature extraction")
-    g.add_argument("--num_workers", type=int, default=4, help="data-loading processes per process")
+    g.add_argument("--num_workers", type=int, default=default_num_workers(cap=4),
+                   help="data-loading processes per process (default: this machine's cores shared among the "
+                        "processes torchrun starts on it, at most 4)")
     g = parser.add_argument_group("features cache")
     g.add_argument("--dump_features", default=None, help="save the extracted features to this folder")
     g.add_argument("--load_features", default=None,
                    help="read features saved by --dump_features instead of running the backbone")
     return parser
+
+
+def follow_checkpoint(args, follow_dataset=True):
+    """Fill the data flags the user left out (None) from the flags the checkpoint was trained with,
+    and say so: evaluated at another image size than it was trained on, a network measures
+    something else (the 32-px demo checkpoint: k-NN 36.5 % at 224 px against 58.1 % at 32). An
+    explicit flag always wins. follow_dataset=False: --dataset falls back to its default only."""
+    saved = checkpoint_args(args.pretrained_weights)
+    followed = []
+    if follow_dataset and args.dataset is None and args.data_path is None and saved.get("dataset") in DATASET_NAMES:
+        args.dataset, args.data_path = saved["dataset"], saved.get("data_path")
+        followed.append(f"--dataset {args.dataset}" + (f" --data_path {args.data_path}" if args.data_path else ""))
+    if args.dataset is None:
+        args.dataset = DEFAULT_DATASET
+    if args.image_size is None:
+        args.image_size = saved.get("global_crops_size", DEFAULT_IMAGE_SIZE)
+        if "global_crops_size" in saved:
+            followed.append(f"--image_size {args.image_size}")
+    if args.synthetic_images is None:
+        args.synthetic_images = saved.get("synthetic_images", DEFAULT_SYNTHETIC_IMAGES)
+        if args.dataset == "synthetic" and "synthetic_images" in saved:
+            followed.append(f"--synthetic_images {args.synthetic_images}")
+    if followed and os.environ.get("RANK", "0") == "0":
+        print(f"as {args.pretrained_weights} was trained: {' '.join(followed)} (pass a flag to choose another value)")
+    return args
 
 
 def features_file(folder, split):

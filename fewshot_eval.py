@@ -68,7 +68,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
 from data import DataError, build_dataset, eval_transform, load_image
-from features import (add_eval_args, bool_flag, extract_features, frozen_features, init_distributed,
+from features import (HelpFormatter, add_eval_args, bool_flag, follow_checkpoint, extract_features, frozen_features, init_distributed,
                       is_main_process, load_backbone, save_features, write_json)
 from linear_eval import train_transform
 
@@ -126,7 +126,7 @@ def voc07_dataset(root, split, transform, download=False):
     except (RuntimeError, FileNotFoundError) as e:
         raise DataError(f"VOC2007 {split} not found in {root} ({e}). --data_path should hold "
                         f"VOCdevkit/VOC2007/ImageSets/Main/{split}.txt, JPEGImages/ and Annotations/ (the trainval "
-                        f"and test archives extracted there), or pass --download") from None
+                        f"and test archives extracted there), or pass --download true") from None
     if len(voc.images) == 0:
         raise DataError(f"{root}/VOCdevkit/VOC2007/ImageSets/Main/{split}.txt lists no image")
     labels = torch.from_numpy(np.stack([voc_image_labels(path) for path in voc.annotations]))  # (N, 20)
@@ -689,7 +689,7 @@ LOWSHOT_MODES = {
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser("Few-shot evaluation on frozen features: VOC07 SVMs, low-shot linear, "
-                                     "N-shot logistic regression")
+                                     "N-shot logistic regression", formatter_class=HelpFormatter)
     g = parser.add_argument_group("protocol")
     g.add_argument("--protocol", required=True, choices=["voc07_svm", "lowshot_linear", "nshot_logreg"],
                    help="voc07_svm: per-class linear SVMs on PASCAL VOC07, read from --data_path (the folder "
@@ -749,6 +749,8 @@ def get_args(argv=None):
                    help="inverse L2 strength, as sklearn's LogisticRegression(C): larger fits the few images harder")
     g.add_argument("--logreg_max_iter", type=int, default=1000, help="L-BFGS iterations per draw")
     args = parser.parse_args(argv)
+    # VOC07 reads its own layout from --data_path: only the other protocols take the checkpoint's dataset.
+    follow_checkpoint(args, follow_dataset=args.protocol != "voc07_svm")
     if min(args.shots) < 1 or args.runs < 1:
         parser.error(f"--shots {args.shots} must be >= 1 and --runs {args.runs} >= 1")
     if args.cost <= 0 or args.logreg_c <= 0 or args.svm_max_iter < 1 or args.logreg_max_iter < 1:

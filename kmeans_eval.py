@@ -45,11 +45,12 @@ from scipy.optimize import linear_sum_assignment
 from sklearn import metrics
 
 from data import DataError
-from features import add_eval_args, frozen_features, init_distributed, is_main_process, write_json
+from features import (HelpFormatter, add_eval_args, follow_checkpoint, frozen_features, init_distributed,
+                      is_main_process, write_json)
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser("Spherical k-means clustering of frozen features")
+    parser = argparse.ArgumentParser("Spherical k-means clustering of frozen features", formatter_class=HelpFormatter)
     add_eval_args(parser)
     g = parser.add_argument_group("k-means")
     g.add_argument("--n_clusters", type=int, default=None,
@@ -75,7 +76,7 @@ def get_args(argv=None):
                         "--train_subset). Default: the whole train split")
     g.add_argument("--output_json", default=None, help="write {nmi, ami, ari, acc} of the val split as a flat "
                                                        "JSON object here")
-    args = parser.parse_args(argv)
+    args = follow_checkpoint(parser.parse_args(argv))
     if args.n_clusters is not None and args.n_clusters < 1:
         parser.error(f"--n_clusters {args.n_clusters} must be at least 1 (default: the number of classes)")
     if args.n_iter < 1:

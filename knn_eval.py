@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import DataError
-from features import add_eval_args, frozen_features, init_distributed, is_main_process, write_json
+from features import (HelpFormatter, add_eval_args, follow_checkpoint, frozen_features, init_distributed,
+                      is_main_process, write_json)
 
 
 @torch.no_grad()
@@ -56,14 +57,14 @@ def knn_classify(train_features, train_labels, test_features, test_labels, nb_kn
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser("Weighted k-NN evaluation on frozen features")
+    parser = argparse.ArgumentParser("Weighted k-NN evaluation on frozen features", formatter_class=HelpFormatter)
     add_eval_args(parser)
     g = parser.add_argument_group("k-NN")
     g.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200],
                    help="numbers of neighbours k (20 is usually best)")
     g.add_argument("--temperature", type=float, default=0.07, help="T of the exp(s / T) vote weights")
     g.add_argument("--output_json", default=None, help="write the metrics as a flat JSON object here")
-    args = parser.parse_args(argv)
+    args = follow_checkpoint(parser.parse_args(argv))
     if min(args.nb_knn) < 1 or args.temperature <= 0:
         parser.error(f"--nb_knn {args.nb_knn} must be >= 1 and --temperature {args.temperature} > 0")
     return args

@@ -11,7 +11,7 @@
         --optimizer sgd --epochs 10 --output_dir runs/demo_linear
     # fast, NOT the paper's protocol: the classifier trained on cached eval-transform features
     python linear_eval.py --pretrained_weights random --arch resnet18 --dataset synthetic --image_size 32 \
-        --cached_features --dump_features runs/random_features --output_dir runs/random_linear
+        --cached_features true --dump_features runs/random_features --output_dir runs/random_linear
 
 Protocol (../shared/docs/eval-protocols.md): the teacher backbone is frozen and kept in eval()
 mode; a single nn.Linear(D, C) (weights N(0, 0.01), bias 0) is trained on the pooled features of
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from data import DataError, build_dataset, eval_transform, to_normalized_tensor
-from features import (add_eval_args, bool_flag, extract_features, frozen_features, init_distributed, load_backbone,
-                      write_json)
+from features import (HelpFormatter, add_eval_args, bool_flag, extract_features, follow_checkpoint, frozen_features,
+                      init_distributed, load_backbone, read_checkpoint, write_json)
 from pretrain import LARS, all_reduce, cosine_schedule, param_groups, save_checkpoint
 
 DEFAULT_LR = {"lars": 1.0, "sgd": 0.3}
@@ -52,7 +52,7 @@ CACHED_WARNING = "cached-features protocol (no augmentation): not the paper's pr
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser("Linear probe on a frozen backbone")
+    parser = argparse.ArgumentParser("Linear probe on a frozen backbone", formatter_class=HelpFormatter)
     add_eval_args(parser)
     g = parser.add_argument_group("linear")
     g.add_argument("--epochs", type=int, default=100, help="training epochs of the linear classifier (paper: 100)")
@@ -69,7 +69,7 @@ def get_args(argv=None):
     g.add_argument("--momentum", type=float, default=0.9, help="momentum of lars or sgd")
     g.add_argument("--weight_decay", type=float, default=0.0,
                    help="weight decay of the linear weights, never of the bias (paper: 0)")
-    g.add_argument("--cached_features", type=bool_flag, nargs="?", const=True, default=False,
+    g.add_argument("--cached_features", type=bool_flag, default=False,
                    help="fast mode: compute the eval-transform features of the train split once (see "
                         "--dump_features / --load_features) and train on them, with no augmentation. NOT the "
                         "paper's protocol: use it to compare checkpoints quickly, not to report numbers")
@@ -85,12 +85,16 @@ def get_args(argv=None):
                    help="seeds the classifier's initialisation, the data order and the augmentations, so a "
                         "resumed run repeats an uninterrupted one ('random' weights are always the same)")
     g = parser.add_argument_group("output")
-    g.add_argument("--output_dir", default=".", help="linear_checkpoint.pth and log.jsonl go here; a run resumes "
-                                                     "from here")
+    g.add_argument("--output_dir", default=None,
+                   help="linear_checkpoint.pth and log.jsonl go here; a run resumes from here. Default: a folder "
+                        "of its own next to the evaluated checkpoint, named after it, the dataset and the mode "
+                        "(runs/demo/checkpoint.pth -> runs/demo/checkpoint_linear_mnist5k[_cached]/), so probes "
+                        "of different checkpoints never share one; runs/random_<arch>_linear_<dataset> for random "
+                        "weights; runs/... for a checkpoint that lies in the repository's own folder")
     g.add_argument("--output_json", default=None,
                    help="write {top1, top5 (last epoch), best_top1, best_top5 (best epoch), cached_features (1 "
                         "in the fast mode, else 0)} as a flat JSON object here")
-    args = parser.parse_args(argv)
+    args = follow_checkpoint(parser.parse_args(argv))
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     if args.epochs < 1:
@@ -111,7 +115,22 @@ def get_args(argv=None):
     if not args.cached_features and (args.dump_features or args.load_features):
         parser.error("--dump_features and --load_features apply to --cached_features only: the paper's protocol "
                      "runs the backbone on new augmented views at every epoch")
+    if args.output_dir is None:
+        args.output_dir = default_output_dir(args)
     return args
+
+
+def default_output_dir(args):
+    """Where a probe keeps its state when --output_dir is not given: its own folder, derived from
+    the evaluated weights, the dataset and the mode, never the current folder (a second probe there
+    would find the first one's checkpoint and stop) nor the source files' folder."""
+    name = f"linear_{args.dataset}" + ("_cached" if args.cached_features else "")
+    if args.pretrained_weights == "random":
+        return os.path.join("runs", f"random_{args.arch}_{name}")
+    folder, file = os.path.split(os.path.abspath(args.pretrained_weights))
+    if folder == os.path.dirname(os.path.abspath(__file__)):
+        folder = "runs"
+    return os.path.join(folder, f"{os.path.splitext(file)[0]}_{name}")
 
 
 # ============ the probe: train view, classifier, optimizer ============
@@ -273,7 +292,8 @@ RESUME_DEFAULTS = {"gradient_accumulation_steps": 1}
 
 def load_checkpoint(path, args, linear, optimizer, world_size):
     """Restore the classifier and optimizer from `path`; returns the checkpoint's other entries."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path, f"It was left as it is: move it away (or pass another --output_dir) to "
+                                       f"train this probe from the start")
     saved = {**RESUME_DEFAULTS, **checkpoint["args"]}
     changed = [f"--{k} {saved.get(k)} (now {getattr(args, k)})"
                for k in RESUME_ARGS if saved.get(k) != getattr(args, k)]
@@ -297,7 +317,7 @@ def main(argv=None):
     source = (f"the features in {args.load_features}" if args.load_features
               else f"{args.pretrained_weights} on {args.dataset}")
     if rank == 0:
-        print(f"linear probe of {source}, {protocol}")
+        print(f"linear probe of {source}, {protocol}; state in {args.output_dir}")
 
     # ============ preparing data and the frozen backbone ... ============
     if args.cached_features:

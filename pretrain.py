@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from data import (DATASET_NAMES, BatchedMultiCrop, DataError, MultiCropAugmentation, build_dataset,
                   default_num_workers, eval_transform, fixed_size_uint8)
-from features import bool_flag, extract_features, init_distributed, stem_flag
+from features import HelpFormatter, bool_flag, extract_features, init_distributed, read_checkpoint, stem_flag
 from knn_eval import knn_classify
 from loss import carp_loss, partition_for_step
 from model import (SMALL_CNN, SMALL_IMAGE_MAX_SIZE, CARPHead, MultiCropWrapper, build_backbone, check_arch, update_teacher,
@@ -47,9 +47,6 @@ CPU_RECIPE = ("--arch small_cnn --hidden_dim 512 --bottleneck_dim 128 --out_dim 
 
 
 def get_args(argv=None):
-    class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-        """--help shows every default and keeps the examples' line breaks."""
-
     parser = argparse.ArgumentParser(
         "CARP pretraining", formatter_class=HelpFormatter,
         epilog="examples:\n"
@@ -123,7 +120,8 @@ def get_args(argv=None):
                         "dataset, or synthetic (generated, no download)")
     g.add_argument("--data_path", default=None, help="imagefolder: folder of class sub-folders or with a train/ "
                    "split; torchvision datasets: the folder that holds their files")
-    g.add_argument("--download", action="store_true", help="download a torchvision dataset into --data_path")
+    g.add_argument("--download", type=bool_flag, default=False,
+                   help="download a torchvision dataset into --data_path (true / false)")
     g.add_argument("--synthetic_images", type=int, default=5000, help="size of the synthetic training split")
     g.add_argument("--num_workers", type=int, default=default_num_workers(),
                    help="data-loading processes per training process (default: this machine's cores shared "
@@ -259,12 +257,7 @@ def read_training_checkpoint(path):
     deleted or overwritten, the user may still want it."""
     what_to_do = (f"It was left as it is: move it away to start this run again from scratch, or copy an "
                   f"earlier checkpointNNNN.pth of this folder to {path} to resume from that epoch")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, text, empty file, a pickle with objects we do not load, ...
-        raise DataError(f"{path} ({os.path.getsize(path)} bytes) is not a readable checkpoint: torch.load failed "
-                        f"with {type(e).__name__}; it may have been cut short (a full disk, an unfinished copy) or "
-                        f"be another kind of file. {what_to_do}") from None
+    checkpoint = read_checkpoint(path, what_to_do)
     missing = [k for k in ("student", "teacher", "optimizer", "epoch", "args") if not isinstance(checkpoint, dict)
                or k not in checkpoint]
     if missing:

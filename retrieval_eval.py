@@ -52,7 +52,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import DataError, load_image, to_normalized_tensor
-from features import add_model_args, bool_flag, load_backbone, write_json
+from features import HelpFormatter, add_model_args, bool_flag, load_backbone, write_json
 
 REVISITED = ("roxford5k", "rparis6k")
 MULTISCALE = (1.0, 1 / math.sqrt(2), 0.5)  # DINO's and the revisitop/cirtorch scales
@@ -62,7 +62,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser("Image retrieval (Revisited Oxford / Paris) and copy detection (Copydays)")
+    parser = argparse.ArgumentParser("Image retrieval (Revisited Oxford / Paris) and copy detection (Copydays)",
+                                     formatter_class=HelpFormatter)
     add_model_args(parser)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="roxford5k", choices=[*REVISITED, "copydays"],

@@ -67,7 +67,7 @@ def test_probe_separates_gaussian_blobs(tmp_path, optimizer, batch_size, epochs,
     optimizer. LARS gets 1000 steps (200 points / 10 x 50 epochs): it moves the weight by ~1% of
     its norm per step, so ~100 steps leave it mostly at its random initialisation."""
     save_blobs(tmp_path / "blobs", 50, seed=0)
-    results = run(tmp_path, "random", "--cached_features", "--load_features", str(tmp_path / "blobs"),
+    results = run(tmp_path, "random", "--cached_features", "true", "--load_features", str(tmp_path / "blobs"),
                   "--optimizer", optimizer, "--epochs", str(epochs), "--batch_size_per_gpu", str(batch_size))
     assert results["top1"] == 100.0 and results["best_top1"] == 100.0 and results["top5"] == 100.0
     assert "nn.Linear(16, 4)" in capsys.readouterr().out
@@ -76,7 +76,7 @@ def test_probe_separates_gaussian_blobs(tmp_path, optimizer, batch_size, epochs,
 def test_cached_mode_is_labelled_not_the_papers_protocol(tmp_path, capsys):
     """The fast mode prints that it is not the paper's protocol and marks its JSON; the full protocol does neither."""
     save_blobs(tmp_path / "blobs", 10, seed=1)
-    run(tmp_path / "fast", "random", "--cached_features", "--load_features", str(tmp_path / "blobs"),
+    run(tmp_path / "fast", "random", "--cached_features", "true", "--load_features", str(tmp_path / "blobs"),
         "--epochs", "1", "--output_json", str(tmp_path / "fast.json"))
     assert "cached-features protocol (no augmentation): not the paper's protocol" in capsys.readouterr().out
     assert json.load(open(tmp_path / "fast.json"))["cached_features"] == 1
@@ -170,7 +170,7 @@ def test_a_killed_run_resumes_exactly_and_a_finished_run_only_reports(tmp_path, 
 def test_resuming_with_another_learning_rate_is_refused(tmp_path):
     """A checkpoint trained with --lr 1.0 is not continued with --lr 0.5: the flag is named."""
     save_blobs(tmp_path / "blobs", 10, seed=2)
-    cached = ["--cached_features", "--load_features", str(tmp_path / "blobs"), "--epochs", "1"]
+    cached = ["--cached_features", "true", "--load_features", str(tmp_path / "blobs"), "--epochs", "1"]
     run(tmp_path, "random", *cached)
     with pytest.raises(DataError, match=r"--lr 1.0 \(now 0.5\)"):
         run(tmp_path, "random", *cached, "--lr", "0.5")
@@ -248,7 +248,7 @@ def test_accumulating_4_batches_of_10_equals_batches_of_40(tmp_path, optimizer, 
     steps (3 per epoch), and the SGD lr scaled by the global batch 40 = 1 x 10 x 4. Batches of 10
     without accumulation (9 steps) end elsewhere, so the comparison can fail."""
     save_blobs(tmp_path / "blobs", 22, seed=3)
-    cached = ["--cached_features", "--load_features", str(tmp_path / "blobs"), "--epochs", "2",
+    cached = ["--cached_features", "true", "--load_features", str(tmp_path / "blobs"), "--epochs", "2",
               "--optimizer", optimizer]
     run(tmp_path / "big", "random", *cached, "--batch_size_per_gpu", "40")
     capsys.readouterr()
@@ -299,7 +299,7 @@ def test_resuming_with_another_accumulation_is_refused(tmp_path, capsys):
     """A run with 2 accumulation steps is not continued with 4 (another global batch and schedule);
     a checkpoint written before the flag existed counts as 1 step and still resumes."""
     save_blobs(tmp_path / "blobs", 10, seed=4)
-    cached = ["--cached_features", "--load_features", str(tmp_path / "blobs"), "--epochs", "1"]
+    cached = ["--cached_features", "true", "--load_features", str(tmp_path / "blobs"), "--epochs", "1"]
     run(tmp_path, "random", *cached, "--gradient_accumulation_steps", "2")
     with pytest.raises(DataError, match=r"--gradient_accumulation_steps 2 \(now 4\)"):
         run(tmp_path, "random", *cached, "--gradient_accumulation_steps", "4")

@@ -1,0 +1,151 @@
+"""plot_log.py: the series it reads from log.jsonl (resumes, repeated steps, the k-NN baseline), the
+PNG it writes, and a one-line message for every kind of bad input."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import plot_log
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LOG_8 = math.log(8)
+
+
+def interval(step, epoch, loss, used, grad_norm=1.0, **extra):
+    """An interval line as pretrain.py writes it, with consistency = loss - 0.5 and entropy 0.5."""
+    return {"loss": loss, "consistency": loss - 0.5, "entropy": 0.5, "prototypes_used": used,
+            "block_entropy": LOG_8 - 0.5, "epoch": epoch, "step": step, "lr": 0.01 * step, "wd": 0.04,
+            "momentum": 0.9, "grad_norm": grad_norm, "images_per_s": 100.0, "time": "2025-01-01T00:00:00+0000",
+            **extra}
+
+
+def summary(epoch, loss, used, knn):
+    return {"epoch_summary": True, "loss": loss, "consistency": loss - 0.5, "entropy": 0.5, "prototypes_used": used,
+            "block_entropy": LOG_8 - 0.5, "epoch": epoch, "knn_top1": knn}
+
+
+# Two epochs of 4 steps, logged every 2 steps. The first run is killed in epoch 1 after logging step 6;
+# the resume (from the checkpoint of epoch 0, step 4) redoes step 6 with another loss.
+RECORDS = [
+    {"epoch": -1, "knn_top1": 10.0, "knn_top1_pixels": 30.0, "time": "2025-01-01T00:00:00+0000"},
+    interval(2, 0, 4.0, 20),
+    {k: v for k, v in interval(4, 0, 3.5, 24).items() if k not in ("grad_norm", "time")},  # an older log's line
+    summary(0, 3.75, 24, 20.0),
+    interval(6, 1, 3.0, 25),
+    {"event": "interrupted", "epoch": 1, "where": "epoch 1, after optimizer step 7"},
+    {"event": "resume", "epoch": 1, "step": 4},
+    interval(6, 1, 2.5, 26),
+    interval(8, 1, 2.0, 30, grad_norm=None, a_key_from_the_future=1),
+    summary(1, 2.25, 30, 25.0),
+]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    settings = {"args": {"out_dim": 32, "partition_size": 8, "dataset": "synthetic", "arch": "resnet18"}}
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    return tmp_path
+
+
+def run_script(*argv):
+    """Run plot_log.py as a user would; returns the finished process (stdout and stderr captured)."""
+    return subprocess.run([sys.executable, "plot_log.py", *map(str, argv)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_repeated_step_keeps_the_later_line_and_resumes_are_marked(run_dir):
+    """Step 6, logged by the killed run and again after the resume, keeps the resumed run's loss 2.5;
+    the resume sits at step 4 / epoch 1; the epoch -1 line is the baseline, not a point of the curve."""
+    series = plot_log.read_log(run_dir / "log.jsonl")
+    assert series["step"] == [2, 4, 6, 8]
+    assert series["loss"] == [4.0, 3.5, 2.5, 2.0]
+    assert series["consistency"] == [3.5, 3.0, 2.0, 1.5]
+    assert series["prototypes_used"] == [20, 24, 26, 30]
+    assert series["lr"] == [0.02, 0.04, 0.06, 0.08]
+    assert series["resume_step"] == [4] and series["resume_epoch"] == [1]
+    assert series["knn_epoch"] == [0, 1] and series["knn_top1"] == [20.0, 25.0]
+    assert series["knn_top1_init"] == 10.0 and series["knn_top1_pixels"] == 30.0
+
+
+def test_missing_and_null_values_read_as_nan(run_dir):
+    """An older line without grad_norm and a null grad_norm (fp16 overflow) are NaN; the others are kept."""
+    grad_norm = plot_log.read_log(run_dir / "log.jsonl")["grad_norm"]
+    assert grad_norm[0] == 1.0 and grad_norm[2] == 1.0
+    assert math.isnan(grad_norm[1]) and math.isnan(grad_norm[3])
+
+
+def test_main_writes_a_png_and_prints_its_path_and_the_last_values(run_dir, tmp_path, capsys):
+    """main() writes a PNG (its signature, no leftover .tmp) and prints its path, then the last values."""
+    out = tmp_path / "figures" / "curves.png"
+    plot_log.main([str(run_dir), "--output", str(out)])
+    assert out.read_bytes()[:8] == PNG_SIGNATURE and out.stat().st_size > 10_000
+    assert not list(out.parent.glob("*.tmp"))
+    path, last = capsys.readouterr().out.splitlines()
+    assert path == str(out)
+    assert last == ("last: step 8, loss 2.0000, k-NN top-1 25.00% after epoch 1 (random init 10.00%), "
+                    "prototypes used 30 of 32")
+
+
+def test_without_settings_json_the_plot_still_works(run_dir, capsys):
+    """No settings.json (an older run): RUN_DIR/curves.png is written and the summary has no "of K"."""
+    (run_dir / "settings.json").unlink()
+    plot_log.main([str(run_dir)])
+    assert (run_dir / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert capsys.readouterr().out.splitlines()[-1].endswith("prototypes used 30")
+
+
+def test_matplotlib_is_imported_only_to_draw(run_dir, monkeypatch):
+    """`import plot_log` does not import matplotlib; without it, drawing stops with the pip command."""
+    check = subprocess.run([sys.executable, "-c", "import sys, plot_log; print('matplotlib' in sys.modules)"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert check.stdout.strip() == "False", check.stderr
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    with pytest.raises(plot_log.PlotError, match=r"^plot_log.py needs matplotlib: pip install matplotlib$"):
+        plot_log.main([str(run_dir)])
+
+
+def test_bad_input_gets_a_one_line_message_and_no_traceback(tmp_path):
+    """A missing folder, a folder without log.jsonl, an empty log and a malformed line (named with its
+    number) each exit with code 1 and one `error:` line."""
+    missing = tmp_path / "no_such_run"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty_log").mkdir()
+    (tmp_path / "empty_log" / "log.jsonl").write_text("")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "log.jsonl").write_text(json.dumps(interval(2, 0, 4.0, 20)) + "\n" + '{"loss": 3.\n')
+    cases = [(missing, f"error: {missing} is not a folder"),
+             (tmp_path / "empty", f"error: {tmp_path / 'empty' / 'log.jsonl'} not found"),
+             (tmp_path / "empty_log", f"error: {tmp_path / 'empty_log' / 'log.jsonl'} holds no training step yet"),
+             (tmp_path / "bad", f"error: {tmp_path / 'bad' / 'log.jsonl'} line 2 is not valid JSON")]
+    for folder, message in cases:
+        result = run_script(folder)
+        assert result.returncode == 1, result
+        assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_real_pretraining_run_plots_end_to_end(tmp_path, capsys):
+    """A 2-epoch run of pretrain.py (16 images, batch 4: 4 steps an epoch, a line every 2) plots: steps
+    2, 4, 6, 8, the k-NN after each epoch, the random-init and raw-pixel baselines, K = 32."""
+    import pretrain
+
+    pretrain.main(["--dataset", "synthetic", "--synthetic_images", "16", "--arch", "resnet18",
+                   "--global_crops_size", "16", "--local_crops_size", "8", "--local_crops_number", "1",
+                   "--out_dim", "32", "--partition_size", "8", "--batch_size_per_gpu", "4", "--num_workers", "0",
+                   "--momentum_teacher", "0.9", "--log_every", "2", "--epochs", "2", "--knn_every", "1",
+                   "--output_dir", str(tmp_path)])
+    series = plot_log.read_log(tmp_path / "log.jsonl")
+    assert series["step"] == [2, 4, 6, 8] and series["knn_epoch"] == [0, 1]
+    assert series["knn_top1_init"] is not None and series["knn_top1_pixels"] is not None
+    assert all(b + e == pytest.approx(LOG_8) for b, e in zip(series["block_entropy"], series["entropy"]))
+    capsys.readouterr()
+    plot_log.main([str(tmp_path)])
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+    path, last = capsys.readouterr().out.splitlines()
+    assert path == str(tmp_path / "curves.png")
+    assert last.startswith("last: step 8, loss ") and " of 32" in last
