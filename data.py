@@ -52,6 +52,17 @@ def eval_transform(image_size=224):
     ])
 
 
+def train_transform(image_size):
+    """The training view of the linear and low-shot classifiers on a frozen backbone: bicubic
+    RandomResizedCrop (scale 0.08-1) and a horizontal flip, nothing else (no colour augmentation),
+    then ImageNet normalisation."""
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(p=0.5),
+        to_normalized_tensor(),
+    ])
+
+
 def blur_kernel_size(crop_size):
     """Odd Gaussian-blur kernel of ~10% of the crop (23 px at 224, as in SimCLR), at least 3.
     NOTE(authors' code): PIL's GaussianBlur has no kernel size; sigma in 0.1-2.0 is the same."""

@@ -229,6 +229,13 @@ def load_backbone(path, arch="resnet50", small_image_stem="auto", checkpoint_key
     return backbone
 
 
+def backbone_changes(backbone, reference):
+    """The check of a frozen backbone (linear probe, low-shot classifier): the names of its parameters
+    and buffers (BatchNorm statistics included) that differ from `reference`, a copy of its state
+    dict taken before training."""
+    return [name for name, value in backbone.state_dict().items() if not torch.equal(value, reference[name])]
+
+
 # ============ feature extraction ============
 
 class WithIndex(torch.utils.data.Dataset):

@@ -67,10 +67,9 @@ import torchvision
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
-from data import DataError, build_dataset, eval_transform, load_image
-from features import (HelpFormatter, add_eval_args, bool_flag, follow_checkpoint, extract_features, frozen_features, init_distributed,
-                      is_main_process, load_backbone, save_features, write_json)
-from linear_eval import train_transform
+from data import DataError, build_dataset, eval_transform, load_image, train_transform
+from features import (HelpFormatter, add_eval_args, backbone_changes, bool_flag, extract_features, follow_checkpoint,
+                      frozen_features, init_distributed, is_main_process, load_backbone, save_features, write_json)
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
@@ -566,11 +565,6 @@ def view_batches(backbone, views, batch_size, seed, device, num_workers=0):
                 features = backbone(images.to(device, non_blocking=True)).float()  # (b, D)
             yield features, labels.to(device, non_blocking=True)
     return batches
-
-
-def backbone_changes(backbone, reference):
-    """Names of the parameters and buffers (BatchNorm statistics included) that differ from `reference`."""
-    return [name for name, value in backbone.state_dict().items() if not torch.equal(value, reference[name])]
 
 
 def last_and_best(history):

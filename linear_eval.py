@@ -40,11 +40,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
-from data import DataError, build_dataset, eval_transform, to_normalized_tensor
-from features import (HelpFormatter, add_eval_args, bool_flag, extract_features, follow_checkpoint, frozen_features,
-                      init_distributed, load_backbone, read_checkpoint, write_json)
+from data import DataError, build_dataset, eval_transform, train_transform
+from features import (HelpFormatter, add_eval_args, backbone_changes, bool_flag, extract_features, follow_checkpoint,
+                      frozen_features, init_distributed, load_backbone, read_checkpoint, write_json)
 from pretrain import LARS, all_reduce, cosine_schedule, param_groups, save_checkpoint
 
 DEFAULT_LR = {"lars": 1.0, "sgd": 0.3}
@@ -134,16 +133,6 @@ def default_output_dir(args):
 
 
 # ============ the probe: train view, classifier, optimizer ============
-
-def train_transform(image_size):
-    """The probe's training view: bicubic RandomResizedCrop (scale 0.08-1) and a horizontal flip,
-    nothing else (no colour augmentation), then ImageNet normalisation."""
-    return v2.Compose([
-        v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(p=0.5),
-        to_normalized_tensor(),
-    ])
-
 
 def build_linear(dim, n_classes):
     """nn.Linear(D, C) with weights N(0, 0.01) and a zero bias, as in the paper's protocol."""
@@ -273,11 +262,6 @@ def evaluate(linear, features, labels, device, chunk_size=4096):
         correct = ranked == targets[:, None]  # (c, 5)
         hits += torch.stack([correct[:, 0].sum(), correct.any(dim=1).sum()]).cpu()
     return (100.0 * hits / len(labels)).tolist()
-
-
-def backbone_changes(backbone, reference):
-    """Names of the parameters and buffers (BatchNorm statistics included) that differ from `reference`."""
-    return [name for name, value in backbone.state_dict().items() if not torch.equal(value, reference[name])]
 
 
 # ============ checkpoints ============

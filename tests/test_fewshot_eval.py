@@ -20,7 +20,7 @@ from data import DataError
 from fewshot_eval import (VOC_CLASSES, difficult_as_negative, fit_logreg, inat2018_datasets, kshot_classifiers,
                           last_and_best, lr_per_epoch, sample_kshot, voc07_dataset, voc07_svm, voc_average_precision,
                           voc_full_sets, voc_lowshot_sets, voc_mean_ap, voc_shared_pool, voc_svm_test_scores)
-from linear_eval import train_transform
+from data import train_transform
 
 
 # ============ generated data in the real layouts ============
