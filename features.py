@@ -341,8 +341,9 @@ def add_eval_args(parser):
 def follow_checkpoint(args, follow_dataset=True):
     """Fill the data flags the user left out (None) from the flags the checkpoint was trained with,
     and say so: evaluated at another image size than it was trained on, a network measures
-    something else (the 32-px demo checkpoint: k-NN 36.5 % at 224 px against 58.1 % at 32). An
-    explicit flag always wins. follow_dataset=False: --dataset falls back to its default only."""
+    something else (the README's 32-px demo checkpoint: k-NN top-1 56.4 % at 224 px in 94 s, 92.8 %
+    at 32 px in 6 s). An explicit flag always wins. follow_dataset=False: --dataset falls back to
+    its default only."""
     saved = checkpoint_args(args.pretrained_weights)
     followed = []
     if follow_dataset and args.dataset is None and args.data_path is None and saved.get("dataset") in DATASET_NAMES:
