@@ -229,11 +229,16 @@ def load_backbone(path, arch="resnet50", small_image_stem="auto", checkpoint_key
     return backbone
 
 
-def backbone_changes(backbone, reference):
-    """The check of a frozen backbone (linear probe, low-shot classifier): the names of its parameters
-    and buffers (BatchNorm statistics included) that differ from `reference`, a copy of its state
-    dict taken before training."""
-    return [name for name, value in backbone.state_dict().items() if not torch.equal(value, reference[name])]
+def check_frozen(backbone, reference, training):
+    """SimSiam's sanity check of a frozen backbone after `training` (the linear probe, a low-shot
+    classifier): every parameter and buffer (BatchNorm statistics included) must still equal
+    `reference`, a copy of its state dict taken before; a backbone that moved makes every number
+    of the protocol invalid, so this raises."""
+    changed = [name for name, value in backbone.state_dict().items() if not torch.equal(value, reference[name])]
+    if changed:
+        raise RuntimeError(f"the frozen backbone changed during {training} ({len(changed)} tensors, e.g. "
+                           f"{changed[:3]}): the results are invalid. The backbone must stay in eval() mode with "
+                           f"requires_grad False")
 
 
 # ============ feature extraction ============

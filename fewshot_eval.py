@@ -68,7 +68,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
 from data import DataError, build_dataset, eval_transform, load_image, train_transform
-from features import (HelpFormatter, add_eval_args, backbone_changes, bool_flag, extract_features, follow_checkpoint,
+from features import (HelpFormatter, add_eval_args, bool_flag, check_frozen, extract_features, follow_checkpoint,
                       frozen_features, init_distributed, is_main_process, load_backbone, save_features, write_json)
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -658,12 +658,7 @@ def kshot_classifiers(features, args, device, views=None):
                                    distributed=views is not None and dist.is_initialized())
             accuracies.append(last_and_best(history))
             if views is not None:
-                # SimSiam's sanity check: a backbone that moved would make every number invalid.
-                changed = backbone_changes(backbone, reference)
-                if changed:
-                    raise RuntimeError(f"the frozen backbone changed during low-shot training ({len(changed)} "
-                                       f"tensors, e.g. {changed[:3]}): the results are invalid. It must stay in "
-                                       f"eval() mode with requires_grad False")
+                check_frozen(backbone, reference, "low-shot training")
         accuracies = np.array(accuracies)  # (runs, 2 or 4)
         names = ("top1", "top5") if args.protocol == "nshot_logreg" else ("top1", "top5", "best_top1", "best_top5")
         for i, name in enumerate(names):

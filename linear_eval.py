@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import DataError, build_dataset, eval_transform, train_transform
-from features import (HelpFormatter, add_eval_args, backbone_changes, bool_flag, extract_features, follow_checkpoint,
+from features import (HelpFormatter, add_eval_args, bool_flag, check_frozen, extract_features, follow_checkpoint,
                       frozen_features, init_distributed, load_backbone, read_checkpoint, write_json)
 from pretrain import LARS, all_reduce, cosine_schedule, param_groups, save_checkpoint
 
@@ -388,13 +388,9 @@ def main(argv=None):
                 best = {"top1": record["top1"], "top5": record["top5"], "epoch": epoch + 1}
         history.append(record)
         if backbone is not None:
-            # SimSiam's sanity check, after every epoch and before the checkpoint is written, so a
-            # checkpoint never holds a classifier trained on a backbone that moved.
-            changed = backbone_changes(backbone, reference)
-            if changed:
-                raise RuntimeError(f"the frozen backbone changed during linear training ({len(changed)} tensors, "
-                                   f"e.g. {changed[:3]}): the probe results are invalid. The backbone must stay "
-                                   f"in eval() mode with requires_grad False")
+            # After every epoch and before the checkpoint is written, so a checkpoint never holds a
+            # classifier trained on a backbone that moved.
+            check_frozen(backbone, reference, "linear training")
         if rank == 0:
             print(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, train top-1 {train_top1:.2f}"
                   + (f", val top-1 {record['top1']:.2f}, top-5 {record['top5']:.2f}" if record["top1"] is not None
