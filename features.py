@@ -421,8 +421,8 @@ def save_features(folder, features):
 
 
 def write_json(results, path):
-    """The metrics as a flat JSON object, written atomically; NaN (a metric with nothing to
-    average) becomes null."""
+    """A JSON object (the metrics of an evaluation, a run's settings or summary), written
+    atomically; NaN (a metric with nothing to average) becomes null."""
     def clean(value):
         if isinstance(value, list):
             return [clean(v) for v in value]

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from data import (DATASET_NAMES, BatchedMultiCrop, DataError, MultiCropAugmentation, build_dataset,
                   default_num_workers, eval_transform, fixed_size_uint8)
-from features import HelpFormatter, bool_flag, extract_features, init_distributed, read_checkpoint, stem_flag
+from features import (HelpFormatter, bool_flag, extract_features, init_distributed, read_checkpoint, stem_flag,
+                      write_json)
 from knn_eval import knn_classify
 from loss import carp_loss, partition_for_step
 from model import (SMALL_CNN, SMALL_IMAGE_MAX_SIZE, CARPHead, MultiCropWrapper, build_backbone, check_arch, update_teacher,
@@ -265,15 +266,6 @@ def read_training_checkpoint(path):
     return checkpoint
 
 
-def write_json(record, path):
-    """A small JSON file, written atomically like the checkpoints."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def timestamp():
     """Local wall-clock time, to the second, for the log lines and the run files."""
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -430,12 +422,11 @@ def optimizer_step(student, teacher, optimizer, scaler, lr, weight_decay, moment
             group["weight_decay"] = float(weight_decay)
     # The true gradients: fp16's scaler multiplied them by its scale (scaler.step knows they are unscaled).
     scaler.unscale_(optimizer)
-    grads = [p.grad for p in student.parameters() if p.grad is not None]
     if clip_grad > 0:
         # One global norm: g <- g * min(1, clip_grad / ||(g_1, ..., g_n)||), the direction is kept.
         grad_norm = nn.utils.clip_grad_norm_(student.parameters(), clip_grad)
     else:
-        grad_norm = nn.utils.get_total_norm(grads)
+        grad_norm = nn.utils.get_total_norm([p.grad for p in student.parameters() if p.grad is not None])
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
