@@ -15,6 +15,7 @@ import math
 import os
 import re
 import warnings
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -128,7 +129,9 @@ def checkpoint_args(path):
     as a dict; {} for 'random' and for files without them."""
     if path == "random":
         return {}
-    checkpoint = read_checkpoint(path, mmap=True)
+    # Mapped, not read, where torch allows it: zip-format files (torch >= 1.6); older releases
+    # (pickle-format .pth.tar files) are read whole.
+    checkpoint = read_checkpoint(path, mmap=os.path.isfile(path) and zipfile.is_zipfile(path))
     saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
     return saved if isinstance(saved, dict) else {}
@@ -348,8 +351,8 @@ def follow_checkpoint(args, follow_dataset=True):
     and say so: evaluated at another image size than it was trained on, a network measures
     something else (the README's 32-px demo checkpoint: k-NN top-1 56.4 % at 224 px in 94 s, 92.8 %
     at 32 px in 6 s). An explicit flag always wins. follow_dataset=False: --dataset falls back to
-    its default only."""
-    saved = checkpoint_args(args.pretrained_weights)
+    its default only. With --load_features the checkpoint is not read (the features are there)."""
+    saved = {} if args.load_features else checkpoint_args(args.pretrained_weights)
     followed = []
     if follow_dataset and args.dataset is None and args.data_path is None and saved.get("dataset") in DATASET_NAMES:
         args.dataset, args.data_path = saved["dataset"], saved.get("data_path")

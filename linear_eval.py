@@ -276,8 +276,13 @@ RESUME_DEFAULTS = {"gradient_accumulation_steps": 1}
 
 def load_checkpoint(path, args, linear, optimizer, world_size):
     """Restore the classifier and optimizer from `path`; returns the checkpoint's other entries."""
-    checkpoint = read_checkpoint(path, f"It was left as it is: move it away (or pass another --output_dir) to "
-                                       f"train this probe from the start")
+    what_to_do = "It was left as it is: move it away (or pass another --output_dir) to train this probe from the start"
+    checkpoint = read_checkpoint(path, what_to_do)
+    missing = [k for k in ("linear", "optimizer", "args", "world_size")
+               if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing or not isinstance(checkpoint["args"], dict):
+        raise DataError(f"{path} is not a checkpoint of linear_eval.py (no {', '.join(missing) or 'args as a dict'}). "
+                        f"{what_to_do}")
     saved = {**RESUME_DEFAULTS, **checkpoint["args"]}
     changed = [f"--{k} {saved.get(k)} (now {getattr(args, k)})"
                for k in RESUME_ARGS if saved.get(k) != getattr(args, k)]
@@ -294,7 +299,11 @@ def load_checkpoint(path, args, linear, optimizer, world_size):
 def main(argv=None):
     args = get_args(argv)
     rank, world_size, device = init_distributed()
-    os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as e:  # e.g. the default folder, next to a checkpoint in a read-only place
+        raise DataError(f"cannot create --output_dir {args.output_dir} ({e.strerror}); pass --output_dir DIR, a "
+                        f"folder you can write to") from None
     checkpoint_path = os.path.join(args.output_dir, "linear_checkpoint.pth")
     protocol = (CACHED_WARNING if args.cached_features
                 else "the paper's protocol: RandomResizedCrop + flip through the frozen backbone")

@@ -20,8 +20,7 @@ STEP_KEYS = ("loss", "consistency", "entropy", "prototypes_used", "block_entropy
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser("Plot the training curves of a CARP pretraining run",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser("Plot the training curves of a CARP pretraining run")
     parser.add_argument("run_dir", help="the --output_dir of pretrain.py, which holds log.jsonl (and settings.json)")
     parser.add_argument("--output", default=None,
                         help="the PNG to write; default RUN_DIR/curves.png, replaced atomically at each call")

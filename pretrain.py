@@ -6,8 +6,9 @@
     python pretrain.py --dataset mnist5k --arch small_cnn ... (CPU_RECIPE below) --output_dir runs/demo
 
 Every run writes to --output_dir: checkpoint.pth (every epoch, atomically), checkpointNNNN.pth
-(every --saveckp_freq epochs) and log.jsonl. Running the same command again resumes from
-checkpoint.pth and continues exactly where it stopped.
+(every --saveckp_freq epochs), log.jsonl, settings.json (at every start) and summary.json (at the
+end). Running the same command again resumes from checkpoint.pth and continues exactly where it
+stopped; `python plot_log.py OUTPUT_DIR` draws the curves.
 
 The objective is in loss.py, the networks in model.py, the data and views in data.py.
 """
@@ -129,7 +130,8 @@ def get_args(argv=None):
                         "among the processes torchrun starts on it, at most 8)")
 
     g = parser.add_argument_group("run")
-    g.add_argument("--output_dir", default=".", help="checkpoints and log.jsonl go here; a run resumes from here")
+    g.add_argument("--output_dir", default=".",
+                   help="checkpoints, log.jsonl, settings.json and summary.json go here; a run resumes from here")
     g.add_argument("--saveckp_freq", type=int, default=20, help="also keep checkpointNNNN.pth every this many epochs")
     g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, views and partitions")
     g.add_argument("--log_every", type=int, default=50, help="optimizer steps between log lines")
@@ -259,8 +261,10 @@ def read_training_checkpoint(path):
     what_to_do = (f"It was left as it is: move it away to start this run again from scratch, or copy an "
                   f"earlier checkpointNNNN.pth of this folder to {path} to resume from that epoch")
     checkpoint = read_checkpoint(path, what_to_do)
-    missing = [k for k in ("student", "teacher", "optimizer", "epoch", "args") if not isinstance(checkpoint, dict)
-               or k not in checkpoint]
+    missing = [k for k in ("student", "teacher", "optimizer", "scaler", "epoch", "rng", "args")
+               if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if not missing and not isinstance(checkpoint["args"], dict):
+        missing = ["args as a dict"]  # e.g. the authors' or DINO's checkpoints: an argparse.Namespace
     if missing:
         raise DataError(f"{path} is not a pretraining checkpoint of pretrain.py (no {', '.join(missing)}). {what_to_do}")
     return checkpoint
@@ -271,10 +275,10 @@ def timestamp():
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def run_settings(args, world_size, start_epoch):
+def run_settings(args, argv, world_size, start_epoch):
     """What settings.json records: the flags, the command, the versions and the machine, so that a
     run folder says on its own how it was made."""
-    return {"started": timestamp(), "start_epoch": start_epoch, "argv": sys.argv,
+    return {"started": timestamp(), "start_epoch": start_epoch, "argv": sys.argv[1:] if argv is None else list(argv),
             "args": vars(args), "world_size": world_size,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "numpy": np.__version__,
@@ -616,9 +620,13 @@ def main(argv=None):
             print(f"resuming from {checkpoint_path} at epoch {start_epoch}, step {start_epoch * steps_per_epoch}")
     if rank == 0:
         # Rewritten at every start: the flags of a resumed run may differ in what a resume allows.
-        write_json(run_settings(args, world_size, start_epoch), os.path.join(args.output_dir, "settings.json"))
+        write_json(run_settings(args, argv, world_size, start_epoch), os.path.join(args.output_dir, "settings.json"))
     if start_epoch == 0 and args.knn_every > 0:
-        extra["knn_top1_init"], extra["knn_top1_pixels"] = knn_monitor(args, teacher, device, raw_pixels=True)
+        try:
+            extra["knn_top1_init"], extra["knn_top1_pixels"] = knn_monitor(args, teacher, device, raw_pixels=True)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted during the k-NN monitor before training; no checkpoint was written yet; "
+                              "run the same command to start again") from None
         if extra["knn_top1_init"] is not None:
             log({"epoch": -1, "knn_top1": extra["knn_top1_init"], "knn_top1_pixels": extra["knn_top1_pixels"]})
             if rank == 0:
@@ -654,9 +662,10 @@ def main(argv=None):
                               "epoch": epoch + 1, "global_step": (epoch + 1) * steps_per_epoch,
                               "rng": states, "args": vars(args), "extra": extra}
                 save_checkpoint(checkpoint, checkpoint_path)
+                completed = epoch + 1
                 if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
                     save_checkpoint(checkpoint, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
-            completed = epoch + 1
+            completed = epoch + 1  # on every process (rank 0 set it as soon as checkpoint.pth was written)
     except (KeyboardInterrupt, Interrupted) as e:
         where = str(e) if isinstance(e, Interrupted) else f"epoch {completed}, outside its optimizer steps"
         held = (f"{checkpoint_path} holds the first {completed} of {args.epochs} epochs; run the same command "

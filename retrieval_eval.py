@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import DataError, load_image, to_normalized_tensor
+from data import DataError, default_num_workers, load_image, to_normalized_tensor
 from features import HelpFormatter, add_model_args, bool_flag, load_backbone, write_json
 
 REVISITED = ("roxford5k", "rparis6k")
@@ -89,7 +89,9 @@ def get_args(argv=None):
                         "printed result says which one it used")
     g.add_argument("--batch_size_per_gpu", type=int, default=32,
                    help="images per forward pass; images of different sizes never share a batch")
-    g.add_argument("--num_workers", type=int, default=4, help="data-loading processes")
+    g.add_argument("--num_workers", type=int, default=default_num_workers(cap=4),
+                   help="data-loading processes (default: this machine's cores shared among the processes "
+                        "torchrun starts on it, at most 4)")
     g = parser.add_argument_group("copydays")
     g.add_argument("--distractors_path", default=None,
                    help="folder of distractor images added to the database of originals (DINO: 10k YFCC100M "

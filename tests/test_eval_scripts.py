@@ -54,6 +54,36 @@ def test_data_flags_left_out_follow_the_checkpoint_and_the_number_matches_the_mo
     assert results["top1_k20"] == pytest.approx(monitor)
 
 
+def test_a_legacy_format_checkpoint_is_followed_too(checkpoint, tmp_path):
+    """Files saved before torch 1.6's zip format (older releases) cannot be memory-mapped: their
+    args are read all the same."""
+    legacy = tmp_path / "legacy.pth"
+    torch.save(torch.load(checkpoint, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    args = knn_eval.get_args(["--pretrained_weights", str(legacy)])
+    assert (args.dataset, args.image_size, args.synthetic_images) == ("synthetic", 24, 40)
+
+
+def test_load_features_never_reads_the_checkpoint(tmp_path):
+    """--load_features: the features are already there, the checkpoint may be gone."""
+    args = knn_eval.get_args(["--pretrained_weights", str(tmp_path / "gone.pth"), "--load_features", str(tmp_path)])
+    assert args.image_size == 224 and args.dataset == "imagefolder"
+
+
+def test_a_foreign_file_as_linear_checkpoint_is_one_line(checkpoint, tmp_path):
+    """A linear_checkpoint.pth that linear_eval.py did not write (here a pretraining checkpoint):
+    one line naming it, and the file stays."""
+    out = tmp_path / "probe"
+    out.mkdir()
+    (out / "linear_checkpoint.pth").write_bytes(checkpoint.read_bytes())
+    run = subprocess.run([sys.executable, "linear_eval.py", "--pretrained_weights", str(checkpoint),
+                          "--cached_features", "true", "--num_workers", "0", "--output_dir", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        f"error: {out / 'linear_checkpoint.pth'} is not a checkpoint of linear_eval.py (no linear, world_size)")
+    assert (out / "linear_checkpoint.pth").read_bytes() == checkpoint.read_bytes()
+
+
 def test_an_explicit_data_flag_wins_over_the_checkpoint(checkpoint):
     parser = features.add_eval_args(argparse.ArgumentParser())
     args = features.follow_checkpoint(parser.parse_args(

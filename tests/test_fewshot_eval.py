@@ -457,7 +457,6 @@ def test_authors_lowshot_runs_the_frozen_backbone_on_new_views_every_epoch():
         assert torch.equal(value, before[name]), name
     assert results["cached_features"] == 0.0
     assert {"top1_k1_mean", "top5_k1_mean", "best_top1_k1_mean", "best_top5_k1_mean"} <= set(results)
-    assert results["best_top1_k1_mean"] >= results["top1_k1_mean"]
 
 
 def test_a_backbone_that_moves_during_lowshot_training_is_caught(monkeypatch):
@@ -574,7 +573,6 @@ def test_lowshot_linear_end_to_end_on_the_inat2018_json_release(tmp_path, capsys
                 f"best_top5_k{k}_mean"} <= set(results)
         assert results[f"top5_k{k}_mean"] == 100.0  # 3 classes: every class is in the top 5
         assert results[f"top1_k{k}_mean"] in {0.0, 12.5, 25.0, 37.5, 50.0, 62.5, 75.0, 87.5, 100.0}
-        assert results[f"best_top1_k{k}_mean"] >= results[f"top1_k{k}_mean"]
 
 
 def test_fast_lowshot_mode_is_labelled_in_the_output_and_the_json(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """pretrain.py end to end on the synthetic dataset with a tiny configuration: checkpoints, exact
 resume, logs, and a clear message for every kind of bad input."""
+import argparse
 import json
 import math
 import os
@@ -301,8 +302,8 @@ def test_cuda_batched_views_run_on_the_gpu(tmp_path, monkeypatch):
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint\n", "TRUNCATED", "WEIGHTS_ONLY"],
-                         ids=["empty", "text", "truncated", "not a training checkpoint"])
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint\n", "TRUNCATED", "WEIGHTS_ONLY", "NAMESPACE_ARGS"],
+                         ids=["empty", "text", "truncated", "not a training checkpoint", "the authors' layout"])
 def test_an_unreadable_checkpoint_stops_the_resume_and_is_left_untouched(tmp_path, content):
     """A checkpoint.pth that is not one (empty, text, cut short, another file saved by torch) stops the
     resume with one line that names it and says what to do; the file is neither deleted nor changed."""
@@ -313,6 +314,11 @@ def test_an_unreadable_checkpoint_stops_the_resume_and_is_left_untouched(tmp_pat
     elif content == "WEIGHTS_ONLY":
         torch.save({"backbone": torch.zeros(2)}, tmp_path / "weights.pth")
         content = (tmp_path / "weights.pth").read_bytes()
+    elif content == "NAMESPACE_ARGS":  # every entry present, but args pickled as an argparse.Namespace
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint["args"] = argparse.Namespace(**checkpoint["args"])
+        torch.save(checkpoint, tmp_path / "authors.pth")
+        content = (tmp_path / "authors.pth").read_bytes()
     path.write_bytes(content)
     result = run_script(*TINY, "--epochs", "2", "--output_dir", str(tmp_path / "run"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -323,7 +329,7 @@ def test_an_unreadable_checkpoint_stops_the_resume_and_is_left_untouched(tmp_pat
 
 def test_ctrl_c_prints_where_it_stopped_and_what_the_checkpoint_holds(tmp_path):
     """SIGINT (Ctrl-C) during epoch 2 or later: exit code 130 and one line instead of a traceback,
-    naming the step and the epochs checkpoint.pth holds; the checkpoint is intact and resumes."""
+    naming the step and the epochs checkpoint.pth holds, which is what the intact file holds."""
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "pretrain.py", *TINY, "--epochs", "500", "--output_dir", str(out)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -348,6 +354,7 @@ def test_the_run_folder_records_settings_times_resumes_and_a_summary(tmp_path, c
     run_main(tmp_path, "--epochs", "1", "--knn_every", "1")
     settings = json.loads((tmp_path / "settings.json").read_text())
     assert settings["args"]["out_dim"] == 32 and settings["start_epoch"] == 0
+    assert settings["argv"] == TINY + ["--output_dir", str(tmp_path), "--epochs", "1", "--knn_every", "1"]
     assert settings["versions"]["torch"] == torch.__version__
     run_main(tmp_path, "--epochs", "2", "--knn_every", "1")
     assert json.loads((tmp_path / "settings.json").read_text())["start_epoch"] == 1

@@ -136,11 +136,15 @@ def test_clip_grad_bounds_the_global_norm_of_all_gradients_together():
     assert torch.allclose(moves[0], grads[0] / 5, atol=1e-6)  # the direction is kept
 
 
-def test_no_clipping_when_clip_grad_is_zero_or_the_norm_is_below_it():
+@pytest.mark.parametrize("clip_grad", [0.0, 10.0])
+def test_no_clipping_when_clip_grad_is_zero_or_the_norm_is_below_it(clip_grad):
+    """Gradients of global norm sqrt(6 x 0.01 + 2 x 0.04) = sqrt(0.14): applied as they are, and
+    that norm is returned (the log's grad_norm) whether or not clipping is on."""
     student, teacher = tiny_student_and_teacher()
     before = [p.detach().clone() for p in student.parameters()]
     grads = [torch.full((2, 3), 0.1), torch.full((2,), 0.2)]
-    step(student, teacher, grads, clip_grad=10.0)
+    grad_norm = step(student, teacher, grads, clip_grad=clip_grad)
+    assert grad_norm.item() == pytest.approx(math.sqrt(0.14))
     for b, p, g in zip(before, student.parameters(), grads):
         assert torch.allclose(b - p.detach(), g, atol=1e-6)
 
