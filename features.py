@@ -124,6 +124,19 @@ def read_checkpoint(path, what_to_do="Pass --pretrained_weights PATH to a checkp
                         f"or be another kind of file. {what_to_do}") from None
 
 
+def read_run_checkpoint(path, keys, script, what_to_do):
+    """The checkpoint a script resumes from: read_checkpoint, and every entry of `keys` present with
+    the run's args as a dict, else a DataError saying the file is not one of `script`'s (another
+    layout, e.g. the authors' or DINO's, whose args are an argparse.Namespace)."""
+    checkpoint = read_checkpoint(path, what_to_do)
+    missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if not missing and not isinstance(checkpoint["args"], dict):
+        missing = ["args as a dict"]
+    if missing:
+        raise DataError(f"{path} is not a checkpoint of {script} (no {', '.join(missing)}). {what_to_do}")
+    return checkpoint
+
+
 def checkpoint_args(path):
     """The flags a checkpoint was trained with (ours: a dict; the authors': an argparse.Namespace),
     as a dict; {} for 'random' and for files without them."""

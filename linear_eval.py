@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from data import DataError, build_dataset, eval_transform, train_transform
 from features import (HelpFormatter, add_eval_args, bool_flag, check_frozen, extract_features, follow_checkpoint,
-                      frozen_features, init_distributed, load_backbone, read_checkpoint, write_json)
+                      frozen_features, init_distributed, load_backbone, read_run_checkpoint, write_json)
 from pretrain import LARS, all_reduce, cosine_schedule, param_groups, save_checkpoint
 
 DEFAULT_LR = {"lars": 1.0, "sgd": 0.3}
@@ -277,12 +277,7 @@ RESUME_DEFAULTS = {"gradient_accumulation_steps": 1}
 def load_checkpoint(path, args, linear, optimizer, world_size):
     """Restore the classifier and optimizer from `path`; returns the checkpoint's other entries."""
     what_to_do = "It was left as it is: move it away (or pass another --output_dir) to train this probe from the start"
-    checkpoint = read_checkpoint(path, what_to_do)
-    missing = [k for k in ("linear", "optimizer", "args", "world_size")
-               if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if missing or not isinstance(checkpoint["args"], dict):
-        raise DataError(f"{path} is not a checkpoint of linear_eval.py (no {', '.join(missing) or 'args as a dict'}). "
-                        f"{what_to_do}")
+    checkpoint = read_run_checkpoint(path, ("linear", "optimizer", "args", "world_size"), "linear_eval.py", what_to_do)
     saved = {**RESUME_DEFAULTS, **checkpoint["args"]}
     changed = [f"--{k} {saved.get(k)} (now {getattr(args, k)})"
                for k in RESUME_ARGS if saved.get(k) != getattr(args, k)]

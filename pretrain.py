@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from data import (DATASET_NAMES, BatchedMultiCrop, DataError, MultiCropAugmentation, build_dataset,
                   default_num_workers, eval_transform, fixed_size_uint8)
-from features import (HelpFormatter, bool_flag, extract_features, init_distributed, read_checkpoint, stem_flag,
+from features import (HelpFormatter, bool_flag, extract_features, init_distributed, read_run_checkpoint, stem_flag,
                       write_json)
 from knn_eval import knn_classify
 from loss import carp_loss, partition_for_step
@@ -260,14 +260,8 @@ def read_training_checkpoint(path):
     deleted or overwritten, the user may still want it."""
     what_to_do = (f"It was left as it is: move it away to start this run again from scratch, or copy an "
                   f"earlier checkpointNNNN.pth of this folder to {path} to resume from that epoch")
-    checkpoint = read_checkpoint(path, what_to_do)
-    missing = [k for k in ("student", "teacher", "optimizer", "scaler", "epoch", "rng", "args")
-               if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if not missing and not isinstance(checkpoint["args"], dict):
-        missing = ["args as a dict"]  # e.g. the authors' or DINO's checkpoints: an argparse.Namespace
-    if missing:
-        raise DataError(f"{path} is not a pretraining checkpoint of pretrain.py (no {', '.join(missing)}). {what_to_do}")
-    return checkpoint
+    return read_run_checkpoint(path, ("student", "teacher", "optimizer", "scaler", "epoch", "rng", "args"),
+                               "pretrain.py", what_to_do)
 
 
 def timestamp():
