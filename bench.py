@@ -5,11 +5,11 @@
     python bench.py --sections step --step_preset paper   # the paper's training step (meant for a GPU)
     python bench.py --sections cpu_recipe                 # the README demo's whole step, data included
 
-1. objective: a random partition, the block softmax and `loss.carp_loss`, forward and backward, at the
-   paper's sizes (V = 8 views, B = 64 images, K = 65536 prototypes, N_B = 512, float32), against
-   `baseline_objective` below (per view: index with the permutation, split into blocks, stack,
-   softmax; per pair: einsum; every view concatenated for the marginal). Time, peak memory, and the
-   largest difference between the two losses and the two gradients.
+1. objective: `loss.carp_loss` (what training runs) on a random partition, forward and backward,
+   at the paper's sizes (V = 8 views, B = 64 images, K = 65536 prototypes, N_B = 512, float32),
+   against `loss.carp_objective`, the plain definition (the block softmax of every view, the
+   agreement of every pair, every view concatenated for the marginal): the "baseline". Time, peak
+   memory, and the largest difference between the two losses and the two gradients.
 2. augmentation: multi-crop views per second of one data-loading worker (one thread) for the
    paper's views (2 x 224 + 6 x 96) of a fixed set of decoded images: `data.MultiCropAugmentation`
    against `BaselineMultiCrop`, the authors' pipeline (torchvision.transforms v1 on PIL images).
@@ -55,18 +55,19 @@ from PIL import Image, ImageFilter
 import data
 import loss
 import model
+import optim
 import pretrain
-from features import bool_flag, write_json
+from cli import bool_flag, renamed
+from run_folder import write_json
 
-EPS = torch.finfo(torch.float32).eps
 MIB = 2 ** 20
 
 # Training step configurations: a small one that runs in seconds on a CPU, and the paper's.
 STEP_PRESETS = {
     "small": dict(arch="resnet18", batch_size_per_gpu=16, global_crops_size=64, local_crops_number=2,
-                  local_crops_size=32, step_out_dim=4096, step_partition_size=256),
+                  local_crops_size=32, out_dim=4096, partition_size=256),
     "paper": dict(arch="resnet50", batch_size_per_gpu=64, global_crops_size=224, local_crops_number=6,
-                  local_crops_size=96, step_out_dim=65536, step_partition_size=512),
+                  local_crops_size=96, out_dim=65536, partition_size=512),
 }
 
 
@@ -89,8 +90,12 @@ def get_args(argv=None):
     g = parser.add_argument_group("objective (defaults: the paper's sizes)")
     g.add_argument("--objective_views", type=int, default=8, help="V, student views (2 global + 6 local)")
     g.add_argument("--objective_batch", type=int, default=64, help="B, images per process")
-    g.add_argument("--out_dim", type=int, default=65536, help="K, prototypes")
-    g.add_argument("--partition_size", type=int, default=512, help="N_B, prototypes per block")
+    g.add_argument("--out_dim", "--step_out_dim", type=int, default=None,
+                   help="K, prototypes, in the objective and the training step. Default: the paper's 65536 in the "
+                        "objective, the --step_preset's in the step" + renamed("step_out_dim"))
+    g.add_argument("--partition_size", "--step_partition_size", type=int, default=None,
+                   help="N_B, prototypes per block, as --out_dim. Default: 512 in the objective, the "
+                        "--step_preset's in the step" + renamed("step_partition_size"))
 
     g = parser.add_argument_group("augmentation (defaults: the paper's views)")
     g.add_argument("--aug_images", type=int, default=16, help="decoded images in the fixed set")
@@ -109,8 +114,6 @@ def get_args(argv=None):
     g.add_argument("--global_crops_size", type=int, default=None, help="pixels of the 2 global views")
     g.add_argument("--local_crops_number", type=int, default=None, help="local views per image")
     g.add_argument("--local_crops_size", type=int, default=None, help="pixels of the local views")
-    g.add_argument("--step_out_dim", type=int, default=None, help="K of the training step")
-    g.add_argument("--step_partition_size", type=int, default=None, help="N_B of the training step")
     g.add_argument("--use_fp16", type=bool_flag, default=True,
                    help="fp16 autocast and a gradient scaler on CUDA, as pretrain.py; ignored on CPU")
 
@@ -130,13 +133,14 @@ def get_args(argv=None):
                                else "cpu")
     if args.step_preset == "auto":
         args.step_preset = "paper" if args.device.type == "cuda" else "small"
+    # The objective's sizes (K, N_B) and the step's: the flags when given, else each section's defaults.
+    args.objective_sizes = (args.out_dim or 65536, args.partition_size or 512)
     for key, value in STEP_PRESETS[args.step_preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for name, n_prototypes, block_size in [("", args.out_dim, args.partition_size),
-                                           ("step_", args.step_out_dim, args.step_partition_size)]:
+    for n_prototypes, block_size in (args.objective_sizes, (args.out_dim, args.partition_size)):
         if not 1 <= block_size <= n_prototypes:
-            parser.error(f"--{name}partition_size {block_size} must be between 1 and --{name}out_dim {n_prototypes}")
+            parser.error(f"--partition_size {block_size} must be between 1 and --out_dim {n_prototypes}")
     if args.objective_views < 2 or args.objective_batch < 1:
         parser.error(f"--objective_views {args.objective_views} must be >= 2 (the teacher's global views) "
                      f"and --objective_batch {args.objective_batch} >= 1")
@@ -213,61 +217,29 @@ def machine(device):
 
 # ============ 1. the objective ============
 
-def baseline_objective(student_logits, teacher_logits, n_prototypes, block_size, generator):
-    """The CARP objective written the straightforward way: the reference for speed, memory and result.
-
-    Same maths as loss.carp_loss (see its docstring): a random partition into N_P blocks of N_B
-    prototypes; per view, the logits indexed with the permutation, split into blocks, stacked and
-    softmaxed; per pair (u, v), u != v, the agreement by einsum; the marginal over all views
-    concatenated. Returns (consistency, entropy).
-    """
-    n_blocks = n_prototypes // block_size  # N_P
-    permutation = torch.randperm(n_prototypes, generator=generator)[: n_blocks * block_size]  # (N_P * N_B,)
-    permutation = permutation.to(student_logits.device)
-
-    def assign(view_logits):  # (B, K) -> (B, N_P, N_B)
-        blocks = view_logits.float()[:, permutation].split(block_size, dim=-1)  # N_P x (B, N_B)
-        return torch.stack(blocks, dim=1).softmax(dim=-1)
-
-    p = [assign(view_logits) for view_logits in student_logits]  # V x (B, N_P, N_B)
-    q = [assign(view_logits) for view_logits in teacher_logits.detach()]  # V_t x (B, N_P, N_B)
-    pair_losses = [-torch.einsum("npk,npk->np", p[u], q[v]).clamp(EPS, 1 - EPS).log().mean()
-                   for u in range(len(p)) for v in range(len(q)) if u != v]
-    consistency = torch.stack(pair_losses).mean()
-    p_bar = torch.cat(p + q).mean(dim=0)  # (N_P, N_B)
-    entropy = (math.log(block_size) + (p_bar * p_bar.clamp(EPS, 1 - EPS).log()).sum(dim=-1)).mean()
-    return consistency, entropy
-
-
-def our_objective(student_logits, teacher_logits, n_prototypes, block_size, generator):
-    """loss.py: the same random partition (same generator), then carp_loss."""
-    partition = loss.random_partition(n_prototypes, block_size, generator).to(student_logits.device)
-    return loss.carp_loss(student_logits, teacher_logits, partition)
-
-
-def objective_step(objective, student_logits, teacher_logits, n_prototypes, block_size, seed):
-    """Forward and backward of `objective`; returns (consistency, entropy, gradient of the student logits)."""
+def objective_step(objective, student_logits, teacher_logits, partition):
+    """Forward and backward of `objective`; returns (consistency, uniformity, gradient of the student logits)."""
     student_logits = student_logits.detach().requires_grad_(True)
-    consistency, entropy = objective(student_logits, teacher_logits, n_prototypes, block_size,
-                                     torch.Generator().manual_seed(seed))
-    (consistency + entropy).backward()
-    return consistency.detach(), entropy.detach(), student_logits.grad
+    consistency, uniformity = objective(student_logits, teacher_logits, partition)
+    (consistency + uniformity).backward()
+    return consistency.detach(), uniformity.detach(), student_logits.grad
 
 
 def bench_objective(args):
     device = args.device
+    n_prototypes, block_size = args.objective_sizes  # K, N_B
     generator = torch.Generator().manual_seed(args.seed)
     # Logits of the size of the paper's: |s_k(z)| <= ||z||, a few units.
-    student_logits = (3 * torch.randn(args.objective_views, args.objective_batch, args.out_dim,
+    student_logits = (3 * torch.randn(args.objective_views, args.objective_batch, n_prototypes,
                                       generator=generator)).to(device)  # (V, B, K)
-    teacher_logits = (3 * torch.randn(2, args.objective_batch, args.out_dim, generator=generator)).to(device)  # (V_t, B, K)
-    objectives = {"baseline": baseline_objective, "ours": our_objective}
-    runs = {name: (lambda objective=objective: objective_step(objective, student_logits, teacher_logits,
-                                                               args.out_dim, args.partition_size, args.seed))
+    teacher_logits = (3 * torch.randn(2, args.objective_batch, n_prototypes, generator=generator)).to(device)  # (V_t, B, K)
+    partition = loss.random_partition(n_prototypes, block_size, generator).to(device)  # (N_P, N_B), the same for both
+    objectives = {"baseline": loss.carp_objective, "ours": loss.carp_loss}
+    runs = {name: (lambda objective=objective: objective_step(objective, student_logits, teacher_logits, partition))
             for name, objective in objectives.items()}
 
     base, ours = runs["baseline"](), runs["ours"]()
-    consistency, entropy = ours[0].item(), ours[1].item()
+    consistency, uniformity = ours[0].item(), ours[1].item()
     loss_difference = max((base[0] - ours[0]).abs().item(), (base[1] - ours[1]).abs().item())
     gradient_difference = (base[2] - ours[2]).abs().max().item()
     gradient_scale = base[2].abs().max().item()
@@ -276,13 +248,13 @@ def bench_objective(args):
     seconds = median_seconds(runs, args.warmup, args.repeats, device)
     peak = {name: peak_memory(run, device) for name, run in runs.items()}
     return {
-        "sizes": {"V": args.objective_views, "V_t": 2, "B": args.objective_batch, "K": args.out_dim,
-                  "N_B": args.partition_size, "dtype": "float32"},
+        "sizes": {"V": args.objective_views, "V_t": 2, "B": args.objective_batch, "K": n_prototypes,
+                  "N_B": block_size, "dtype": "float32"},
         "baseline_ms": 1000 * seconds["baseline"], "ours_ms": 1000 * seconds["ours"],
         "speedup": seconds["baseline"] / seconds["ours"],
         "baseline_peak_mib": peak["baseline"] / MIB, "ours_peak_mib": peak["ours"] / MIB,
         "memory_ratio": peak["ours"] / max(peak["baseline"], 1),
-        "consistency": consistency, "entropy": entropy,
+        "consistency": consistency, "uniformity": uniformity,
         "max_loss_difference": loss_difference,
         "max_gradient_difference": gradient_difference, "max_gradient": gradient_scale,
         # float32 rounding of sums over hundreds of terms: ~1e-6 relative; a wrong term is ~1e-2 or more.
@@ -392,13 +364,13 @@ def bench_step(args):
 
     def carp_network():
         backbone = model.build_backbone(args.arch)
-        return model.MultiCropWrapper(backbone, model.CARPHead(backbone.embed_dim, args.step_out_dim))
+        return model.MultiCropWrapper(backbone, model.CARPHead(backbone.embed_dim, args.out_dim))
 
     student, teacher = carp_network(), carp_network()
     student = student.to(device, memory_format=memory_format)
     teacher = teacher.to(device, memory_format=memory_format)
     pretrain.start_teacher(student, teacher)
-    optimizer = pretrain.LARS(pretrain.param_groups(student))
+    optimizer = optim.build_optimizer("lars", student)
     fp16 = args.use_fp16 and cuda
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     autocast = torch.autocast(device.type, dtype=torch.float16, enabled=fp16)
@@ -408,20 +380,19 @@ def bench_step(args):
     views = [v.contiguous(memory_format=memory_format) for v in views]
     lr = 0.45 * batch / 256
     sums = torch.zeros(3, device=device)
-    used = torch.zeros(args.step_out_dim, device=device)
-    iteration = [0]
+    used = torch.zeros(args.out_dim, device=device)
+    steps_taken = [0]
 
     def step(timer=None):
         """One optimizer step of pretrain.train_one_epoch (no gradient accumulation, one process),
         through the same two functions."""
         mark = timer or (lambda phase: None)
-        it = iteration[0]
-        iteration[0] += 1
-        partition = loss.partition_for_step(args.step_out_dim, args.step_partition_size, args.seed, it)
-        student_logits, total, consistency, entropy = pretrain.forward_backward(
+        partition = loss.partition_for_step(args.out_dim, args.partition_size, args.seed, steps_taken[0])
+        steps_taken[0] += 1
+        student_logits, total, consistency, uniformity = pretrain.forward_backward(
             student, teacher, views, partition.to(device), autocast, scaler)
         with torch.no_grad():  # the statistics pretrain.py keeps on the device between log lines
-            sums.add_(torch.stack([total, consistency, entropy]).detach())
+            sums.add_(torch.stack([total, consistency, uniformity]).detach())
             used[student_logits.argmax(dim=-1).flatten()] = 1
         mark("forward, loss and backward")
         pretrain.optimizer_step(student, teacher, optimizer, scaler, lr, 1e-6, 0.996)
@@ -471,7 +442,7 @@ def bench_step(args):
     return {
         "config": {"preset": args.step_preset, "arch": args.arch, "batch": batch,
                    "views": f"2 x {args.global_crops_size} + {args.local_crops_number} x {args.local_crops_size}",
-                   "K": args.step_out_dim, "N_B": args.step_partition_size, "fp16": fp16,
+                   "K": args.out_dim, "N_B": args.partition_size, "fp16": fp16,
                    "channels_last": memory_format == torch.channels_last},
         "step_ms": 1000 * seconds["step"], "images_per_s": batch / seconds["step"],
         "views_per_s": n_views * batch / seconds["step"],
@@ -510,23 +481,23 @@ def bench_cpu_recipe(args):
         student, teacher = pretrain.carp_network(recipe), pretrain.carp_network(recipe)
         student, teacher = student.to(device, memory_format=memory_format), teacher.to(device, memory_format=memory_format)
         pretrain.start_teacher(student, teacher)
-        optimizer = torch.optim.AdamW(pretrain.param_groups(student), lr=0.0)
+        optimizer = optim.build_optimizer(recipe.optimizer, student)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         autocast = torch.autocast(device.type, enabled=False)
         batches = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch
         waiting, total = [], []
-        for it in range(args.warmup + args.recipe_steps):
+        for step in range(args.warmup + args.recipe_steps):
             synchronize(device)
             start = time.perf_counter()
             views = make_views(next(batches)[0])
             synchronize(device)
             got_views = time.perf_counter()
-            partition = loss.partition_for_step(recipe.out_dim, recipe.partition_size, recipe.seed, it)
+            partition = loss.partition_for_step(recipe.out_dim, recipe.partition_size, recipe.seed, step)
             pretrain.forward_backward(student, teacher, views, partition.to(device), autocast, scaler)
             pretrain.optimizer_step(student, teacher, optimizer, scaler, recipe.lr * recipe.batch_size_per_gpu / 256,
                                     recipe.weight_decay, recipe.momentum_teacher)
             synchronize(device)
-            if it >= args.warmup:
+            if step >= args.warmup:
                 waiting.append(got_views - start)
                 total.append(time.perf_counter() - start)
         name = "batched" if batched else "per_image"

@@ -1,15 +1,25 @@
-"""Datasets and image transforms shared by pretrain.py and the evaluation scripts.
+"""Datasets, the views of pretraining, and the transforms of the evaluations.
 
+- The views (the method's augmentations): `MultiCropAugmentation`, the paper's 2 global + M local
+  views of one image (in the DataLoader workers), and `BatchedMultiCrop`, the same views drawn for a
+  whole batch on the training device (--batched_views true, for small images).
 - `build_dataset(name, split, ...)`: one table of datasets by name, for pretraining ('pretrain'
-  split) and for labelled evaluation ('train' and 'val' splits).
-- `MultiCropAugmentation`: the paper's 2 global + M local views of an image.
-- `eval_transform`: resize the short side to size / 0.875, centre-crop, normalise.
-- `SyntheticImages`: a deterministic, procedurally generated labelled image dataset that needs no
-  download (quick demo, tests).
+  split) and for labelled evaluation ('train' and 'val' splits): ImageNet-layout folders, the
+  torchvision datasets of the paper's transfer tables, `MNIST5k` (real digits shipped in a pip
+  package: the CPU demo) and `SyntheticImages` (generated, no download: tests).
+- `eval_transform` / `train_transform`: the evaluations' resize + centre crop and the frozen-backbone
+  classifiers' training view.
+- The readers of the evaluations' own layouts: VOC07 and iNat-2018's json release (fewshot_eval.py),
+  Revisited Oxford / Paris and Copydays (retrieval_eval.py).
+Every reader raises a DataError (cli.DataError) that names the file or folder and says what to do.
 """
 import importlib.util
+import json
 import math
 import os
+import pickle
+import warnings
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import torch
@@ -19,12 +29,10 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import v2
 
+from cli import DataError  # noqa: F401 (data.DataError: the error of every reader below)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(Exception):
-    """Data that cannot be used as given; the message says what was expected and how to fix it."""
 
 
 def default_num_workers(cap=8):
@@ -245,8 +253,7 @@ class BatchedMultiCrop:
 
     Same kinds of views, probabilities and ranges as MultiCropAugmentation, drawn independently for
     every image and view, but as a few tensor operations on (B, 3, H, W) instead of Python work per
-    view. For small images that is what keeps a small network fed: on 2 CPU cores the per-image
-    pipeline slowed the SmallCNN's whole training step 1.66x (bench.py, section cpu_recipe).
+    view. For small images that is what keeps a small network fed (README, *Performance*).
     Where it differs from MultiCropAugmentation, and why that does not matter for images of at most
     64 pixels:
     - crops are resampled with grid_sample's bicubic kernel without antialiasing (RandomResizedCrop
@@ -576,3 +583,257 @@ def build_dataset(name, split, transform=None, data_path=None, download=False, s
     if len(dataset) == 0:
         raise DataError(f"dataset {name!r} ({split} split, {data_path}) has no images")
     return dataset
+
+
+# ============ the few-shot datasets outside the table: VOC07 and iNat-2018's json release ============
+
+VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+
+
+class IndexedImages(torch.utils.data.Dataset):
+    """(image, index) of a list of image files; the labels, one row per image, are in `self.labels`.
+
+    Returning the index instead of the label lets features.extract_features, which stores one
+    integer per image, serve multi-label VOC too: the label rows are looked up by index afterwards.
+    """
+
+    def __init__(self, files, labels, transform):
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        return self.transform(load_image(self.files[index])), index
+
+
+def voc_image_labels(annotation_file):
+    """(20,) labels of one VOC image from its XML annotation: +1 if a non-difficult object of the
+    class is present, 0 if only difficult ones are, -1 if none is."""
+    try:
+        objects = ET.parse(annotation_file).getroot().findall("object")
+    except (OSError, ET.ParseError) as e:
+        raise DataError(f"cannot read VOC annotation {annotation_file}: {e}") from None
+    labels = np.full(len(VOC_CLASSES), -1, dtype=np.int64)
+    for obj in objects:
+        name = (obj.findtext("name") or "").strip()
+        if name not in VOC_CLASSES:
+            raise DataError(f"unknown class {name!r} in {annotation_file}; VOC07 has {', '.join(VOC_CLASSES)}")
+        c = VOC_CLASSES.index(name)
+        if int(obj.findtext("difficult") or 0):
+            labels[c] = max(labels[c], 0)
+        else:
+            labels[c] = 1
+    return labels
+
+
+def voc07_dataset(root, split, transform, download=False):
+    """VOC07 `split` (trainval or test) in torchvision's VOCDetection layout under `root`:
+    root/VOCdevkit/VOC2007/{ImageSets/Main/<split>.txt, JPEGImages/<id>.jpg, Annotations/<id>.xml}.
+    NOTE: the labels equal those of the devkit's ImageSets/Main/<class>_<split>.txt files."""
+    if root is None:
+        raise DataError("--protocol voc07_svm needs --data_path, the folder that holds VOCdevkit/VOC2007")
+    try:
+        voc = torchvision.datasets.VOCDetection(root, year="2007", image_set=split, download=download)
+    except (RuntimeError, FileNotFoundError) as e:
+        raise DataError(f"VOC2007 {split} not found in {root} ({e}). --data_path should hold "
+                        f"VOCdevkit/VOC2007/ImageSets/Main/{split}.txt, JPEGImages/ and Annotations/ (the trainval "
+                        f"and test archives extracted there), or pass --download true") from None
+    if len(voc.images) == 0:
+        raise DataError(f"{root}/VOCdevkit/VOC2007/ImageSets/Main/{split}.txt lists no image")
+    labels = torch.from_numpy(np.stack([voc_image_labels(path) for path in voc.annotations]))  # (N, 20)
+    return IndexedImages(voc.images, labels, transform)
+
+
+def inat2018_datasets(root, transform, views_transform=None):
+    """{'train', 'val'} of the official iNat-2018 release: `root`/{train,val}2018.json with images
+    under `root`, val images with `transform`, train images with `views_transform` (default: the
+    same). Category ids are mapped to 0..C-1 in increasing order of the train json's ids."""
+    def read(split):
+        path = os.path.join(root, f"{split}2018.json")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            files = {image["id"]: os.path.join(root, image["file_name"]) for image in data["images"]}
+            category = {a["image_id"]: a["category_id"] for a in data["annotations"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"cannot read the iNat-2018 annotation file {path}: {e!r}. Expected the official "
+                            f"COCO-style json with images[].id/file_name and annotations[].image_id/category_id"
+                            ) from None
+        unlabelled = [i for i in files if i not in category]
+        if unlabelled:
+            raise DataError(f"{path}: {len(unlabelled)} images have no annotation (e.g. image id {unlabelled[0]})")
+        return data, files, category
+
+    train, val = read("train"), read("val")
+    category_ids = sorted({c["id"] for c in train[0].get("categories", [])} | set(train[2].values()))
+    class_index = {c: i for i, c in enumerate(category_ids)}
+    datasets = {}
+    for split, (_, files, category) in (("train", train), ("val", val)):
+        unknown = {category[i] for i in files} - class_index.keys()
+        if unknown:
+            raise DataError(f"val2018.json has category ids absent from train2018.json: {sorted(unknown)[:5]}")
+        ids = sorted(files)
+        labels = torch.tensor([class_index[category[i]] for i in ids], dtype=torch.long)  # (N,)
+        datasets[split] = IndexedImages([files[i] for i in ids], labels,
+                                        views_transform if split == "train" and views_transform else transform)
+    return datasets
+
+
+def dataset_labels(dataset):
+    """(N,) integer labels of a train dataset, read from its metadata without loading an image where
+    the dataset keeps them (IndexedImages, ImageFolder, CIFAR, MNIST5k, synthetic, STL-10, the
+    torchvision transfer sets); otherwise every image is loaded once."""
+    if isinstance(dataset, IndexedImages):
+        return dataset.labels
+    for name in ("targets", "labels", "_labels"):  # ImageFolder, CIFAR, ours; STL-10; Flowers102, Food101, DTD
+        if hasattr(dataset, name):
+            return torch.as_tensor(np.asarray(getattr(dataset, name)), dtype=torch.long)
+    if hasattr(dataset, "_samples"):  # GTSRB: (path, label) pairs
+        return torch.tensor([label for _, label in dataset._samples], dtype=torch.long)
+    return torch.tensor([label for _, label in dataset], dtype=torch.long)
+
+
+# ============ the retrieval datasets: Revisited Oxford / Paris (revisitop) and Copydays ============
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+JPEG_QUALITIES = (3, 5, 8, 10, 15, 20, 30, 50, 75)
+CROP_PERCENTS = (10, 15, 20, 30, 40, 50, 60, 70, 80)
+
+
+def image_files(folder, flag):
+    """Sorted image files under `folder` (sub-folders included)."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{flag} {folder} is not a folder; pass a folder of .jpg / .png images")
+    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                   if name.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise DataError(f"{flag} {folder} holds no .jpg / .png images")
+    return paths
+
+
+class ImageList(torch.utils.data.Dataset):
+    """(image (3, H, W), index) for a list of files.
+
+    image_size: with square=False the image is thumbnailed so that its longer side is at most
+    image_size (aspect kept, never enlarged: revisitop / DINO); with square=True it is resized to
+    image_size x image_size (the Copydays protocol). boxes: optional (x1, y1, x2, y2) per image, cropped before resizing,
+    in the pixel coordinates of the original file (the revisitop query boxes).
+    """
+
+    def __init__(self, paths, image_size, square=False, boxes=None):
+        self.paths, self.image_size, self.square, self.boxes = paths, image_size, square, boxes
+        self.to_tensor = to_normalized_tensor()
+
+    def __len__(self):
+        return len(self.paths)
+
+    def load(self, index):
+        image = load_image(self.paths[index])
+        if self.boxes is not None:
+            x1, y1, x2, y2 = (int(round(float(v))) for v in self.boxes[index])
+            x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, image.width), min(y2, image.height)
+            if x2 <= x1 or y2 <= y1:
+                raise DataError(f"the query box {list(self.boxes[index])} of {self.paths[index]} is empty inside "
+                                f"its {image.width}x{image.height} image; check the gnd file or drop --crop_query_bbox")
+            image = image.crop((x1, y1, x2, y2))
+        if self.square:
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        else:
+            image.thumbnail((self.image_size, self.image_size), Image.Resampling.LANCZOS)
+        return image
+
+    def __getitem__(self, index):
+        return self.to_tensor(self.load(index)), index
+
+
+class GroundTruthUnpickler(pickle.Unpickler):
+    """Unpickler for the revisitop gnd files: plain lists, dicts, strings and numbers, and numpy arrays
+    should the file hold some. Any other class is refused, since unpickling can run code."""
+
+    allowed = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.allowed:
+            raise DataError(f"the ground-truth file holds a {module}.{name} object; a revisitop gnd file holds "
+                            f"only lists, dicts and numbers, so it is refused")
+        return super().find_class(module.replace("numpy.core", "numpy._core"), name)
+
+
+def read_revisited(data_path, name, crop_query_bbox=False):
+    """(database paths, query paths, gnd, query boxes or None) of the revisitop layout
+    <data_path>/<name>/gnd_<name>.pkl and <data_path>/<name>/jpg/<image>.jpg, checked."""
+    gnd_path = os.path.join(data_path, name, f"gnd_{name}.pkl")
+    if not os.path.isfile(gnd_path):
+        raise DataError(f"ground-truth file {gnd_path} does not exist. --data_path should hold {name}/gnd_{name}.pkl "
+                        f"and {name}/jpg/; revisitop's python/download.py (download_datasets) prepares them")
+    with open(gnd_path, "rb") as f:
+        try:
+            cfg = GroundTruthUnpickler(f, encoding="latin1").load()  # latin1: pickles written by Python 2
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise DataError(f"cannot read the ground-truth file {gnd_path}: {e}") from None
+    if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
+        raise DataError(f"{gnd_path} should be a dict with imlist, qimlist and gnd (revisitop layout); "
+                        f"it has {sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__}")
+    imlist, qimlist, gnd = list(cfg["imlist"]), list(cfg["qimlist"]), list(cfg["gnd"])
+    if len(gnd) != len(qimlist):
+        raise DataError(f"{gnd_path} has {len(qimlist)} queries in qimlist but {len(gnd)} gnd entries")
+    needed = ("easy", "hard", "junk") + (("bbx",) if crop_query_bbox else ())
+    for q, g in enumerate(gnd):
+        missing = [key for key in needed if key not in g]
+        if missing:
+            raise DataError(f"gnd entry {q} (query {qimlist[q]}) of {gnd_path} has no {', '.join(missing)}")
+        for key in ("easy", "hard", "junk"):
+            bad = [i for i in np.asarray(g[key], dtype=np.int64).ravel() if not 0 <= i < len(imlist)]
+            if bad:
+                raise DataError(f"gnd entry {q} (query {qimlist[q]}) of {gnd_path}: {key} index {bad[0]} is outside "
+                                f"the {len(imlist)} database images")
+    folder = os.path.join(data_path, name, "jpg")
+    database = [os.path.join(folder, f"{image}.jpg") for image in imlist]
+    queries = [os.path.join(folder, f"{image}.jpg") for image in qimlist]
+    missing = [p for p in database + queries if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"image {missing[0]} named in {gnd_path} does not exist ({len(missing)} missing in all); "
+                        f"the images of {name} belong in {folder}/")
+    gnd = [{key: np.asarray(g[key], dtype=np.int64).ravel() for key in ("easy", "hard", "junk")} for g in gnd]
+    boxes = [list(g["bbx"]) for g in cfg["gnd"]] if crop_query_bbox else None
+    return database, queries, gnd, boxes
+
+
+def copydays_blocks(root):
+    """{block: sorted image paths} for the blocks found in the Copydays folder `root`: original,
+    strong, then jpegqual/<quality> and crops/<percent> in numeric order. original/ and strong/
+    are required; a missing standard jpegqual/crops block is reported."""
+    blocks = {}
+    for block in ("original", "strong"):
+        folder = os.path.join(root, block)
+        if not os.path.isdir(folder):
+            raise DataError(f"Copydays folder {folder} does not exist; --data_path should hold original/, strong/, "
+                            f"jpegqual/<quality>/ and crops/<percent>/ (the INRIA release)")
+        blocks[block] = image_files(folder, "--data_path")
+    for family, standard in (("jpegqual", JPEG_QUALITIES), ("crops", CROP_PERCENTS)):
+        family_folder = os.path.join(root, family)
+        found = sorted(os.listdir(family_folder), key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else s)) \
+            if os.path.isdir(family_folder) else []
+        for sub in found:
+            if os.path.isdir(os.path.join(family_folder, sub)):
+                blocks[f"{family}/{sub}"] = image_files(os.path.join(family_folder, sub), "--data_path")
+        absent = [str(v) for v in standard if f"{family}/{v}" not in blocks]
+        if absent:
+            warnings.warn(f"Copydays blocks {family}/{{{','.join(absent)}}} not found in {root}: not evaluated")
+    return blocks
+
+
+def copydays_group(path):
+    """The original an image derives from. Copydays images are named by 6-digit ids whose first 4
+    digits are the original's: original/200000.jpg is edited into strong/200001.jpg, strong/200002.jpg,
+    ...; jpegqual/*/ and crops/*/ reuse the original's own name. (DINO matches 'strong' queries by this
+    prefix and the other blocks by sorted order, which is the same when names are the originals'.)"""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if len(stem) != 6 or not stem.isdigit():
+        raise DataError(f"Copydays image {path} is not named by a 6-digit id such as 200000.jpg; "
+                        f"the first 4 digits are needed to find its original")
+    return stem[:4]

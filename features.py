@@ -10,62 +10,21 @@ script (knn_eval, linear_eval, kmeans_eval, fewshot_eval, retrieval_eval) starts
   protocols share, with --dump_features / --load_features to reuse features between runs.
 """
 import argparse
-import json
-import math
 import os
-import re
 import warnings
-import zipfile
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from cli import bool_flag, stem_flag
 from data import DATASET_NAMES, DataError, build_dataset, default_num_workers, eval_transform
+from distributed import all_gather, is_initialized, is_main_process
 from model import build_backbone, use_small_image_stem
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help of every script: each flag's default, and the examples' line breaks. A default of None
-    is not shown: those flags' help says what happens when they are left out."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def bool_flag(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-def stem_flag(s):
-    """--small_image_stem: 'auto', or true / false."""
-    return "auto" if s.lower() == "auto" else bool_flag(s)
+from run_folder import checkpoint_args, read_checkpoint
 
 
 # What the data flags of the evaluations mean when neither the user nor the checkpoint says.
 DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_SYNTHETIC_IMAGES = "imagefolder", 224, 5000
-
-
-def init_distributed():
-    """(rank, world_size, device). Under torchrun (RANK in the environment): NCCL on GPU, gloo on CPU."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def is_main_process():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 # ============ checkpoints: ours and other methods' ============
@@ -98,56 +57,6 @@ MODEL_FORMATS = {
     # OBoW: {'network': {'conv1.weight', ...}} (its torchvision-format release is a plain state dict)
     "obow": (("network", ()), ""),
 }
-
-
-def read_checkpoint(path, what_to_do="Pass --pretrained_weights PATH to a checkpoint (.pth) file, or 'random' "
-                                     "for the random-weights baseline", mmap=False):
-    """torch.load with weights_only=True. The authors' CARP checkpoints pickle an
-    argparse.Namespace under 'args': that one class is allow-listed, nothing else, so a file that
-    holds any other object is refused rather than unpickled (unpickling can run code).
-    A file that torch.load cannot read (cut short, empty, text, ...) is a DataError naming it and
-    ending with `what_to_do`; it is never changed. mmap=True maps the file instead of reading it
-    (to look at its args without reading every weight)."""
-    if not os.path.isfile(path):
-        raise DataError(f"checkpoint {path} does not exist. {what_to_do}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # a truncated zip, an empty or text file, a pickle of arbitrary objects
-        found = re.search(r"GLOBAL (\S+) was not an allowed", str(e))
-        if found:
-            raise DataError(f"{path} holds Python objects (such as {found.group(1)}) that torch.load(weights_only="
-                            f"True) does not unpickle, as unpickling can run code: load it yourself only if you "
-                            f"trust it, and save its tensors alone (e.g. its state_dict). {what_to_do}") from None
-        raise DataError(f"{path} ({os.path.getsize(path)} bytes) is not a readable checkpoint: torch.load failed "
-                        f"with {type(e).__name__}; it may have been cut short (a full disk, an unfinished copy) "
-                        f"or be another kind of file. {what_to_do}") from None
-
-
-def read_run_checkpoint(path, keys, script, what_to_do):
-    """The checkpoint a script resumes from: read_checkpoint, and every entry of `keys` present with
-    the run's args as a dict, else a DataError saying the file is not one of `script`'s (another
-    layout, e.g. the authors' or DINO's, whose args are an argparse.Namespace)."""
-    checkpoint = read_checkpoint(path, what_to_do)
-    missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
-    if not missing and not isinstance(checkpoint["args"], dict):
-        missing = ["args as a dict"]
-    if missing:
-        raise DataError(f"{path} is not a checkpoint of {script} (no {', '.join(missing)}). {what_to_do}")
-    return checkpoint
-
-
-def checkpoint_args(path):
-    """The flags a checkpoint was trained with (ours: a dict; the authors': an argparse.Namespace),
-    as a dict; {} for 'random' and for files without them."""
-    if path == "random":
-        return {}
-    # Mapped, not read, where torch allows it: zip-format files (torch >= 1.6); older releases
-    # (pickle-format .pth.tar files) are read whole.
-    checkpoint = read_checkpoint(path, mmap=os.path.isfile(path) and zipfile.is_zipfile(path))
-    saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
-    return saved if isinstance(saved, dict) else {}
 
 
 def backbone_weights(checkpoint, model_format, checkpoint_key="teacher"):
@@ -273,12 +182,6 @@ class WithIndex(torch.utils.data.Dataset):
         return image, label, index
 
 
-def all_gather(tensor):
-    tensors = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(tensors, tensor.contiguous())
-    return tensors
-
-
 @torch.no_grad()
 def extract_features(backbone, dataset, batch_size=128, num_workers=4, device="cpu", progress=True):
     """Features (N, D) and labels (N,) of every image of `dataset`, in dataset order, on the CPU.
@@ -287,7 +190,7 @@ def extract_features(backbone, dataset, batch_size=128, num_workers=4, device="c
     DistributedSampler pads the last shard with repeated images, which simply land in their own
     rows again. The backbone is used in eval() mode (BatchNorm running statistics).
     """
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = is_initialized()
     sampler = (torch.utils.data.DistributedSampler(dataset, shuffle=False) if distributed
                else torch.utils.data.SequentialSampler(dataset))
     loader = torch.utils.data.DataLoader(WithIndex(dataset), batch_size=batch_size, sampler=sampler,
@@ -362,8 +265,7 @@ def add_eval_args(parser):
 def follow_checkpoint(args, follow_dataset=True):
     """Fill the data flags the user left out (None) from the flags the checkpoint was trained with,
     and say so: evaluated at another image size than it was trained on, a network measures
-    something else (the README's 32-px demo checkpoint: k-NN top-1 56.4 % at 224 px in 94 s, 92.8 %
-    at 32 px in 6 s). An explicit flag always wins. follow_dataset=False: --dataset falls back to
+    something else (README, *Evaluation*). An explicit flag always wins. follow_dataset=False: --dataset falls back to
     its default only. With --load_features the checkpoint is not read (the features are there)."""
     saved = {} if args.load_features else checkpoint_args(args.pretrained_weights)
     followed = []
@@ -434,18 +336,3 @@ def save_features(folder, features):
         torch.save({"features": feats, "labels": labels}, tmp)
         os.replace(tmp, features_file(folder, split))
     print(f"features saved to {folder}")
-
-
-def write_json(results, path):
-    """A JSON object (the metrics of an evaluation, a run's settings or summary), written
-    atomically; NaN (a metric with nothing to average) becomes null."""
-    def clean(value):
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return None if isinstance(value, float) and math.isnan(value) else value
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({key: clean(value) for key, value in results.items()}, f, indent=1)
-    os.replace(tmp, path)

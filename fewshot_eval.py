@@ -16,7 +16,7 @@ classifiers, and a fast N-shot logistic regression, for any checkpoint.
     python fewshot_eval.py --protocol lowshot_linear --cached_features true --pretrained_weights random --arch resnet18 --load_features feats/random
     torchrun --nproc_per_node=8 fewshot_eval.py --protocol voc07_svm --pretrained_weights carp_r50.pth --data_path /datasets/voc
 
-Protocols (../shared/docs/eval-protocols.md), one per --protocol:
+Protocols (README, *Evaluation*), one per --protocol:
 - voc07_svm: L2-normalised features of VOC07 trainval (train) and test; one linear SVM per class
   (C = --cost 0.5, fixed, class weight {+1: 2, -1: 1}, squared hinge, L2 penalty); per image and
   class the label is +1 if a non-difficult object of the class is in the image, 0 if only difficult
@@ -52,119 +52,25 @@ val2018.json (COCO style: images[].file_name relative to --data_path, annotation
 the train and val splits. An ImageNet-layout folder (train/ and val/ class sub-folders) works too.
 """
 import argparse
-import json
 import math
 import os
-import sys
 import warnings
-import xml.etree.ElementTree as ET
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
-from data import DataError, build_dataset, eval_transform, load_image, train_transform
-from features import (HelpFormatter, add_eval_args, bool_flag, check_frozen, extract_features, follow_checkpoint,
-                      frozen_features, init_distributed, is_main_process, load_backbone, save_features, write_json)
+import cli
+from cli import HelpFormatter, bool_flag
+from data import (VOC_CLASSES, DataError, IndexedImages, build_dataset, dataset_labels, eval_transform,
+                  inat2018_datasets, train_transform, voc07_dataset)
+from distributed import all_reduce, destroy, init_distributed, is_initialized, is_main_process, rank, world_size
+from features import (add_eval_args, check_frozen, extract_features, follow_checkpoint, frozen_features,
+                      load_backbone, save_features)
+from run_folder import write_json
 
-VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
-
-
-# ============ datasets outside data.py's table: VOC07 and the iNat-2018 json release ============
-
-class IndexedImages(torch.utils.data.Dataset):
-    """(image, index) of a list of image files; the labels, one row per image, are in `self.labels`.
-
-    Returning the index instead of the label lets features.extract_features, which stores one
-    integer per image, serve multi-label VOC too: the label rows are looked up by index afterwards.
-    """
-
-    def __init__(self, files, labels, transform):
-        self.files, self.labels, self.transform = files, labels, transform
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, index):
-        return self.transform(load_image(self.files[index])), index
-
-
-def voc_image_labels(annotation_file):
-    """(20,) labels of one VOC image from its XML annotation: +1 if a non-difficult object of the
-    class is present, 0 if only difficult ones are, -1 if none is."""
-    try:
-        objects = ET.parse(annotation_file).getroot().findall("object")
-    except (OSError, ET.ParseError) as e:
-        raise DataError(f"cannot read VOC annotation {annotation_file}: {e}") from None
-    labels = np.full(len(VOC_CLASSES), -1, dtype=np.int64)
-    for obj in objects:
-        name = (obj.findtext("name") or "").strip()
-        if name not in VOC_CLASSES:
-            raise DataError(f"unknown class {name!r} in {annotation_file}; VOC07 has {', '.join(VOC_CLASSES)}")
-        c = VOC_CLASSES.index(name)
-        if int(obj.findtext("difficult") or 0):
-            labels[c] = max(labels[c], 0)
-        else:
-            labels[c] = 1
-    return labels
-
-
-def voc07_dataset(root, split, transform, download=False):
-    """VOC07 `split` (trainval or test) in torchvision's VOCDetection layout under `root`:
-    root/VOCdevkit/VOC2007/{ImageSets/Main/<split>.txt, JPEGImages/<id>.jpg, Annotations/<id>.xml}.
-    NOTE: the labels equal those of the devkit's ImageSets/Main/<class>_<split>.txt files."""
-    if root is None:
-        raise DataError("--protocol voc07_svm needs --data_path, the folder that holds VOCdevkit/VOC2007")
-    try:
-        voc = torchvision.datasets.VOCDetection(root, year="2007", image_set=split, download=download)
-    except (RuntimeError, FileNotFoundError) as e:
-        raise DataError(f"VOC2007 {split} not found in {root} ({e}). --data_path should hold "
-                        f"VOCdevkit/VOC2007/ImageSets/Main/{split}.txt, JPEGImages/ and Annotations/ (the trainval "
-                        f"and test archives extracted there), or pass --download true") from None
-    if len(voc.images) == 0:
-        raise DataError(f"{root}/VOCdevkit/VOC2007/ImageSets/Main/{split}.txt lists no image")
-    labels = torch.from_numpy(np.stack([voc_image_labels(path) for path in voc.annotations]))  # (N, 20)
-    return IndexedImages(voc.images, labels, transform)
-
-
-def inat2018_datasets(root, transform, views_transform=None):
-    """{'train', 'val'} of the official iNat-2018 release: `root`/{train,val}2018.json with images
-    under `root`, val images with `transform`, train images with `views_transform` (default: the
-    same). Category ids are mapped to 0..C-1 in increasing order of the train json's ids."""
-    def read(split):
-        path = os.path.join(root, f"{split}2018.json")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            files = {image["id"]: os.path.join(root, image["file_name"]) for image in data["images"]}
-            category = {a["image_id"]: a["category_id"] for a in data["annotations"]}
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"cannot read the iNat-2018 annotation file {path}: {e!r}. Expected the official "
-                            f"COCO-style json with images[].id/file_name and annotations[].image_id/category_id"
-                            ) from None
-        unlabelled = [i for i in files if i not in category]
-        if unlabelled:
-            raise DataError(f"{path}: {len(unlabelled)} images have no annotation (e.g. image id {unlabelled[0]})")
-        return data, files, category
-
-    train, val = read("train"), read("val")
-    category_ids = sorted({c["id"] for c in train[0].get("categories", [])} | set(train[2].values()))
-    class_index = {c: i for i, c in enumerate(category_ids)}
-    datasets = {}
-    for split, (_, files, category) in (("train", train), ("val", val)):
-        unknown = {category[i] for i in files} - class_index.keys()
-        if unknown:
-            raise DataError(f"val2018.json has category ids absent from train2018.json: {sorted(unknown)[:5]}")
-        ids = sorted(files)
-        labels = torch.tensor([class_index[category[i]] for i in ids], dtype=torch.long)  # (N,)
-        datasets[split] = IndexedImages([files[i] for i in ids], labels,
-                                        views_transform if split == "train" and views_transform else transform)
-    return datasets
 
 
 def is_inat2018_json(args):
@@ -186,20 +92,6 @@ def indexed_features(args, device, datasets):
     if args.dump_features:
         save_features(args.dump_features, out)
     return out
-
-
-def dataset_labels(dataset):
-    """(N,) integer labels of a train dataset, read from its metadata without loading an image where
-    the dataset keeps them (IndexedImages, ImageFolder, CIFAR, MNIST5k, synthetic, STL-10, the
-    torchvision transfer sets); otherwise every image is loaded once."""
-    if isinstance(dataset, IndexedImages):
-        return dataset.labels
-    for name in ("targets", "labels", "_labels"):  # ImageFolder, CIFAR, ours; STL-10; Flowers102, Food101, DTD
-        if hasattr(dataset, name):
-            return torch.as_tensor(np.asarray(getattr(dataset, name)), dtype=torch.long)
-    if hasattr(dataset, "_samples"):  # GTSRB: (path, label) pairs
-        return torch.tensor([label for _, label in dataset._samples], dtype=torch.long)
-    return torch.tensor([label for _, label in dataset], dtype=torch.long)
 
 
 class KShotViews(torch.utils.data.Dataset):
@@ -526,8 +418,8 @@ def train_linear(epoch_batches, dim, n_classes, args, generator, evaluate, devic
             loss.backward()
             if distributed:
                 for parameter in linear.parameters():
-                    dist.all_reduce(parameter.grad)
-                    parameter.grad /= dist.get_world_size()
+                    all_reduce(parameter.grad)
+                    parameter.grad /= world_size()
             optimizer.step()
         history.append(evaluate(linear.weight.detach(), linear.bias.detach()))
     return history
@@ -551,14 +443,15 @@ def view_batches(backbone, views, batch_size, seed, device, num_workers=0):
     (batch_size / processes per step, the authors' split of the global batch of 256); in one
     process it is a seeded shuffle. The views are seeded per epoch and process.
     """
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    sampler = torch.utils.data.DistributedSampler(views, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    loader = torch.utils.data.DataLoader(views, sampler=sampler, batch_size=batch_size // world_size,
+    n_processes, process = world_size(), rank()
+    sampler = torch.utils.data.DistributedSampler(views, num_replicas=n_processes, rank=process, shuffle=True,
+                                                  seed=seed)
+    loader = torch.utils.data.DataLoader(views, sampler=sampler, batch_size=batch_size // n_processes,
                                          num_workers=num_workers, pin_memory=str(device).startswith("cuda"))
 
     def batches(epoch):
         sampler.set_epoch(epoch)
-        torch.manual_seed(seed + 1000 * epoch + rank)  # the crops and flips (DataLoader workers seed from it)
+        torch.manual_seed(seed + 1000 * epoch + process)  # the crops and flips (DataLoader workers seed from it)
         backbone.eval()
         for images, labels in loader:
             with torch.no_grad():
@@ -655,7 +548,7 @@ def kshot_classifiers(features, args, device, views=None):
                 batches = view_batches(backbone, KShotViews(train_set, kept, train_labels), args.linear_batch_size,
                                        int(rng.integers(2 ** 31)), device, args.num_workers)
             history = train_linear(batches, val_features.shape[1], n_classes, args, generator, evaluate, device,
-                                   distributed=views is not None and dist.is_initialized())
+                                   distributed=views is not None and is_initialized())
             accuracies.append(last_and_best(history))
             if views is not None:
                 check_frozen(backbone, reference, "low-shot training")
@@ -826,13 +719,9 @@ def main(argv=None):
         print_table(results, args)
         if args.output_json:
             write_json(results, args.output_json)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    destroy()
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

@@ -9,7 +9,7 @@
 (10percent.txt: google-research/simclr, imagenet_subsets/10percent.txt, 128,116 file names such as
 n01440764_10026.JPEG, one per line.)
 
-Protocol (../shared/docs/eval-protocols.md): teacher-backbone features of the train and val
+Protocol (README, *Evaluation*): teacher-backbone features of the train and val
 splits (evaluation transform), standardised with the train split's per-dimension mean and
 standard deviation, then spherical k-means on the train split with k = number of classes,
 100 iterations and 10 restarts (the restart with the best objective is kept). Every val image
@@ -35,18 +35,19 @@ process, on the GPU when there is one.
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from sklearn import metrics
 
+import cli
+from cli import HelpFormatter
 from data import DataError
-from features import (HelpFormatter, add_eval_args, follow_checkpoint, frozen_features, init_distributed,
-                      is_main_process, write_json)
+from distributed import destroy, init_distributed, is_main_process
+from features import add_eval_args, follow_checkpoint, frozen_features
+from run_folder import write_json
 
 
 def get_args(argv=None):
@@ -344,13 +345,9 @@ def main(argv=None):
             print(f"{name.upper():>8} {results[name]:>7.2f} {train_results[name]:>8.2f}")
         if args.output_json:
             write_json(results, args.output_json)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    destroy()
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

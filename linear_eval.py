@@ -13,7 +13,7 @@
     python linear_eval.py --pretrained_weights random --arch resnet18 --dataset synthetic --image_size 32 \
         --cached_features true --dump_features runs/random_features --output_dir runs/random_linear
 
-Protocol (../shared/docs/eval-protocols.md): the teacher backbone is frozen and kept in eval()
+Protocol (README, *Evaluation*): the teacher backbone is frozen and kept in eval()
 mode; a single nn.Linear(D, C) (weights N(0, 0.01), bias 0) is trained on the pooled features of
 augmented train images (bicubic RandomResizedCrop + horizontal flip) with cross-entropy, its
 learning rate following a per-step cosine from the peak to 0. Val images get the evaluation
@@ -32,19 +32,19 @@ ImageNet epoch (train_one_epoch explains how the last, shorter group of an epoch
 same command again resumes from the checkpoint, or only re-reports a finished run.
 """
 import argparse
-import json
 import os
-import sys
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
+from cli import HelpFormatter, bool_flag
 from data import DataError, build_dataset, eval_transform, train_transform
-from features import (HelpFormatter, add_eval_args, bool_flag, check_frozen, extract_features, follow_checkpoint,
-                      frozen_features, init_distributed, load_backbone, read_run_checkpoint, write_json)
-from pretrain import LARS, all_reduce, cosine_schedule, param_groups, save_checkpoint
+from distributed import all_reduce, destroy, init_distributed
+from features import add_eval_args, check_frozen, extract_features, follow_checkpoint, frozen_features, load_backbone
+from optim import build_optimizer, cosine_schedule
+from run_folder import JsonLog, check_resume_flags, read_run_checkpoint, save_checkpoint, write_json
 
 DEFAULT_LR = {"lars": 1.0, "sgd": 0.3}
 CACHED_WARNING = "cached-features protocol (no augmentation): not the paper's protocol"
@@ -140,16 +140,6 @@ def build_linear(dim, n_classes):
     nn.init.normal_(linear.weight, mean=0.0, std=0.01)
     nn.init.zeros_(linear.bias)
     return linear
-
-
-def build_optimizer(linear, args):
-    """LARS or SGD over pretrain.param_groups: the weight gets --weight_decay (and, with LARS, the
-    trust-ratio adaptation); the bias gets neither (`lars_exclude`), as in pretraining. The
-    learning rate is set at every step from the schedule."""
-    groups = param_groups(linear)  # [{weight}, {bias, weight_decay 0, lars_exclude}]
-    if args.optimizer == "lars":
-        return LARS(groups, lr=0.0, weight_decay=args.weight_decay, momentum=args.momentum)
-    return torch.optim.SGD(groups, lr=0.0, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
 def optimizer_steps_per_epoch(n_batches, accumulation_steps):
@@ -278,14 +268,9 @@ def load_checkpoint(path, args, linear, optimizer, world_size):
     """Restore the classifier and optimizer from `path`; returns the checkpoint's other entries."""
     what_to_do = "It was left as it is: move it away (or pass another --output_dir) to train this probe from the start"
     checkpoint = read_run_checkpoint(path, ("linear", "optimizer", "args", "world_size"), "linear_eval.py", what_to_do)
-    saved = {**RESUME_DEFAULTS, **checkpoint["args"]}
-    changed = [f"--{k} {saved.get(k)} (now {getattr(args, k)})"
-               for k in RESUME_ARGS if saved.get(k) != getattr(args, k)]
-    if checkpoint["world_size"] != world_size:
-        changed.append(f"{checkpoint['world_size']} processes (now {world_size})")
-    if changed:
-        raise DataError(f"{path} was trained with {', '.join(changed)}; use the same flags to resume, "
-                        f"or another --output_dir to start a new run")
+    other = ([f"{checkpoint['world_size']} processes (now {world_size})"] if checkpoint["world_size"] != world_size
+             else [])
+    check_resume_flags(path, checkpoint["args"], args, RESUME_ARGS, RESUME_DEFAULTS, other)
     linear.load_state_dict(checkpoint["linear"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     return checkpoint
@@ -351,7 +336,8 @@ def main(argv=None):
     if world_size > 1:
         linear = nn.parallel.DistributedDataParallel(linear_module,
                                                      device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(linear_module, args)
+    # The weight gets --weight_decay (and LARS adaptation), the bias neither, as in pretraining.
+    optimizer = build_optimizer(args.optimizer, linear_module, args.momentum, args.weight_decay)
     # The batch of one optimizer step: what the SGD learning rate scales with and what the paper fixes (2048).
     global_batch = args.batch_size_per_gpu * world_size * args.gradient_accumulation_steps
     steps_per_epoch = optimizer_steps_per_epoch(batches_per_epoch, args.gradient_accumulation_steps)
@@ -399,8 +385,7 @@ def main(argv=None):
             print(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, train top-1 {train_top1:.2f}"
                   + (f", val top-1 {record['top1']:.2f}, top-5 {record['top5']:.2f}" if record["top1"] is not None
                      else ""))
-            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps({k: v for k, v in record.items() if v is not None}) + "\n")
+            JsonLog(os.path.join(args.output_dir, "log.jsonl"))({k: v for k, v in record.items() if v is not None})
             save_checkpoint({"linear": linear_module.state_dict(), "optimizer": optimizer.state_dict(),
                              "epoch": epoch + 1, "best": best, "history": history, "world_size": world_size,
                              "args": vars(args)}, checkpoint_path)
@@ -422,13 +407,9 @@ def main(argv=None):
             print(CACHED_WARNING)
         if args.output_json:
             write_json(results, args.output_json)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    destroy()
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

@@ -1,29 +1,47 @@
 """The CARP objective: consistent assignment of views over random partitions.
 
-Notation (as in ../shared/docs/carp-method.md and the paper, arXiv:2310.12692):
+Notation (the paper's, arXiv:2310.12692), and the flag that sets each size:
 
-    K    number of prototypes (--out_dim, paper 65536)
-    N_B  prototypes per block (--partition_size, paper 512)
-    N_P  blocks per partition, N_P = K // N_B (paper 128)
-    V    student views per image (2 global + M local, paper 8)
-    V_t  teacher views per image (the 2 global views)
-    B    images per process
+    K    prototypes                                        --out_dim (paper 65536)
+    N_B  prototypes per block                              --partition_size (paper 512; the authors' name)
+    N_P  blocks of a partition, N_P = K // N_B             (paper 128)
+    V    student views per image: 2 global + M local       --local_crops_number M (paper 6, so V = 8)
+    V_t  teacher views per image: the 2 global views
+    B    images per process                                --batch_size_per_gpu
 
-Each training step draws a *partition*: a random split of the K prototypes into N_P disjoint
-*blocks* of N_B prototypes. Inside every block, a view is softly assigned to one of the block's
-prototypes with a softmax over the block's logits. The loss asks two things of these assignments:
+One word per concept, here and in every file:
+    view       an augmented crop of an image (data.py); the student sees all V, the teacher the 2 global
+    prototype  one of the K rows c_k of the head's last layer; a view's logit for it is <c_k / ||c_k||, z>
+    block      a group of N_B prototypes (`block_size` = N_B and `n_blocks` = N_P in the code)
+    partition  a random split of the K prototypes into N_P disjoint blocks, drawn anew at every step
+    student    the network trained by gradient; teacher: its exponential moving average (model.py)
 
-    consistency  L_c = mean over pairs (u, v), u != v, images n and blocks b of
-                       -log clamp( <p_b(z_n^u), q_b(w_n^v)>, eps, 1 - eps )
-                 the student view u and the teacher view v pick the same prototype of block b;
+Inside every block b a view is softly assigned to one of the block's prototypes, with a softmax over
+the block's N_B logits: p_b(z) for the student's view z, q_b(w) for the teacher's view w. The
+objective asks two things of these assignments:
 
-    entropy      L_H = mean over blocks b of  log N_B + sum_k pbar_b,k log clamp(pbar_b,k, eps, 1 - eps)
+    consistency  L_c = mean over pairs (u, v) of a student view u and a teacher view v, u != v, over
+                       images n and blocks b, of  -log clamp( <p_b(z_n^u), q_b(w_n^v)>, eps, 1 - eps )
+                 <p, q> is the probability that the two views pick the same prototype of block b.
+                 Global view 0 meets teacher view 1 and vice versa; every local view meets both:
+                 2V - 2 pairs. The teacher is a target: no gradient flows into it.
+
+    uniformity   L_H = mean over blocks b of  log N_B + sum_k pbar_b,k log clamp(pbar_b,k, eps, 1 - eps)
                      = mean over b of KL(pbar_b || uniform(N_B))
-                 where pbar_b is the block's assignment averaged over every view (student and
-                 teacher) of every image of the global batch: all prototypes of a block get used.
+                 pbar_b is the block's assignment averaged over every view (student and teacher) of
+                 every image of the global batch: 0 when all prototypes of a block are used equally.
+                 NOTE(authors' code): they call this term "entropy" (so did our logs before); it is
+                 log N_B minus the entropy of pbar_b, which our logs report as `block_entropy`.
 
-The training loss is L_c + L_H. ("entropy" is the authors' name for the second term, kept so that
-logs compare; it is a KL divergence to the uniform distribution and is 0 at uniform usage.)
+    loss = L_c + L_H
+
+Why blocks: a batch cannot estimate a uniform use of 65536 prototypes, but it can of 512; a fresh
+random partition at every step turns the prototypes into many small random assignment tasks. With
+N_B = K there is one block: the objective of CARL, the authors' earlier method.
+
+The file reads in that order: the partition, the block softmax, `carp_objective` (the definition,
+written as the equations read), then `carp_loss`, the same numbers with a fraction of the memory,
+which training runs (tests/test_loss.py checks that the two agree in value and gradient).
 
 How the two terms balance against collapse (tested in tests/test_loss.py). Shift the logits of
 every view of every image by the same small vector, the first step of a collapse onto the same
@@ -35,18 +53,9 @@ paper's 2 + 6. The shared shift grows unless the teacher lags enough (teacher sh
 V^2 / (V^2 + 2V + 4) of the student's: 1/3 with 2 views, 0.76 with 8), which is what multi-crop
 and a slow teacher (momentum 0.99 -> 1) buy.
 
-Everything here is plain tensor code. The only collective is the all-reduce of the block marginal,
-which is the identity when no process group is initialised, so the loss runs and tests the same in
-one process.
-
-Speed and memory. At the paper's sizes the block assignments of one step are (V + V_t) * B * K =
-10 * 64 * 65536 floats (160 MiB), but the loss needs of them only the agreements (V, V_t, B, N_P) and
-the block sums (N_P, N_B). `_BlockAssignments` computes the assignments view by view into one buffer,
-returns these statistics, and has a hand-written backward that overwrites the buffer with the
-gradient of the logits, so the objective's peak memory is the assignments themselves plus one view
-of scratch. Autograd through `block_softmax` and `einsum` would hold the indexed logits, the
-softmax, their gradients and the gradient of the logits at once. bench.py compares time, memory and
-result with a straightforward implementation.
+Everything here is plain tensor code. The only collective is the sum of the block marginal over
+processes (global_mean), the identity when no process group is initialised, so the loss runs and
+tests the same in one process.
 """
 import math
 
@@ -56,34 +65,40 @@ import torch.distributed as dist
 EPS = torch.finfo(torch.float32).eps  # NOTE(paper): eps is float32 machine epsilon, ~1.19e-7
 
 
-def random_partition(n_prototypes, partition_size, generator=None):
+# ============ the random partition ============
+
+def random_partition(n_prototypes, block_size, generator=None):
     """Split the prototype indices 0..K-1 into N_P = K // N_B random disjoint blocks of N_B.
 
     Returns a LongTensor of shape (N_P, N_B). When N_B does not divide K, the K - N_P * N_B
     prototypes that fall off the end of the permutation take no part in this step's loss
     (a different set each step).
     """
-    if not 1 <= partition_size <= n_prototypes:
+    if not 1 <= block_size <= n_prototypes:
         raise ValueError(
-            f"partition_size={partition_size} must be between 1 and the number of prototypes "
-            f"(out_dim={n_prototypes}); the paper uses 512 of 65536. Choose a partition_size "
-            f"that divides out_dim."
+            f"--partition_size {block_size} must be between 1 and the number of prototypes "
+            f"(--out_dim {n_prototypes}); the paper uses 512 of 65536. Choose a --partition_size "
+            f"that divides --out_dim."
         )
-    n_blocks = n_prototypes // partition_size  # N_P
+    n_blocks = n_prototypes // block_size  # N_P
     permutation = torch.randperm(n_prototypes, generator=generator)  # (K,)
-    return permutation[: n_blocks * partition_size].view(n_blocks, partition_size)  # (N_P, N_B)
+    return permutation[: n_blocks * block_size].view(n_blocks, block_size)  # (N_P, N_B)
 
 
-def partition_for_step(n_prototypes, partition_size, seed, step):
-    """The partition of training step `step`, identical on every process and after a resume.
+def partition_for_step(n_prototypes, block_size, seed, step):
+    """The partition of step `step`, identical on every process and after a resume. (pretrain.py
+    numbers its steps optimizer step x gradient accumulation + micro-step, so that every forward
+    pass draws its own partition.)
 
     NOTE(authors' code): the authors draw the permutation on rank 0 and broadcast it. A generator
     seeded from (seed, step) gives every rank the same partition with no communication, and a run
     resumed from a checkpoint draws exactly the partitions it would have drawn.
     """
     generator = torch.Generator().manual_seed((seed << 32) + step)  # distinct for every (seed, step < 2**32)
-    return random_partition(n_prototypes, partition_size, generator)
+    return random_partition(n_prototypes, block_size, generator)
 
+
+# ============ the objective, as the equations read ============
 
 def block_softmax(logits, partition):
     """Softmax inside every block of the partition, in float32.
@@ -91,46 +106,45 @@ def block_softmax(logits, partition):
     logits: (..., K) raw prototype scores <c_k / ||c_k||, z> (no temperature, as in the paper).
     partition: (N_P, N_B) prototype indices.
     Returns (..., N_P, N_B): one distribution over N_B prototypes per block.
-    (carp_loss computes the same assignments inside `_BlockAssignments`, with less memory.)
     """
     # Indexing the last axis with an (N_P, N_B) index tensor gathers all blocks at once.
     return logits.float()[..., partition].softmax(dim=-1)  # (..., N_P, N_B)
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum a tensor over all processes, and pass gradients back to every process's own summand.
+def carp_objective(student_logits, teacher_logits, partition):
+    """The two terms of the CARP objective, straight from their definitions (module docstring).
 
-    Forward: y = sum_r x_r, the same on every rank. Every rank then computes the same loss from y,
-    so the gradient of the *sum of all ranks' losses* with respect to x_r is sum_r' dL_r'/dy:
-    backward all-reduces the incoming gradient. Combined with DDP's averaging of parameter
-    gradients over ranks, this makes a W-process step take exactly the gradient of one process on
-    the concatenated batch (tests/test_distributed.py checks it).
+    student_logits: (V, B, K) logits of every student view (2 global first, then the locals).
+    teacher_logits: (V_t, B, K) logits of the teacher's global views, V_t = 2.
+    partition:      (N_P, N_B) prototype indices of this step's blocks.
+    Returns (consistency, uniformity), 0-dim float32 tensors; the training loss is their sum.
+    Training runs carp_loss, which returns the same numbers and gradients with less memory.
     """
+    block_size = partition.shape[1]  # N_B
+    p = block_softmax(student_logits, partition)  # (V, B, N_P, N_B): p_b(z_n^u)
+    q = block_softmax(teacher_logits.detach(), partition)  # (V_t, B, N_P, N_B): q_b(w_n^v), a target
 
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        return x
+    # ---- L_c: the student view u and the teacher view v, u != v, pick the same prototype of a block ----
+    pair_losses = [-(p[u] * q[v]).sum(dim=-1).clamp(EPS, 1 - EPS).log().mean()  # l(u, v): mean over n and b
+                   for u in range(len(p)) for v in range(len(q)) if u != v]  # 2V - 2 pairs
+    consistency = torch.stack(pair_losses).mean()  # L_c
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_output = grad_output.clone()
-        dist.all_reduce(grad_output, op=dist.ReduceOp.SUM)
-        return grad_output
+    # ---- L_H: every prototype of a block used equally over the global batch ----
+    assignments = torch.cat([p, q])  # (V + V_t, B, N_P, N_B): teacher entries count, without gradient
+    p_bar = global_mean(assignments.sum(dim=(0, 1)), assignments.shape[0] * assignments.shape[1])  # (N_P, N_B)
+    uniformity = (math.log(block_size) + (p_bar * p_bar.clamp(EPS, 1 - EPS).log()).sum(dim=-1)).mean()  # L_H
+    return consistency, uniformity
 
 
-def global_mean(x, n_local):
-    """Mean over the global batch of a per-process sum `x` of `n_local` terms.
-
-    In a single process this is x / n_local. Under a process group, it is the sum of the
-    x of every rank divided by the total count, with gradients flowing to the local x.
-    Every rank must contribute the same n_local (the training sampler drops the last batch).
-    """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return _AllReduceSum.apply(x) / (n_local * dist.get_world_size())
-    return x / n_local
-
+# ============ the same objective with a fraction of the memory: what training runs ============
+#
+# At the paper's sizes the block assignments of one step are (V + V_t) * B * K = 10 * 64 * 65536
+# floats (160 MiB), but the loss needs of them only the agreements (V, V_t, B, N_P) and the block
+# sums (N_P, N_B). `_BlockAssignments` computes the assignments view by view into one buffer, returns
+# these statistics, and has a hand-written backward that overwrites the buffer with the gradient of
+# the logits, so the objective's peak memory is the assignments themselves plus one view of scratch.
+# Autograd through carp_objective holds the indexed logits, the softmax, their gradients and the
+# gradient of the logits at once (bench.py, section objective, measures both).
 
 class _BlockAssignments(torch.autograd.Function):
     """Block assignments of the student and teacher views, reduced to what the loss needs.
@@ -199,13 +213,10 @@ class _BlockAssignments(torch.autograd.Function):
 
 
 def carp_loss(student_logits, teacher_logits, partition):
-    """The two terms of the CARP objective for one step.
+    """carp_objective's (consistency, uniformity), computed through _BlockAssignments.
 
-    student_logits: (V, B, K) logits of every student view (2 global first, then the locals).
-    teacher_logits: (V_t, B, K) logits of the teacher's global views, V_t = 2.
-    partition:      (N_P, N_B) prototype indices of this step's blocks.
-    Returns (consistency, entropy), 0-dim float32 tensors; the training loss is their sum.
-    Computed in float32 whatever the input dtype (bf16/fp16 softmaxes over 512 logits are too coarse).
+    Same inputs and outputs as carp_objective. Computed in float32 whatever the input dtype
+    (bf16/fp16 softmaxes over 512 logits are too coarse), also when called inside autocast.
     """
     # Autocast off: called inside an autocast region, the products below would run in fp16/bf16.
     with torch.autocast(student_logits.device.type, enabled=False):
@@ -233,6 +244,43 @@ def carp_loss(student_logits, teacher_logits, partition):
         local_sum = student_sum + teacher_sum  # (N_P, N_B)
         p_bar = global_mean(local_sum, (n_views + n_teacher_views) * batch_size)  # (N_P, N_B)
         neg_entropy = (p_bar * p_bar.clamp(EPS, 1 - EPS).log()).sum(dim=-1)  # (N_P,): -H(pbar_b)
-        entropy = (math.log(block_size) + neg_entropy).mean()  # L_H = mean_b KL(pbar_b || U(N_B))
+        uniformity = (math.log(block_size) + neg_entropy).mean()  # L_H = mean_b KL(pbar_b || U(N_B))
 
-        return consistency, entropy
+        return consistency, uniformity
+
+
+# ============ the marginal over processes ============
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum a tensor over all processes, and pass gradients back to every process's own summand.
+
+    Forward: y = sum_r x_r, the same on every rank. Every rank then computes the same loss from y,
+    so the gradient of the *sum of all ranks' losses* with respect to x_r is sum_r' dL_r'/dy:
+    backward all-reduces the incoming gradient. Combined with DDP's averaging of parameter
+    gradients over ranks, this makes a W-process step take exactly the gradient of one process on
+    the concatenated batch (tests/test_distributed.py checks it).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_output = grad_output.clone()
+        dist.all_reduce(grad_output, op=dist.ReduceOp.SUM)
+        return grad_output
+
+
+def global_mean(x, n_local):
+    """Mean over the global batch of a per-process sum `x` of `n_local` terms.
+
+    In a single process this is x / n_local. Under a process group, it is the sum of the
+    x of every rank divided by the total count, with gradients flowing to the local x.
+    Every rank must contribute the same n_local (the training sampler drops the last batch).
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _AllReduceSum.apply(x) / (n_local * dist.get_world_size())
+    return x / n_local

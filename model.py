@@ -35,10 +35,9 @@ class SmallCNN(nn.Module):
     """A plain 4-stage CNN for images of at most 64 pixels: (B, 3, H, W) -> pooled features (B, 256).
 
     Each stage is one 3x3 conv + BatchNorm + ReLU, at 32, 64, 128 and 256 channels with strides 1,
-    2, 2, 2 (a 32 x 32 view ends at 4 x 4), then global average pooling. 0.39 M parameters and
-    15 M multiply-adds per 32 x 32 image, 37 times less than a small-stem ResNet-18 at that size
-    (555 M): on a laptop CPU this buys the thousand-odd optimizer steps a CARP run needs to show
-    what it learns (README, *Quickstart*). Not a paper network: the paper's is ResNet-50.
+    2, 2, 2 (a 32 x 32 view ends at 4 x 4), then global average pooling: 0.39 M parameters. Small
+    enough that a laptop CPU runs the thousand-odd optimizer steps a CARP run needs to show what it
+    learns (README, *Quickstart*). Not a paper network: the paper's is ResNet-50.
     """
 
     def __init__(self, widths=(32, 64, 128, 256), strides=(1, 2, 2, 2)):
@@ -89,7 +88,7 @@ def build_backbone(arch="resnet50", small_image_stem=False, zero_init_residual=T
 
 
 class CARPHead(nn.Module):
-    """Projector g (an MLP) followed by the K prototypes.
+    """Projector g (an MLP) followed by the K prototypes (n_prototypes, the flag --out_dim).
 
     mlp:        Linear(D, 2048) -> BN -> GELU -> Linear(2048, 2048) -> BN -> GELU -> Linear(2048, 256)
     last_layer: weight-normalised Linear(256, K, bias=False); row k is prototype c_k, and with the
@@ -98,7 +97,7 @@ class CARPHead(nn.Module):
     temperature: the loss takes a softmax of these raw logits inside each block.
     """
 
-    def __init__(self, in_dim, out_dim=65536, use_bn=True, norm_last_layer=True, nlayers=3,
+    def __init__(self, in_dim, n_prototypes=65536, use_bn=True, norm_last_layer=True, nlayers=3,
                  hidden_dim=2048, bottleneck_dim=256):
         super().__init__()
         layers = []
@@ -111,7 +110,7 @@ class CARPHead(nn.Module):
         # Prototypes. parametrizations.weight_norm stores weight = g * v / ||v|| as `original0` (g,
         # shape (K, 1)) and `original1` (v, shape (K, 256)); it also loads the older
         # `weight_g` / `weight_v` keys of checkpoints made with nn.utils.weight_norm.
-        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, n_prototypes, bias=False))
         self.last_layer.parametrizations.weight.original0.data.fill_(1)
         if norm_last_layer:
             # Fixed norm 1: only the prototype directions are learned.

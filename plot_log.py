@@ -13,10 +13,13 @@ import argparse
 import json
 import math
 import os
-import sys
+
+import cli
 
 # The columns of the interval lines (one every --log_every optimizer steps), read against "step".
-STEP_KEYS = ("loss", "consistency", "entropy", "prototypes_used", "block_entropy", "lr", "grad_norm")
+STEP_KEYS = ("loss", "consistency", "uniformity", "prototypes_used", "block_entropy", "lr", "grad_norm")
+# Log keys of older runs: the uniformity term was logged as "entropy" (the authors' name) before.
+OLD_KEYS = {"entropy": "uniformity"}
 
 
 def get_args(argv=None):
@@ -27,7 +30,7 @@ def get_args(argv=None):
     return parser.parse_args(argv)
 
 
-class PlotError(Exception):
+class PlotError(cli.UserError):
     """Bad input: main() prints it as one line, without a traceback."""
 
 
@@ -48,6 +51,7 @@ def read_log(path):
                 raise PlotError(f"{path} line {number} is not valid JSON ({e}); fix or delete that line") from None
             if not isinstance(record, dict):
                 raise PlotError(f"{path} line {number} is not a JSON object; fix or delete that line")
+            record = {OLD_KEYS.get(key, key): value for key, value in record.items()}
             # A resumed run redoes the steps after its last checkpoint: the later line of a step (or of
             # an epoch) is the one the run continued from, so it replaces the earlier one.
             if record.get("event") == "resume":
@@ -108,10 +112,10 @@ def draw(series, flags, title, path):
                                  layout="constrained")
     fig.suptitle(title)
     steps = series["step"]
-    for key, label in (("loss", "loss = consistency + entropy"), ("consistency", "consistency L_c"),
-                       ("entropy", "entropy L_H (0: every prototype of a block used equally)")):
+    for key, label in (("loss", "loss = consistency + uniformity"), ("consistency", "consistency L_c"),
+                       ("uniformity", "uniformity L_H, KL to uniform (0: every prototype of a block used equally)")):
         ax["loss"].plot(steps, series[key], label=label)
-    ax["loss"].set(ylabel="nats", title="loss (collapse: consistency falls fast while entropy climbs)")
+    ax["loss"].set(ylabel="nats", title="loss (collapse: consistency falls fast while uniformity climbs)")
 
     # The log's epochs count from 0: the k-NN of epoch e is measured after e + 1 epochs of training,
     # which puts the random init at 0 and a resume at the epoch number it logs.
@@ -135,7 +139,7 @@ def draw(series, flags, title, path):
 
     # block_entropy = log N_B - L_H in every line, so the log itself gives N_B when settings.json is absent.
     n_b = flags.get("partition_size")
-    log_n_b = math.log(n_b) if n_b else series["block_entropy"][0] + series["entropy"][0]
+    log_n_b = math.log(n_b) if n_b else series["block_entropy"][0] + series["uniformity"][0]
     ax["block"].plot(steps, series["block_entropy"], label="mean entropy of a block's batch marginal")
     ax["block"].axhline(log_n_b, color="C7", linestyle="--",
                         label=(f"log N_B = log {n_b}" if n_b else "log N_B") + f" = {log_n_b:.2f}: the maximum")
@@ -193,7 +197,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except PlotError as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

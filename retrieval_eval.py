@@ -16,8 +16,8 @@
     # the random-weights baseline every table needs
     python retrieval_eval.py --pretrained_weights random --dataset roxford5k --data_path /data/datasets
 
-Protocols (../shared/docs/eval-protocols.md). Revisited Oxford / Paris: every database image and
-query is thumbnailed so that its longer side is at most --imsize (512, aspect kept), the backbone's
+Protocols (README, *Evaluation*). Revisited Oxford / Paris: every database image and
+query is thumbnailed so that its longer side is at most --image_size (512, aspect kept), the backbone's
 global-average-pooled features at the scales 1, 1/sqrt(2) and 1/2 are averaged and L2-normalised, and
 the database is ranked by cosine similarity. mAP Medium counts easy + hard images as positives and
 ignores junk; mAP Hard counts hard images and ignores easy + junk; ignored images are removed from
@@ -41,24 +41,24 @@ every process would redo the whole evaluation.
 import argparse
 import math
 import os
-import pickle
-import sys
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-from data import DataError, default_num_workers, load_image, to_normalized_tensor
-from features import HelpFormatter, add_model_args, bool_flag, load_backbone, write_json
+import cli
+from cli import HelpFormatter, bool_flag, renamed
+from data import (DataError, ImageList, copydays_blocks, copydays_group, default_num_workers, image_files,
+                  read_revisited)
+from features import add_model_args, load_backbone
+from run_folder import write_json
 
 REVISITED = ("roxford5k", "rparis6k")
 MULTISCALE = (1.0, 1 / math.sqrt(2), 0.5)  # DINO's and the revisitop/cirtorch scales
 KAPPAS = (1, 5, 10)  # the k of mean precision at k
 COPYDAYS_TOP_K = 20  # Copydays AP is computed on each query's top 20 (DINO and the authors)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 def get_args(argv=None):
@@ -71,11 +71,11 @@ def get_args(argv=None):
                         "revisitop layout); copydays: --data_path (or its copydays/ folder) holds original/, "
                         "strong/, jpegqual/*/, crops/*/")
     g.add_argument("--data_path", required=True, help="see --dataset")
-    g.add_argument("--imsize", type=int, default=None,
+    g.add_argument("--image_size", "--imsize", type=int, default=None,
                    help="roxford5k / rparis6k: longer side of the thumbnails (aspect kept, never enlarged), "
                         "default 512: the authors' eval_scripts.sh passes --imsize 512 (their script's own "
-                        "default, like DINO's, is 224). copydays: images are resized to imsize x imsize, default "
-                        "320 (DINO and the authors)")
+                        "default, like DINO's, is 224). copydays: images are resized to image_size x image_size, "
+                        "default 320 (DINO and the authors)" + renamed("imsize"))
     g.add_argument("--multiscale", type=bool_flag, default=None,
                    help="true: run the image at scales 1, 1/sqrt(2) and 1/2 (bilinear), average the three raw "
                         "pooled features and L2-normalise the mean (DINO's and the authors' utils.multi_scale: "
@@ -114,14 +114,14 @@ def get_args(argv=None):
     if args.dataset in REVISITED and args.ap_top_k is not None:
         parser.error(f"--ap_top_k {args.ap_top_k} belongs to --dataset copydays; revisitop's AP ranks the whole "
                      f"database: drop the flag")
-    if args.imsize is None:
-        args.imsize = 320 if copydays else 512
+    if args.image_size is None:
+        args.image_size = 320 if copydays else 512
     if args.multiscale is None:
         args.multiscale = not copydays
     if args.ap_top_k is None and copydays:
         args.ap_top_k = COPYDAYS_TOP_K
-    if args.imsize < 1 or args.batch_size_per_gpu < 1 or args.num_workers < 0:
-        parser.error(f"--imsize {args.imsize} and --batch_size_per_gpu {args.batch_size_per_gpu} must be >= 1 "
+    if args.image_size < 1 or args.batch_size_per_gpu < 1 or args.num_workers < 0:
+        parser.error(f"--image_size {args.image_size} and --batch_size_per_gpu {args.batch_size_per_gpu} must be >= 1 "
                      f"and --num_workers {args.num_workers} >= 0")
     if copydays and args.ap_top_k < 0:
         parser.error(f"--ap_top_k {args.ap_top_k} must be >= 0: 20 as DINO and the authors, 0 for the whole ranking")
@@ -225,41 +225,6 @@ def rank_database(query_features, database_features):
 
 # ============ images and features ============
 
-class ImageList(torch.utils.data.Dataset):
-    """(image (3, H, W), index) for a list of files.
-
-    imsize: with square=False the image is thumbnailed so that its longer side is at most imsize
-    (aspect kept, never enlarged: revisitop / DINO); with square=True it is resized to imsize x imsize
-    (the Copydays protocol). boxes: optional (x1, y1, x2, y2) per image, cropped before resizing,
-    in the pixel coordinates of the original file (the revisitop query boxes).
-    """
-
-    def __init__(self, paths, imsize, square=False, boxes=None):
-        self.paths, self.imsize, self.square, self.boxes = paths, imsize, square, boxes
-        self.to_tensor = to_normalized_tensor()
-
-    def __len__(self):
-        return len(self.paths)
-
-    def load(self, index):
-        image = load_image(self.paths[index])
-        if self.boxes is not None:
-            x1, y1, x2, y2 = (int(round(float(v))) for v in self.boxes[index])
-            x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, image.width), min(y2, image.height)
-            if x2 <= x1 or y2 <= y1:
-                raise DataError(f"the query box {list(self.boxes[index])} of {self.paths[index]} is empty inside "
-                                f"its {image.width}x{image.height} image; check the gnd file or drop --crop_query_bbox")
-            image = image.crop((x1, y1, x2, y2))
-        if self.square:
-            image = image.resize((self.imsize, self.imsize), Image.Resampling.BICUBIC)
-        else:
-            image.thumbnail((self.imsize, self.imsize), Image.Resampling.LANCZOS)
-        return image
-
-    def __getitem__(self, index):
-        return self.to_tensor(self.load(index)), index
-
-
 def multiscale_features(backbone, images, scales=(1.0,)):
     """Pooled features (B, D) averaged over `scales`: the image batch is resized by each factor
     (bilinear, as DINO and cirtorch) and the backbone's global average pooling accepts any size.
@@ -278,7 +243,7 @@ def multiscale_features(backbone, images, scales=(1.0,)):
 
 
 @torch.no_grad()
-def extract_features(backbone, dataset, batch_size=32, num_workers=4, device="cpu", scales=(1.0,),
+def extract_multiscale_features(backbone, dataset, batch_size=32, num_workers=4, device="cpu", scales=(1.0,),
                      desc="features", progress=True):
     """Raw features (N, D) of every image of `dataset`, in dataset order, on the CPU.
 
@@ -313,89 +278,21 @@ def extract_features(backbone, dataset, batch_size=32, num_workers=4, device="cp
     return torch.stack(features)  # (N, D)
 
 
-def image_files(folder, flag):
-    """Sorted image files under `folder` (sub-folders included)."""
-    if not os.path.isdir(folder):
-        raise DataError(f"{flag} {folder} is not a folder; pass a folder of .jpg / .png images")
-    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
-                   if name.lower().endswith(IMAGE_EXTENSIONS))
-    if not paths:
-        raise DataError(f"{flag} {folder} holds no .jpg / .png images")
-    return paths
-
-
-# ============ Revisited Oxford / Paris: the revisitop layout ============
-
-class GroundTruthUnpickler(pickle.Unpickler):
-    """Unpickler for the revisitop gnd files: plain lists, dicts, strings and numbers, and numpy arrays
-    should the file hold some. Any other class is refused, since unpickling can run code."""
-
-    allowed = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.allowed:
-            raise DataError(f"the ground-truth file holds a {module}.{name} object; a revisitop gnd file holds "
-                            f"only lists, dicts and numbers, so it is refused")
-        return super().find_class(module.replace("numpy.core", "numpy._core"), name)
-
-
-def read_revisited(data_path, name, crop_query_bbox=False):
-    """(database paths, query paths, gnd, query boxes or None) of the revisitop layout
-    <data_path>/<name>/gnd_<name>.pkl and <data_path>/<name>/jpg/<image>.jpg, checked."""
-    gnd_path = os.path.join(data_path, name, f"gnd_{name}.pkl")
-    if not os.path.isfile(gnd_path):
-        raise DataError(f"ground-truth file {gnd_path} does not exist. --data_path should hold {name}/gnd_{name}.pkl "
-                        f"and {name}/jpg/; revisitop's python/download.py (download_datasets) prepares them")
-    with open(gnd_path, "rb") as f:
-        try:
-            cfg = GroundTruthUnpickler(f, encoding="latin1").load()  # latin1: pickles written by Python 2
-        except (pickle.UnpicklingError, EOFError) as e:
-            raise DataError(f"cannot read the ground-truth file {gnd_path}: {e}") from None
-    if not isinstance(cfg, dict) or not {"imlist", "qimlist", "gnd"} <= set(cfg):
-        raise DataError(f"{gnd_path} should be a dict with imlist, qimlist and gnd (revisitop layout); "
-                        f"it has {sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__}")
-    imlist, qimlist, gnd = list(cfg["imlist"]), list(cfg["qimlist"]), list(cfg["gnd"])
-    if len(gnd) != len(qimlist):
-        raise DataError(f"{gnd_path} has {len(qimlist)} queries in qimlist but {len(gnd)} gnd entries")
-    needed = ("easy", "hard", "junk") + (("bbx",) if crop_query_bbox else ())
-    for q, g in enumerate(gnd):
-        missing = [key for key in needed if key not in g]
-        if missing:
-            raise DataError(f"gnd entry {q} (query {qimlist[q]}) of {gnd_path} has no {', '.join(missing)}")
-        for key in ("easy", "hard", "junk"):
-            bad = [i for i in np.asarray(g[key], dtype=np.int64).ravel() if not 0 <= i < len(imlist)]
-            if bad:
-                raise DataError(f"gnd entry {q} (query {qimlist[q]}) of {gnd_path}: {key} index {bad[0]} is outside "
-                                f"the {len(imlist)} database images")
-    folder = os.path.join(data_path, name, "jpg")
-    database = [os.path.join(folder, f"{image}.jpg") for image in imlist]
-    queries = [os.path.join(folder, f"{image}.jpg") for image in qimlist]
-    missing = [p for p in database + queries if not os.path.isfile(p)]
-    if missing:
-        raise DataError(f"image {missing[0]} named in {gnd_path} does not exist ({len(missing)} missing in all); "
-                        f"the images of {name} belong in {folder}/")
-    gnd = [{key: np.asarray(g[key], dtype=np.int64).ravel() for key in ("easy", "hard", "junk")} for g in gnd]
-    boxes = [list(g["bbx"]) for g in cfg["gnd"]] if crop_query_bbox else None
-    return database, queries, gnd, boxes
-
-
 def evaluate_revisited(args, device):
     # ============ reading the ground truth ... ============
     database, queries, gnd, boxes = read_revisited(args.data_path, args.dataset, args.crop_query_bbox)
     scales = MULTISCALE if args.multiscale else (1.0,)
     query_mode = ("cropped to their box (--crop_query_bbox true, the official revisitop protocol)"
                   if args.crop_query_bbox else "full images (--crop_query_bbox false, as DINO and the authors)")
-    print(f"{args.dataset}: {len(queries)} queries, {len(database)} database images, longer side <= {args.imsize}, "
+    print(f"{args.dataset}: {len(queries)} queries, {len(database)} database images, longer side <= {args.image_size}, "
           f"{'scales 1, 1/sqrt(2), 1/2' if args.multiscale else 'single scale'}; queries: {query_mode}")
 
     # ============ extracting features ... ============
     backbone = frozen_backbone(args, device)
-    extract = lambda dataset, desc: F.normalize(extract_features(  # noqa: E731
+    extract = lambda dataset, desc: F.normalize(extract_multiscale_features(  # noqa: E731
         backbone, dataset, args.batch_size_per_gpu, args.num_workers, device, scales, desc), dim=1)
-    database_features = extract(ImageList(database, args.imsize), "database")  # (N, D)
-    query_features = extract(ImageList(queries, args.imsize, boxes=boxes), "queries")  # (Q, D)
+    database_features = extract(ImageList(database, args.image_size), "database")  # (N, D)
+    query_features = extract(ImageList(queries, args.image_size, boxes=boxes), "queries")  # (Q, D)
 
     # ============ ranking and scoring ... ============
     results = revisited_metrics(rank_database(query_features, database_features), gnd)
@@ -404,51 +301,11 @@ def evaluate_revisited(args, device):
     for protocol, suffix in (("medium", ""), ("hard", "_hard")):
         print(f"{protocol:8}{fmt(results[f'map_{protocol}'])}"
               + "".join(fmt(results[f"mp@{k}{suffix}"]) for k in KAPPAS) + f"  {results[f'skipped_{protocol}']}")
-    results.update(crop_query_bbox=float(args.crop_query_bbox), imsize=args.imsize, multiscale=float(args.multiscale))
+    results.update(crop_query_bbox=float(args.crop_query_bbox), image_size=args.image_size, multiscale=float(args.multiscale))
     return results
 
 
 # ============ Copydays ============
-
-JPEG_QUALITIES = (3, 5, 8, 10, 15, 20, 30, 50, 75)
-CROP_PERCENTS = (10, 15, 20, 30, 40, 50, 60, 70, 80)
-
-
-def copydays_blocks(root):
-    """{block: sorted image paths} for the blocks found in the Copydays folder `root`: original,
-    strong, then jpegqual/<quality> and crops/<percent> in numeric order. original/ and strong/
-    are required; a missing standard jpegqual/crops block is reported."""
-    blocks = {}
-    for block in ("original", "strong"):
-        folder = os.path.join(root, block)
-        if not os.path.isdir(folder):
-            raise DataError(f"Copydays folder {folder} does not exist; --data_path should hold original/, strong/, "
-                            f"jpegqual/<quality>/ and crops/<percent>/ (the INRIA release)")
-        blocks[block] = image_files(folder, "--data_path")
-    for family, standard in (("jpegqual", JPEG_QUALITIES), ("crops", CROP_PERCENTS)):
-        family_folder = os.path.join(root, family)
-        found = sorted(os.listdir(family_folder), key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else s)) \
-            if os.path.isdir(family_folder) else []
-        for sub in found:
-            if os.path.isdir(os.path.join(family_folder, sub)):
-                blocks[f"{family}/{sub}"] = image_files(os.path.join(family_folder, sub), "--data_path")
-        absent = [str(v) for v in standard if f"{family}/{v}" not in blocks]
-        if absent:
-            warnings.warn(f"Copydays blocks {family}/{{{','.join(absent)}}} not found in {root}: not evaluated")
-    return blocks
-
-
-def copydays_group(path):
-    """The original an image derives from. Copydays images are named by 6-digit ids whose first 4
-    digits are the original's: original/200000.jpg is edited into strong/200001.jpg, strong/200002.jpg,
-    ...; jpegqual/*/ and crops/*/ reuse the original's own name. (DINO matches 'strong' queries by this
-    prefix and the other blocks by sorted order, which is the same when names are the originals'.)"""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    if len(stem) != 6 or not stem.isdigit():
-        raise DataError(f"Copydays image {path} is not named by a 6-digit id such as 200000.jpg; "
-                        f"the first 4 digits are needed to find its original")
-    return stem[:4]
-
 
 def fit_whitening(features, power=0.5, eps=1e-5):
     """PCA whitening (mean (D,), projection (D, D)) learned on `features` (n, D).
@@ -513,14 +370,14 @@ def evaluate_copydays(args, device):
     scales = MULTISCALE if args.multiscale else (1.0,)
     ap_range = f"AP over the top {args.ap_top_k}" if args.ap_top_k else "AP over the whole ranking (--ap_top_k 0)"
     print(f"copydays: {len(blocks)} query blocks, database of {len(blocks['original'])} originals + "
-          f"{len(distractors)} distractors, {args.imsize}x{args.imsize} images, "
+          f"{len(distractors)} distractors, {args.image_size}x{args.image_size} images, "
           f"{'scales 1, 1/sqrt(2), 1/2' if args.multiscale else 'single scale'}, "
           f"{f'PCA whitening learned on {len(whitening)} images' if whitening else 'no whitening'}, {ap_range}")
 
     # ============ extracting features ... ============
     backbone = frozen_backbone(args, device)
-    extract = lambda paths, desc: extract_features(  # noqa: E731
-        backbone, ImageList(paths, args.imsize, square=True), args.batch_size_per_gpu, args.num_workers, device,
+    extract = lambda paths, desc: extract_multiscale_features(  # noqa: E731
+        backbone, ImageList(paths, args.image_size, square=True), args.batch_size_per_gpu, args.num_workers, device,
         scales, desc)
     features = {block: extract(paths, block) for block, paths in blocks.items()}  # raw (n, D) each
     database_features = torch.cat([features["original"]] + ([extract(distractors, "distractors")] if distractors
@@ -545,7 +402,7 @@ def evaluate_copydays(args, device):
         results[f"map_{block.replace('/', '_')}"] = float(aps.mean())
         print(f"{block:12} {len(aps):5} queries  mAP {aps.mean():6.2f}")
     print(f"strong (headline): mAP {results['map_strong']:.2f}")
-    results.update(n_database=len(database_features), imsize=args.imsize, multiscale=float(args.multiscale),
+    results.update(n_database=len(database_features), image_size=args.image_size, multiscale=float(args.multiscale),
                    whitening=float(bool(args.whitening_path)), ap_top_k=args.ap_top_k)
     return results
 
@@ -553,7 +410,7 @@ def evaluate_copydays(args, device):
 def frozen_backbone(args, device):
     """The backbone of --pretrained_weights in eval() mode on `device`; its features are never trained."""
     backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
-                             args.model_format, image_size=args.imsize)
+                             args.model_format, image_size=args.image_size)
     return backbone.to(device).eval().requires_grad_(False)
 
 
@@ -571,7 +428,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    cli.run(main)

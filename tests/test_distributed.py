@@ -42,9 +42,9 @@ def _worker(rank, port, out_dir):
         student_local = student[:, rows].clone().requires_grad_(True)  # (V, B, K)
         teacher_local = teacher[:, rows].clone()  # (V_t, B, K)
         partition = partition_for_step(K, N_B, SEED, STEP)  # (N_P, N_B)
-        consistency, entropy = carp_loss(student_local, teacher_local, partition)
+        consistency, uniformity = carp_loss(student_local, teacher_local, partition)
         # DDP averages gradients over ranks: the same as backpropagating loss / W on each rank.
-        ((consistency + entropy) / WORLD_SIZE).backward()
+        ((consistency + uniformity) / WORLD_SIZE).backward()
 
         # ---- partitions drawn independently on every rank, then gathered ----
         partitions = torch.stack([partition_for_step(K, N_B, SEED, step) for step in range(3)])  # (3, N_P, N_B)
@@ -57,7 +57,7 @@ def _worker(rank, port, out_dir):
         mean.sum().backward()
 
         torch.save({
-            "consistency": consistency.detach(), "entropy": entropy.detach(), "grad": student_local.grad,
+            "consistency": consistency.detach(), "uniformity": uniformity.detach(), "grad": student_local.grad,
             "partition": partition, "gathered_partitions": torch.stack(gathered),
             "global_mean": mean.detach(), "global_mean_grad": x.grad,
         }, out_dir / f"rank{rank}.pt")
@@ -95,9 +95,9 @@ def single_process():
     """carp_loss and its gradient in one process (no process group) on the concatenated batch."""
     student, teacher = global_logits()
     student.requires_grad_(True)
-    consistency, entropy = carp_loss(student, teacher, partition_for_step(K, N_B, SEED, STEP))
-    (consistency + entropy).backward()
-    return {"consistency": consistency.detach(), "entropy": entropy.detach(), "grad": student.grad}
+    consistency, uniformity = carp_loss(student, teacher, partition_for_step(K, N_B, SEED, STEP))
+    (consistency + uniformity).backward()
+    return {"consistency": consistency.detach(), "uniformity": uniformity.detach(), "grad": student.grad}
 
 
 def test_consistency_averaged_over_ranks_equals_one_process_on_global_batch(ranks, single_process):
@@ -108,10 +108,10 @@ def test_consistency_averaged_over_ranks_equals_one_process_on_global_batch(rank
     assert not torch.allclose(ranks[0]["consistency"], ranks[1]["consistency"])
 
 
-def test_entropy_uses_global_marginal_on_every_rank(ranks, single_process):
+def test_uniformity_uses_global_marginal_on_every_rank(ranks, single_process):
     """L_H is computed from the block marginal pbar over the global batch: every rank gets the one-process value."""
     for r in ranks:
-        torch.testing.assert_close(r["entropy"], single_process["entropy"], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(r["uniformity"], single_process["uniformity"], atol=1e-6, rtol=1e-6)
 
 
 def test_gradient_of_ddp_step_equals_one_process_gradient_on_global_batch(ranks, single_process):

@@ -246,16 +246,19 @@ def test_random_baseline_is_the_same_network_in_every_process_and_run():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def test_a_small_cnn_checkpoint_round_trips_through_every_evaluation_script(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("layout", ["current", "before the renames"])
+def test_a_small_cnn_checkpoint_round_trips_through_every_evaluation_script(tmp_path, monkeypatch, capsys, layout):
     """pretrain.py --arch small_cnn stores the architecture in the checkpoint's args: load_backbone
     rebuilds a SmallCNN with exactly the teacher's backbone weights whatever --arch says (all 24
-    tensors: 4 convs, 4 BatchNorms of 5), and every evaluation script runs on it."""
+    tensors: 4 convs, 4 BatchNorms of 5), and every evaluation script runs on it; so does a
+    checkpoint in the layout pretrain.py wrote before the method-first release."""
     import fewshot_eval
     import kmeans_eval
     import knn_eval
     import linear_eval
     import pretrain
     import retrieval_eval
+    from test_pretrain import in_the_layout_before_the_renames
     from test_retrieval_eval import make_copydays
 
     run = tmp_path / "run"
@@ -264,6 +267,10 @@ def test_a_small_cnn_checkpoint_round_trips_through_every_evaluation_script(tmp_
                    "--out_dim", "32", "--partition_size", "8", "--hidden_dim", "16", "--bottleneck_dim", "8",
                    "--batch_size_per_gpu", "4", "--num_workers", "0", "--epochs", "1", "--output_dir", str(run)])
     path = str(run / "checkpoint.pth")
+    if layout != "current":
+        in_the_layout_before_the_renames(path)
+    args = knn_eval.get_args(["--pretrained_weights", path])  # the data flags follow the checkpoint
+    assert (args.dataset, args.image_size, args.synthetic_images) == ("synthetic", 16, 16)
     teacher = torch.load(path, weights_only=True)["teacher"]
     backbone = features.load_backbone(path, arch="resnet50")
     assert isinstance(backbone, model.SmallCNN)
@@ -281,7 +288,7 @@ def test_a_small_cnn_checkpoint_round_trips_through_every_evaluation_script(tmp_
     fewshot_eval.main(common + ["--protocol", "nshot_logreg", "--shots", "1", "--runs", "1"])
     make_copydays(tmp_path / "copydays")
     retrieval_eval.main(["--pretrained_weights", path, "--dataset", "copydays", "--data_path", str(tmp_path),
-                         "--imsize", "16", "--num_workers", "0"])
+                         "--image_size", "16", "--num_workers", "0"])
     out = capsys.readouterr().out
     assert out.count("loaded 24/24 backbone tensors") == 5, out
 

@@ -16,11 +16,10 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 import fewshot_eval
-from data import DataError
-from fewshot_eval import (VOC_CLASSES, difficult_as_negative, fit_logreg, inat2018_datasets, kshot_classifiers,
-                          last_and_best, lr_per_epoch, sample_kshot, voc07_dataset, voc07_svm, voc_average_precision,
-                          voc_full_sets, voc_lowshot_sets, voc_mean_ap, voc_shared_pool, voc_svm_test_scores)
-from data import train_transform
+from data import VOC_CLASSES, DataError, inat2018_datasets, train_transform, voc07_dataset
+from fewshot_eval import (difficult_as_negative, fit_logreg, kshot_classifiers, last_and_best, lr_per_epoch,
+                          sample_kshot, voc07_svm, voc_average_precision, voc_full_sets, voc_lowshot_sets, voc_mean_ap,
+                          voc_shared_pool, voc_svm_test_scores)
 
 
 # ============ generated data in the real layouts ============

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from knn_eval import knn_classify
+from knn import knn_classify
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,6 +13,7 @@ import torch
 import features
 import linear_eval
 import model
+import optim
 from data import DataError
 
 TINY = ["--arch", "resnet18", "--dataset", "synthetic", "--synthetic_images", "40", "--image_size", "16",
@@ -192,7 +193,8 @@ def test_classifier_init_and_lars_groups():
     assert linear.weight.std().item() == pytest.approx(0.01, rel=0.01) and abs(linear.weight.mean().item()) < 1e-4
     assert torch.equal(linear.bias, torch.zeros(1000))
     args = linear_eval.get_args(["--pretrained_weights", "random", "--weight_decay", "1e-4"])
-    weight_group, bias_group = linear_eval.build_optimizer(linear, args).param_groups
+    optimizer = optim.build_optimizer(args.optimizer, linear, args.momentum, args.weight_decay)
+    weight_group, bias_group = optimizer.param_groups
     assert weight_group["params"] == [linear.weight] and not weight_group["lars_exclude"]
     assert weight_group["weight_decay"] == 1e-4 and weight_group["momentum"] == 0.9
     assert bias_group["params"] == [linear.bias] and bias_group["lars_exclude"] and bias_group["weight_decay"] == 0

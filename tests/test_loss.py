@@ -1,4 +1,5 @@
-"""The CARP objective (loss.py), rule by rule; see ../shared/docs/carp-method.md, "One training step".
+"""The CARP objective (loss.py), rule by rule, as its docstring states it; and the memory-efficient
+carp_loss that training runs against carp_objective, the plain definition.
 
 Shapes: student logits (V, B, K), teacher logits (V_t, B, K), partition (N_P, N_B).
 Every expected number is either derived by hand in the test's docstring or computed by the
@@ -32,7 +33,7 @@ def reference_consistency(student_logits, teacher_logits, partition):
     return torch.stack(values).mean(), pairs
 
 
-def reference_entropy(student_logits, teacher_logits, partition):
+def reference_uniformity(student_logits, teacher_logits, partition):
     """L_H: mean over blocks of log N_B + sum_k pbar log clamp(pbar), pbar over all views and images."""
     all_logits = torch.cat([student_logits, teacher_logits.detach()])  # (V + V_t, B, K)
     p_bar = all_logits[..., partition].softmax(dim=-1).mean(dim=(0, 1))  # (N_P, N_B)
@@ -147,34 +148,34 @@ def test_identical_one_hot_views_give_zero_consistency():
     assert consistency.item() < 1e-5
 
 
-def test_collapsed_marginal_gives_entropy_log_nb():
+def test_collapsed_marginal_gives_uniformity_log_nb():
     """All images and views on one prototype per block: pbar = (1, 0, 0, 0), L_H = log N_B = log 4."""
     torch.manual_seed(0)
     partition = loss.random_partition(16, 4)
     logits = one_hot_logits(torch.zeros(4, 3, dtype=torch.long), partition, 16)
-    _, entropy = loss.carp_loss(logits, logits[:2].clone(), partition)
-    assert entropy.item() == pytest.approx(math.log(4), abs=1e-4)
+    _, uniformity = loss.carp_loss(logits, logits[:2].clone(), partition)
+    assert uniformity.item() == pytest.approx(math.log(4), abs=1e-4)
 
 
-def test_uniform_prototype_usage_gives_zero_entropy():
+def test_uniform_prototype_usage_gives_zero_uniformity():
     """Image n picks prototype n mod N_B of each block, B = 2 N_B = 8: pbar = 1/4 each, L_H = 0
     (and the views agree, so L_c = 0 too)."""
     torch.manual_seed(0)
     partition = loss.random_partition(16, 4)
     choice = (torch.arange(8) % 4).expand(4, 8)  # (V=4, B=8): same prototype for all views of an image
     logits = one_hot_logits(choice, partition, 16)
-    consistency, entropy = loss.carp_loss(logits, logits[:2].clone(), partition)
-    assert abs(entropy.item()) < 1e-5
+    consistency, uniformity = loss.carp_loss(logits, logits[:2].clone(), partition)
+    assert abs(uniformity.item()) < 1e-5
     assert consistency.item() < 1e-5
 
 
-def test_zero_logits_give_consistency_log_nb_and_zero_entropy():
+def test_zero_logits_give_consistency_log_nb_and_zero_uniformity():
     """All logits 0: every block softmax is uniform, agreement = N_B * (1/N_B)^2 = 1/N_B,
     so L_c = log N_B = log 8; pbar is uniform, so L_H = 0."""
     partition = loss.random_partition(64, 8, generator=torch.Generator().manual_seed(0))
-    consistency, entropy = loss.carp_loss(torch.zeros(4, 2, 64), torch.zeros(2, 2, 64), partition)
+    consistency, uniformity = loss.carp_loss(torch.zeros(4, 2, 64), torch.zeros(2, 2, 64), partition)
     assert consistency.item() == pytest.approx(math.log(8), abs=1e-6)
-    assert abs(entropy.item()) < 1e-6
+    assert abs(uniformity.item()) < 1e-6
 
 
 def test_teacher_views_count_in_the_marginal():
@@ -184,8 +185,8 @@ def test_teacher_views_count_in_the_marginal():
     partition = loss.random_partition(16, 4)
     student = one_hot_logits(torch.zeros(2, 3, dtype=torch.long), partition, 16)
     teacher = one_hot_logits(torch.ones(2, 3, dtype=torch.long), partition, 16)
-    _, entropy = loss.carp_loss(student, teacher, partition)
-    assert entropy.item() == pytest.approx(math.log(2), abs=1e-4)
+    _, uniformity = loss.carp_loss(student, teacher, partition)
+    assert uniformity.item() == pytest.approx(math.log(2), abs=1e-4)
 
 
 # ---------------------------------------------------------------- pairing rule ----------------------
@@ -215,14 +216,14 @@ def test_consistency_excludes_same_view_pairs():
     assert consistency.item() != pytest.approx(0.75 * math.log(4), abs=1e-2)
 
 
-# ---------------------------------------------------------------- entropy reference ---------------
+# ---------------------------------------------------------------- uniformity reference ---------------
 
-def test_entropy_is_the_kl_of_the_all_views_marginal_to_uniform():
+def test_uniformity_is_the_kl_of_the_all_views_marginal_to_uniform():
     """L_H = mean_b [log N_B + sum_k pbar log pbar], pbar over all V + V_t views and B images."""
     student, teacher, partition = random_case(n_views=5, batch_size=4, n_prototypes=32, partition_size=8)
-    _, entropy = loss.carp_loss(student, teacher, partition)
-    expected = reference_entropy(student.double(), teacher.double(), partition)
-    assert entropy.item() == pytest.approx(expected.item(), abs=1e-5)
+    _, uniformity = loss.carp_loss(student, teacher, partition)
+    expected = reference_uniformity(student.double(), teacher.double(), partition)
+    assert uniformity.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 # ---------------------------------------------------------------- precision -----------------------
@@ -258,8 +259,8 @@ def test_no_gradient_flows_into_the_teacher():
     student, teacher, partition = random_case()
     student.requires_grad_(True)
     teacher.requires_grad_(True)
-    consistency, entropy = loss.carp_loss(student, teacher, partition)
-    (consistency + entropy).backward()
+    consistency, uniformity = loss.carp_loss(student, teacher, partition)
+    (consistency + uniformity).backward()
     assert teacher.grad is None or torch.count_nonzero(teacher.grad) == 0
     assert student.grad is not None and student.grad.abs().sum() > 0
 
@@ -272,7 +273,7 @@ def test_student_gradient_matches_a_float64_reference():
 
     student64 = student.double().requires_grad_(True)
     expected = (reference_consistency(student64, teacher.double(), partition)[0]
-                + reference_entropy(student64, teacher.double(), partition))
+                + reference_uniformity(student64, teacher.double(), partition))
     expected.backward()
     torch.testing.assert_close(student32.grad.double(), student64.grad, atol=1e-6, rtol=1e-4)
 
@@ -293,7 +294,7 @@ def shared_mode_forces(n_views, student_shift, teacher_shift):
     a = torch.randn(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     partition = loss.random_partition(64, 16, generator=torch.Generator().manual_seed(0))
     forces = []
-    for term in (0, 1):  # consistency, entropy
+    for term in (0, 1):  # consistency, uniformity
         student = (student_shift * a).expand(n_views, 8, 64).clone().requires_grad_(True)
         teacher = (teacher_shift * a).expand(2, 8, 64).clone()
         grad, = torch.autograd.grad(loss.carp_loss(student, teacher, partition)[term], student)
@@ -302,7 +303,7 @@ def shared_mode_forces(n_views, student_shift, teacher_shift):
 
 
 @pytest.mark.parametrize("n_views", [2, 4, 8])
-def test_shared_component_is_pulled_by_consistency_more_than_entropy_pushes_it_back(n_views):
+def test_shared_component_is_pulled_by_consistency_more_than_uniformity_pushes_it_back(n_views):
     """Near uniform assignments, for a shift shared by all images: L_c pulls the student along the
     teacher's shift and L_H pushes back along the marginal's shift, of which the student views are
     V / (V + 2). With the teacher equal to the student the pull is (V + 2) / V times the push (2 for
@@ -326,19 +327,19 @@ def test_single_block_gives_carl_values():
     logits = torch.zeros(3, 4, 8)  # V = 3, B = 4
     logits[:, :2, 0] = 50.0
     logits[:, 2:, 1] = 50.0
-    consistency, entropy = loss.carp_loss(logits, logits[:2].clone(), partition)
-    assert entropy.item() == pytest.approx(math.log(4), abs=1e-4)
+    consistency, uniformity = loss.carp_loss(logits, logits[:2].clone(), partition)
+    assert uniformity.item() == pytest.approx(math.log(4), abs=1e-4)
     assert consistency.item() < 1e-5
 
 
-def test_single_block_entropy_is_kl_of_full_marginal_to_uniform_over_k():
+def test_single_block_uniformity_is_kl_of_full_marginal_to_uniform_over_k():
     """N_B = K: L_H = KL(pbar || U(K)) with pbar the mean of full K-way softmaxes."""
     student, teacher, _ = random_case(n_views=3, batch_size=4, n_prototypes=8, partition_size=8)
     partition = torch.arange(8).view(1, 8)
-    _, entropy = loss.carp_loss(student, teacher, partition)
+    _, uniformity = loss.carp_loss(student, teacher, partition)
     p_bar = torch.cat([student, teacher]).double().softmax(dim=-1).mean(dim=(0, 1))  # (K,)
     kl = (p_bar * (p_bar * 8).log()).sum()
-    assert entropy.item() == pytest.approx(kl.item(), abs=1e-5)
+    assert uniformity.item() == pytest.approx(kl.item(), abs=1e-5)
 
 
 # ---------------------------------------------------------------- single process ------------------
@@ -357,9 +358,59 @@ def test_cuda_loss_and_gradient_equal_the_cpu_ones():
     results = {}
     for device in ("cpu", "cuda"):
         s = student.to(device).requires_grad_(True)
-        consistency, entropy = loss.carp_loss(s, teacher.to(device), partition.to(device))
-        (consistency + entropy).backward()
-        results[device] = (consistency.item(), entropy.item(), s.grad.cpu())
+        consistency, uniformity = loss.carp_loss(s, teacher.to(device), partition.to(device))
+        (consistency + uniformity).backward()
+        results[device] = (consistency.item(), uniformity.item(), s.grad.cpu())
     assert results["cuda"][0] == pytest.approx(results["cpu"][0], abs=1e-5)
     assert results["cuda"][1] == pytest.approx(results["cpu"][1], abs=1e-5)
     assert torch.allclose(results["cuda"][2], results["cpu"][2], atol=1e-6)
+
+
+# ---------------------------------------------------------------- the two implementations --------
+
+@pytest.mark.parametrize("n_views, n_prototypes, block_size", [(2, 64, 16), (4, 256, 16), (8, 256, 32), (4, 50, 16)],
+                         ids=["2 views", "4 views", "8 views", "N_B does not divide K"])
+def test_carp_loss_equals_the_plain_objective_in_value_and_gradient(n_views, n_prototypes, block_size):
+    """loss.carp_loss (one buffer, hand-written backward) computes loss.carp_objective (the equations
+    as written, autograd): the same L_c, L_H and gradient of the student logits, also when K = 50
+    leaves 2 prototypes out of the N_P = 3 blocks of 16 (their gradient is 0 in both)."""
+    generator = torch.Generator().manual_seed(n_views)
+    student = 3 * torch.randn(n_views, 8, n_prototypes, generator=generator)  # (V, B, K)
+    teacher = 3 * torch.randn(2, 8, n_prototypes, generator=generator)  # (V_t, B, K)
+    partition = loss.random_partition(n_prototypes, block_size, generator)  # (N_P, N_B)
+    results = {}
+    for name, objective in (("plain", loss.carp_objective), ("fast", loss.carp_loss)):
+        logits = student.clone().requires_grad_(True)
+        consistency, uniformity = objective(logits, teacher, partition)
+        (consistency + uniformity).backward()
+        results[name] = (consistency.item(), uniformity.item(), logits.grad)
+    plain, fast = results["plain"], results["fast"]
+    assert fast[0] == pytest.approx(plain[0], abs=1e-6) and fast[1] == pytest.approx(plain[1], abs=1e-6)
+    torch.testing.assert_close(fast[2], plain[2], rtol=1e-4, atol=1e-8)
+    assert plain[0] > 0.1 and plain[2].abs().max() > 1e-4  # a case with something to compare
+    left_out = torch.ones(n_prototypes, dtype=torch.bool)
+    left_out[partition.flatten()] = False
+    assert left_out.sum().item() == n_prototypes % block_size
+    if left_out.any():
+        assert fast[2][..., left_out].abs().max().item() == 0 and plain[2][..., left_out].abs().max().item() == 0
+
+
+def test_plain_objective_matches_the_float64_reference():
+    """carp_objective is the definition: it equals the loop-over-pairs float64 reference above."""
+    student, teacher, partition = random_case(n_views=4, n_prototypes=16, partition_size=4, seed=2)
+    consistency, uniformity = loss.carp_objective(student, teacher, partition)
+    expected, _ = reference_consistency(student.double(), teacher.double(), partition)
+    assert consistency.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert uniformity.item() == pytest.approx(reference_uniformity(student.double(), teacher.double(), partition).item(),
+                                              abs=1e-5)
+
+
+def test_carp_loss_backward_runs_once():
+    """The backward overwrites the block assignments with the gradient: a second backward through
+    the same graph (retain_graph) raises an error that says so instead of returning a wrong gradient."""
+    student, teacher, partition = random_case()
+    student.requires_grad_(True)
+    consistency, uniformity = loss.carp_loss(student, teacher, partition)
+    (consistency + uniformity).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        (consistency + uniformity).backward()

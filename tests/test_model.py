@@ -18,7 +18,7 @@ K = 64  # prototypes
 
 def tiny_head(in_dim=32, **kwargs):
     """Projector in_dim -> 48 -> 48 -> 16, then K = 64 prototypes."""
-    return model.CARPHead(in_dim=in_dim, out_dim=K, hidden_dim=48, bottleneck_dim=16, **kwargs)
+    return model.CARPHead(in_dim=in_dim, n_prototypes=K, hidden_dim=48, bottleneck_dim=16, **kwargs)
 
 
 def tiny_wrapper():

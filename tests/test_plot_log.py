@@ -16,15 +16,15 @@ LOG_8 = math.log(8)
 
 
 def interval(step, epoch, loss, used, grad_norm=1.0, **extra):
-    """An interval line as pretrain.py writes it, with consistency = loss - 0.5 and entropy 0.5."""
-    return {"loss": loss, "consistency": loss - 0.5, "entropy": 0.5, "prototypes_used": used,
+    """An interval line as pretrain.py writes it, with consistency = loss - 0.5 and uniformity 0.5."""
+    return {"loss": loss, "consistency": loss - 0.5, "uniformity": 0.5, "prototypes_used": used,
             "block_entropy": LOG_8 - 0.5, "epoch": epoch, "step": step, "lr": 0.01 * step, "wd": 0.04,
             "momentum": 0.9, "grad_norm": grad_norm, "images_per_s": 100.0, "time": "2025-01-01T00:00:00+0000",
             **extra}
 
 
 def summary(epoch, loss, used, knn):
-    return {"epoch_summary": True, "loss": loss, "consistency": loss - 0.5, "entropy": 0.5, "prototypes_used": used,
+    return {"epoch_summary": True, "loss": loss, "consistency": loss - 0.5, "uniformity": 0.5, "prototypes_used": used,
             "block_entropy": LOG_8 - 0.5, "epoch": epoch, "knn_top1": knn}
 
 
@@ -142,7 +142,7 @@ def test_a_real_pretraining_run_plots_end_to_end(tmp_path, capsys):
     series = plot_log.read_log(tmp_path / "log.jsonl")
     assert series["step"] == [2, 4, 6, 8] and series["knn_epoch"] == [0, 1]
     assert series["knn_top1_init"] is not None and series["knn_top1_pixels"] is not None
-    assert all(b + e == pytest.approx(LOG_8) for b, e in zip(series["block_entropy"], series["entropy"]))
+    assert all(b + e == pytest.approx(LOG_8) for b, e in zip(series["block_entropy"], series["uniformity"]))
     capsys.readouterr()
     plot_log.main([str(tmp_path)])
     assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_SIGNATURE

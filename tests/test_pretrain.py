@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 import data
+import knn
 import knn_eval
 import pretrain
-from knn_eval import knn_classify
+from knn import knn_classify
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +45,8 @@ def test_checkpoint_holds_the_whole_run_and_loads_with_weights_only(tmp_path):
     keys), optimizer, scaler, epoch, global step, RNG state and the arguments as a plain dict;
     checkpoint0002.pth is kept at --saveckp_freq 2."""
     checkpoint = run_main(tmp_path, "--epochs", "2", "--saveckp_freq", "2")
-    assert {"student", "teacher", "optimizer", "scaler", "epoch", "global_step", "rng", "args"} <= set(checkpoint)
-    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 2 * 4  # 16 images / batch 4 = 4 steps
+    assert {"student", "teacher", "optimizer", "scaler", "epoch", "step", "rng", "args"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 2 and checkpoint["step"] == 2 * 4  # 16 images / batch 4 = 4 steps
     assert isinstance(checkpoint["args"], dict) and checkpoint["args"]["out_dim"] == 32
     assert {k.split(".")[0] for k in checkpoint["teacher"]} == {"backbone", "head"}
     assert checkpoint["teacher"].keys() == checkpoint["student"].keys()
@@ -61,9 +62,9 @@ def test_log_has_the_losses_and_prototype_usage(tmp_path):
     steps = [r for r in records if "step" in r]
     assert [r["step"] for r in steps] == [2, 4]
     for r in records:
-        assert r["loss"] == pytest.approx(r["consistency"] + r["entropy"], rel=1e-5)
+        assert r["loss"] == pytest.approx(r["consistency"] + r["uniformity"], rel=1e-5)
         assert 1 <= r["prototypes_used"] <= 32
-        assert r["block_entropy"] == pytest.approx(torch.log(torch.tensor(8.0)).item() - r["entropy"], rel=1e-5)
+        assert r["block_entropy"] == pytest.approx(torch.log(torch.tensor(8.0)).item() - r["uniformity"], rel=1e-5)
     assert {"lr", "wd", "momentum", "images_per_s"} <= set(steps[0])
     assert records[-1]["epoch_summary"] and records[-1]["epoch"] == 0
 
@@ -100,7 +101,7 @@ def test_a_killed_run_resumes_exactly(tmp_path, monkeypatch, capsys, views):
     monkeypatch.setattr(pretrain, "train_one_epoch", original)
     capsys.readouterr()
     resumed = run_main(tmp_path / "resumed", "--epochs", "3", *views)
-    assert "resuming from" in capsys.readouterr().out and resumed["global_step"] == 12
+    assert "resuming from" in capsys.readouterr().out and resumed["step"] == 12
     for key, value in straight["teacher"].items():
         assert torch.allclose(resumed["teacher"][key].float(), value.float(), atol=1e-6), key
 
@@ -109,7 +110,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     """--gradient_accumulation_steps 2: 4 forward passes of 4 images per epoch make 2 optimizer
     steps, and the schedules and logs are indexed by them."""
     checkpoint = run_main(tmp_path, "--epochs", "1", "--gradient_accumulation_steps", "2", "--log_every", "1")
-    assert checkpoint["global_step"] == 2
+    assert checkpoint["step"] == 2
     steps = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl") if '"step"' in line]
     assert steps == [1, 2]
 
@@ -163,7 +164,7 @@ def test_raw_pixel_knn_is_left_out_above_64_pixels(tmp_path):
     teacher = pretrain.carp_network(pretrain.get_args(TINY)[1])
     for size, measured in ((64, True), (72, False)):
         _, args = pretrain.get_args(TINY + ["--synthetic_images", "10", "--global_crops_size", str(size)])
-        accuracy, pixels = pretrain.knn_monitor(args, teacher, torch.device("cpu"), raw_pixels=True)
+        accuracy, pixels = knn.knn_monitor(args, teacher, torch.device("cpu"), raw_pixels=True)
         assert 0 <= accuracy <= 100 and (pixels is not None) == measured
 
 
@@ -187,6 +188,27 @@ def test_a_checkpoint_from_before_the_head_flags_resumes(tmp_path, capsys):
     del checkpoint["args"]["hidden_dim"], checkpoint["args"]["bottleneck_dim"]
     torch.save(checkpoint, tmp_path / "checkpoint.pth")
     assert run_main(tmp_path, "--epochs", "2")["epoch"] == 2
+
+
+def in_the_layout_before_the_renames(path):
+    """Rewrite the checkpoint at `path` as pretrain.py wrote it before the method-first release: the
+    step count under "global_step" and the k-NN monitor's k as --knn_k in the args."""
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["global_step"] = checkpoint.pop("step")
+    checkpoint["args"]["knn_k"] = checkpoint["args"].pop("nb_knn")
+    torch.save(checkpoint, path)
+
+
+def test_a_checkpoint_in_the_layout_before_the_renames_resumes_exactly(tmp_path):
+    """A run stopped after epoch 1 of 2 and saved in the earlier layout resumes, and ends with the
+    weights of an uninterrupted 2-epoch run."""
+    straight = run_main(tmp_path / "straight", "--epochs", "2")
+    run_main(tmp_path / "old", "--epochs", "1")
+    in_the_layout_before_the_renames(tmp_path / "old" / "checkpoint.pth")
+    resumed = run_main(tmp_path / "old", "--epochs", "2", "--knn_k", "20")  # the flag's old name works too
+    assert resumed["epoch"] == 2 and resumed["step"] == 8
+    for key, value in straight["teacher"].items():
+        assert torch.equal(resumed["teacher"][key], value), key
 
 
 def test_resuming_with_another_architecture_is_refused(tmp_path):
@@ -267,7 +289,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, views):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective batch 16" in result.stdout
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert len(checkpoint["rng"]) == 2 and checkpoint["global_step"] == 2  # 32 images / 16 per step
+    assert len(checkpoint["rng"]) == 2 and checkpoint["step"] == 2  # 32 images / 16 per step
 
 
 # ---------------------------------------------------------------- CUDA (skipped without a GPU) ----

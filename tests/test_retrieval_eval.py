@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import retrieval_eval as R
 from data import IMAGENET_MEAN, IMAGENET_STD, DataError
 from model import build_backbone
@@ -27,17 +28,17 @@ def pattern(seed, size=(32, 24)):
 # ============ the authors' settings are the defaults ============
 
 def test_defaults_are_the_settings_the_authors_ran():
-    """The authors' eval_scripts.sh runs retrieval at --imsize 512 --multiscale 1 on full query images,
+    """The authors' eval_scripts.sh runs retrieval at --imsize 512 (our --image_size) --multiscale 1 on full query images,
     and eval_copy_detection.py at 320 x 320, one scale, AP over the top 20: with no flag given,
     those are our settings too."""
     for dataset in R.REVISITED:
         args = R.get_args(["--pretrained_weights", "random", "--dataset", dataset, "--data_path", "d"])
-        assert (args.imsize, args.multiscale, args.crop_query_bbox, args.ap_top_k) == (512, True, False, None)
+        assert (args.image_size, args.multiscale, args.crop_query_bbox, args.ap_top_k) == (512, True, False, None)
     args = R.get_args(["--pretrained_weights", "random", "--dataset", "copydays", "--data_path", "d"])
-    assert (args.imsize, args.multiscale, args.ap_top_k) == (320, False, 20)
+    assert (args.image_size, args.multiscale, args.ap_top_k) == (320, False, 20)
     args = R.get_args(["--pretrained_weights", "random", "--data_path", "d", "--multiscale", "false",
-                       "--imsize", "224"])
-    assert (args.imsize, args.multiscale) == (224, False)  # the single-scale setting stays reachable
+                       "--imsize", "224"])  # the flag's old name, kept for one release
+    assert (args.image_size, args.multiscale) == (224, False)  # the single-scale setting stays reachable
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -127,11 +128,11 @@ def test_thumbnail_keeps_aspect_and_the_query_box_is_cropped_first(tmp_path):
     in the original image's pixels, is cut out before thumbnailing."""
     image = pattern(0, (40, 30))
     image.save(tmp_path / "a.png")
-    assert R.ImageList([str(tmp_path / "a.png")], 16).load(0).size == (16, 12)
-    assert R.ImageList([str(tmp_path / "a.png")], 64).load(0).size == (40, 30)
-    cropped = R.ImageList([str(tmp_path / "a.png")], 64, boxes=[(4.2, 1.8, 36, 26)]).load(0)
+    assert data.ImageList([str(tmp_path / "a.png")], 16).load(0).size == (16, 12)
+    assert data.ImageList([str(tmp_path / "a.png")], 64).load(0).size == (40, 30)
+    cropped = data.ImageList([str(tmp_path / "a.png")], 64, boxes=[(4.2, 1.8, 36, 26)]).load(0)
     assert np.array_equal(np.asarray(cropped), np.asarray(image)[2:26, 4:36])
-    assert R.ImageList([str(tmp_path / "a.png")], 16, boxes=[(4, 2, 36, 26)]).load(0).size == (16, 12)
+    assert data.ImageList([str(tmp_path / "a.png")], 16, boxes=[(4, 2, 36, 26)]).load(0).size == (16, 12)
 
 
 def test_multiscale_features_are_the_average_of_three_scales(tmp_path):
@@ -141,8 +142,8 @@ def test_multiscale_features_are_the_average_of_three_scales(tmp_path):
     pattern(1).save(tmp_path / "a.jpg")
     torch.manual_seed(0)
     backbone = Recorder(build_backbone("resnet18")).eval()
-    dataset = R.ImageList([str(tmp_path / "a.jpg")], 32)
-    multiscale = R.extract_features(backbone, dataset, num_workers=0, scales=R.MULTISCALE, progress=False)
+    dataset = data.ImageList([str(tmp_path / "a.jpg")], 32)
+    multiscale = R.extract_multiscale_features(backbone, dataset, num_workers=0, scales=R.MULTISCALE, progress=False)
     assert [shape[-2:] for shape in backbone.calls] == [(24, 32), (16, 22), (12, 16)]
     image = dataset[0][0][None]  # (1, 3, 24, 32)
     with torch.no_grad():
@@ -167,12 +168,12 @@ def test_multiscale_feature_is_the_normalised_mean_of_the_raw_features(tmp_path)
     (3, 52) / sqrt(2713). Normalising each scale first, or a power mean, would change the first
     component."""
     pattern(2).save(tmp_path / "a.jpg")
-    dataset = R.ImageList([str(tmp_path / "a.jpg")], 512)
-    multiscale = R.extract_features(HeightFeature(), dataset, num_workers=0, scales=R.MULTISCALE, progress=False)
+    dataset = data.ImageList([str(tmp_path / "a.jpg")], 512)
+    multiscale = R.extract_multiscale_features(HeightFeature(), dataset, num_workers=0, scales=R.MULTISCALE, progress=False)
     assert multiscale.tolist() == [pytest.approx([1, 52 / 3])]
     assert torch.nn.functional.normalize(multiscale, dim=1).tolist() == [pytest.approx([3 / 2713 ** 0.5,
                                                                                          52 / 2713 ** 0.5])]
-    single = R.extract_features(HeightFeature(), dataset, num_workers=0, progress=False)
+    single = R.extract_multiscale_features(HeightFeature(), dataset, num_workers=0, progress=False)
     assert single.tolist() == [[1, 24]]
 
 
@@ -186,10 +187,10 @@ def test_batches_hold_one_image_size_and_features_keep_dataset_order(tmp_path):
         paths.append(str(tmp_path / f"{i}.jpg"))
     torch.manual_seed(0)
     backbone = Recorder(build_backbone("resnet18")).eval()
-    dataset = R.ImageList(paths, 32)
-    batched = R.extract_features(backbone, dataset, batch_size=2, num_workers=0, progress=False)
+    dataset = data.ImageList(paths, 32)
+    batched = R.extract_multiscale_features(backbone, dataset, batch_size=2, num_workers=0, progress=False)
     assert sorted(shape[0] for shape in backbone.calls) == [1, 1, 2, 2, 2]  # 4 x (32, 24), 3 x (24, 32), 1 x (20, 20)
-    one_by_one = R.extract_features(backbone, dataset, batch_size=1, num_workers=0, progress=False)
+    one_by_one = R.extract_multiscale_features(backbone, dataset, batch_size=1, num_workers=0, progress=False)
     assert torch.allclose(batched, one_by_one, rtol=1e-4, atol=1e-5)
 
 
@@ -230,7 +231,7 @@ def test_revisited_end_to_end_matches_the_construction(tmp_path, capsys):
     for key in ("map_medium", "map_hard", "mp@1", "mp@5", "mp@10", "mp@1_hard", "mp@10_hard"):
         assert results[key] == pytest.approx(100.0), key
     assert results["skipped_medium"] == 1 and results["skipped_hard"] == 1
-    assert (results["crop_query_bbox"], results["imsize"], results["multiscale"]) == (0.0, 512, 1.0)
+    assert (results["crop_query_bbox"], results["image_size"], results["multiscale"]) == (0.0, 512, 1.0)
     printed = capsys.readouterr().out
     assert "scales 1, 1/sqrt(2), 1/2; queries: full images (--crop_query_bbox false" in printed
 
@@ -263,11 +264,11 @@ def test_revisited_junk_ranked_first_would_cost_without_removal(tmp_path):
     """In the generated set the junk copy ranks first (equal similarity, lower database index): the same
     rankings scored with junk counted as negatives give (5/12 + 1/4)/2 = 1/3, not 1."""
     make_revisited(tmp_path)
-    database, queries, gnd, _ = R.read_revisited(str(tmp_path), "roxford5k")
+    database, queries, gnd, _ = data.read_revisited(str(tmp_path), "roxford5k")
     torch.manual_seed(0)
     backbone = build_backbone("resnet18").eval()
     features = lambda paths: torch.nn.functional.normalize(  # noqa: E731
-        R.extract_features(backbone, R.ImageList(paths, 32), batch_size=16, num_workers=0, progress=False), dim=1)
+        R.extract_multiscale_features(backbone, data.ImageList(paths, 32), batch_size=16, num_workers=0, progress=False), dim=1)
     ranks = R.rank_database(features(queries), features(database))
     assert list(ranks[0][:3]) == [0, 1, 2] and list(ranks[1][:2]) == [3, 4]
     positives = [np.concatenate([g["easy"], g["hard"]]) for g in gnd]
@@ -280,7 +281,7 @@ def test_revisited_with_query_box_and_multiscale(tmp_path, capsys):
     """--crop_query_bbox true --multiscale true runs on rparis6k and the output says the queries were
     cropped (the boxes cover the whole query, so the copies still score 100)."""
     make_revisited(tmp_path, "rparis6k")
-    results = R.main(RANDOM + ["--dataset", "rparis6k", "--data_path", str(tmp_path), "--imsize", "32",
+    results = R.main(RANDOM + ["--dataset", "rparis6k", "--data_path", str(tmp_path), "--image_size", "32",
                                "--crop_query_bbox", "true", "--multiscale", "true"])
     assert results["map_medium"] == pytest.approx(100.0) and results["map_hard"] == pytest.approx(100.0)
     assert results["crop_query_bbox"] == 1.0 and results["multiscale"] == 1.0
@@ -290,11 +291,11 @@ def test_revisited_with_query_box_and_multiscale(tmp_path, capsys):
 def test_missing_ground_truth_or_image_is_named(tmp_path):
     """A missing gnd file and a missing database image are errors that name the file."""
     with pytest.raises(DataError, match="gnd_roxford5k.pkl does not exist"):
-        R.read_revisited(str(tmp_path), "roxford5k")
+        data.read_revisited(str(tmp_path), "roxford5k")
     make_revisited(tmp_path)
     os.remove(tmp_path / "roxford5k" / "jpg" / "neg_2.jpg")
     with pytest.raises(DataError, match=r"image .*neg_2\.jpg named in .*gnd_roxford5k\.pkl does not exist"):
-        R.read_revisited(str(tmp_path), "roxford5k")
+        data.read_revisited(str(tmp_path), "roxford5k")
 
 
 def test_ground_truth_pickle_with_code_is_refused(tmp_path):
@@ -307,7 +308,7 @@ def test_ground_truth_pickle_with_code_is_refused(tmp_path):
     with open(tmp_path / "roxford5k" / "gnd_roxford5k.pkl", "wb") as f:
         pickle.dump({"imlist": [], "qimlist": [], "gnd": [], "bad": RunsCode()}, f)
     with pytest.raises(DataError, match="refused"):
-        R.read_revisited(str(tmp_path), "roxford5k")
+        data.read_revisited(str(tmp_path), "roxford5k")
 
 
 def test_numpy_arrays_in_the_ground_truth_are_read(tmp_path):
@@ -317,7 +318,7 @@ def test_numpy_arrays_in_the_ground_truth_are_read(tmp_path):
     cfg = pickle.load(open(path, "rb"))
     cfg["gnd"] = [{k: np.asarray(v) for k, v in g.items()} for g in cfg["gnd"]]
     pickle.dump(cfg, open(path, "wb"))
-    _, _, gnd, _ = R.read_revisited(str(tmp_path), "roxford5k")
+    _, _, gnd, _ = data.read_revisited(str(tmp_path), "roxford5k")
     assert list(gnd[0]["junk"]) == [0] and list(gnd[1]["hard"]) == [4]
 
 
@@ -333,10 +334,10 @@ def test_data_is_checked_before_the_checkpoint_is_read(tmp_path):
 
 def test_copydays_ids_map_to_their_original():
     """The first 4 digits of a 6-digit Copydays id name the original: strong/200101.jpg -> 2001."""
-    assert R.copydays_group("/c/strong/200101.jpg") == "2001"
-    assert R.copydays_group("/c/jpegqual/3/215600.jpg") == "2156"
+    assert data.copydays_group("/c/strong/200101.jpg") == "2001"
+    assert data.copydays_group("/c/jpegqual/3/215600.jpg") == "2156"
     with pytest.raises(DataError, match="6-digit id"):
-        R.copydays_group("/c/strong/holiday.jpg")
+        data.copydays_group("/c/strong/holiday.jpg")
 
 
 def test_copydays_ap_of_each_query_by_hand():
@@ -454,7 +455,7 @@ def test_copydays_end_to_end_scores_by_hand(tmp_path, monkeypatch, capsys):
                      "--distractors_path", str(tmp_path / "distractors")]
     results = R.main(argv)
     assert "320x320 images, single scale, no whitening, AP over the top 20" in capsys.readouterr().out
-    assert (results["n_database"], results["imsize"], results["multiscale"], results["ap_top_k"]) == (25, 320, 0.0, 20)
+    assert (results["n_database"], results["image_size"], results["multiscale"], results["ap_top_k"]) == (25, 320, 0.0, 20)
     for block in ("original", "jpegqual_75", "crops_50"):
         assert results[f"map_{block}"] == pytest.approx(100.0), block
     assert results["map_strong"] == pytest.approx(0.0)
@@ -469,7 +470,7 @@ def test_copydays_end_to_end_with_distractors_and_whitening(tmp_path):
     root = make_copydays(tmp_path / "copydays")
     out = tmp_path / "out.json"
     with pytest.warns(UserWarning, match="whitening learned on 6 images"):
-        results = R.main(RANDOM + ["--dataset", "copydays", "--data_path", str(root), "--imsize", "32",
+        results = R.main(RANDOM + ["--dataset", "copydays", "--data_path", str(root), "--image_size", "32",
                                    "--distractors_path", str(tmp_path / "distractors"),
                                    "--whitening_path", str(tmp_path / "whitening"), "--output_json", str(out)])
     assert json.loads(out.read_text()) == results
@@ -489,7 +490,7 @@ def test_copydays_on_a_carp_checkpoint(tmp_path):
     torch.save({"teacher": {f"backbone.{k}": v for k, v in state.items()},
                 "args": {"arch": "resnet18", "small_image_stem": False}}, tmp_path / "checkpoint.pth")
     results = R.main(["--pretrained_weights", str(tmp_path / "checkpoint.pth"), "--num_workers", "0",
-                      "--dataset", "copydays", "--data_path", str(tmp_path), "--imsize", "32"])
+                      "--dataset", "copydays", "--data_path", str(tmp_path), "--image_size", "32"])
     assert results["map_original"] == pytest.approx(100.0) and results["map_jpegqual_75"] == pytest.approx(100.0)
     assert results["map_strong"] < 100.0 and results["n_database"] == 3
 

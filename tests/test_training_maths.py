@@ -1,4 +1,4 @@
-"""The optimisation maths of pretrain.py, each against a computation a reader can do by hand: the
+"""The optimisation maths of pretrain.py (optim.py and its optimizer_step), each against a computation a reader can do by hand: the
 LARS step, which parameters it leaves alone, the schedules, the linear learning-rate scaling,
 gradient clipping, and the teacher's EMA."""
 import math
@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import optim
 import pretrain
 from model import CARPHead, MultiCropWrapper, SmallCNN
 
@@ -23,7 +24,7 @@ def test_lars_step_is_the_trust_ratio_times_the_decayed_gradient_with_momentum()
     d = g + wd w = (1.3, 0.4); trust = eta ||w|| / ||d|| = 0.005 / sqrt(1.85); mu = trust d;
     w <- w - lr mu. A second step with the same gradient adds momentum: mu <- 0.9 mu + trust' d'."""
     w = one_weight([3.0, 4.0], [1.0, 0.0])
-    optimizer = pretrain.LARS([w], lr=2.0, weight_decay=0.1, momentum=0.9, eta=0.001)
+    optimizer = optim.LARS([w], lr=2.0, weight_decay=0.1, momentum=0.9, eta=0.001)
     optimizer.step()
     trust = 0.001 * 5 / math.sqrt(1.3 ** 2 + 0.4 ** 2)
     mu = [trust * 1.3, trust * 0.4]
@@ -41,7 +42,7 @@ def test_lars_step_is_the_trust_ratio_times_the_decayed_gradient_with_momentum()
 def test_lars_excluded_group_is_plain_momentum_sgd_without_weight_decay():
     """lars_exclude: w <- w - lr g on the first step (no decay, no trust ratio), then momentum."""
     w = one_weight([3.0, 4.0], [1.0, 2.0])
-    optimizer = pretrain.LARS([{"params": [w], "lars_exclude": True, "weight_decay": 0.0}], lr=0.5,
+    optimizer = optim.LARS([{"params": [w], "lars_exclude": True, "weight_decay": 0.0}], lr=0.5,
                               weight_decay=0.1, momentum=0.9)
     optimizer.step()
     assert w.detach().tolist() == pytest.approx([2.5, 3.0])
@@ -52,16 +53,16 @@ def test_lars_excluded_group_is_plain_momentum_sgd_without_weight_decay():
 def test_lars_leaves_a_zero_weight_to_a_trust_ratio_of_one():
     """||w|| = 0 (a layer initialised at zero) would give a zero step: LARS uses trust 1 instead."""
     w = one_weight([0.0, 0.0], [1.0, 2.0])
-    pretrain.LARS([w], lr=0.5, weight_decay=0.1, momentum=0.9).step()
+    optim.LARS([w], lr=0.5, weight_decay=0.1, momentum=0.9).step()
     assert w.detach().tolist() == pytest.approx([-0.5, -1.0])
 
 
 def test_param_groups_exclude_biases_norms_and_the_prototype_norm():
     """Weight decay and LARS for conv, linear and prototype-direction weights only; biases, BatchNorm
     parameters and the prototype norm g of the weight-normalised layer go to the excluded group."""
-    model = MultiCropWrapper(SmallCNN(), CARPHead(256, out_dim=16, hidden_dim=32, bottleneck_dim=8,
+    model = MultiCropWrapper(SmallCNN(), CARPHead(256, n_prototypes=16, hidden_dim=32, bottleneck_dim=8,
                                                   norm_last_layer=False))
-    regularized, excluded = pretrain.param_groups(model)
+    regularized, excluded = optim.param_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
     regularized = {names[id(p)] for p in regularized["params"]}
     excluded_names = {names[id(p)] for p in excluded["params"]}
@@ -78,7 +79,7 @@ def test_param_groups_exclude_biases_norms_and_the_prototype_norm():
 def test_cosine_schedule_values_at_known_steps():
     """10 epochs x 4 steps, 2 warm-up epochs: step 0 is the warm-up start, step 7 the peak, then a
     half cosine over the 32 remaining steps: its step 16 of 32 is halfway between peak and end."""
-    schedule = pretrain.cosine_schedule(1.0, 0.2, epochs=10, steps_per_epoch=4, warmup_epochs=2,
+    schedule = optim.cosine_schedule(1.0, 0.2, epochs=10, steps_per_epoch=4, warmup_epochs=2,
                                         start_warmup_value=0.0)
     assert len(schedule) == 40
     assert schedule[0] == 0.0 and schedule[7] == pytest.approx(1.0)
@@ -92,7 +93,7 @@ def test_cosine_schedule_values_at_known_steps():
 def test_teacher_momentum_schedule_rises_from_m_to_one():
     """The teacher's momentum: m at step 0, rising to 1 by a half cosine, as in the paper and DINO.
     Like DINO's, the last of the 500 steps is 1 - 0.005 (1 + cos(pi 499 / 500)), 1e-7 short of 1."""
-    momentum = pretrain.cosine_schedule(0.99, 1.0, epochs=5, steps_per_epoch=100)
+    momentum = optim.cosine_schedule(0.99, 1.0, epochs=5, steps_per_epoch=100)
     assert momentum[0] == pytest.approx(0.99) and momentum[250] == pytest.approx(0.995)
     assert np.all(np.diff(momentum) > 0)
     assert momentum[-1] == pytest.approx(1 - 0.005 * (1 + math.cos(math.pi * 499 / 500)), abs=1e-12)
@@ -103,7 +104,7 @@ def test_teacher_momentum_schedule_rises_from_m_to_one():
 def test_learning_rate_scales_linearly_with_batch_processes_and_accumulation(batch, processes, accumulation,
                                                                               expected):
     """--lr 0.45 is for 256 images per optimizer step: lr x batch_size_per_gpu x processes x accumulation / 256."""
-    assert pretrain.scaled_lr(0.45, batch, processes, accumulation) == pytest.approx(expected)
+    assert optim.scaled_lr(0.45, batch, processes, accumulation) == pytest.approx(expected)
 
 
 def tiny_student_and_teacher():
@@ -115,7 +116,7 @@ def tiny_student_and_teacher():
 
 def step(student, teacher, grads, clip_grad=0.0, momentum=0.5, lr=1.0):
     """One optimizer_step with plain SGD (no momentum, no decay): w <- w - lr * (clipped) g."""
-    optimizer = torch.optim.SGD(pretrain.param_groups(student), lr=0.0, momentum=0.0)
+    optimizer = torch.optim.SGD(optim.param_groups(student), lr=0.0, momentum=0.0)
     for p, g in zip(student.parameters(), grads):
         p.grad = g.clone()
     scaler = torch.amp.GradScaler("cpu", enabled=False)

@@ -1,0 +1,73 @@
+"""The command line of every script: the --help formatter, the flag types, renamed flags, and the
+one place where a script turns an error or Ctrl-C into one line and an exit code.
+
+    if __name__ == "__main__":
+        cli.run(main)
+"""
+import argparse
+import sys
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help of every script: each flag's default, and the examples' line breaks. A default of None
+    is not shown: those flags' help says what happens when they are left out."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def bool_flag(s):
+    """--flag true / false (also 1 / 0, yes / no, on / off): one boolean style in every script."""
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def stem_flag(s):
+    """--small_image_stem: 'auto', or true / false."""
+    return "auto" if s.lower() == "auto" else bool_flag(s)
+
+
+def renamed(old_name):
+    """The --help note of a flag that was renamed: the old name still works, for one release."""
+    return f" (the old name --{old_name} still works for one release)"
+
+
+class UserError(Exception):
+    """Something a user can fix (bad input, a loss that became NaN): the message says what was wrong
+    and what to do, and cli.run prints it as one line, without a traceback."""
+
+
+class DataError(UserError):
+    """Data, a checkpoint or a folder that cannot be used as given; the message says what was
+    expected and how to fix it."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C, with the message that says where the run stopped and what its folder holds."""
+
+
+def one_line(e):
+    """The message of `e` without the traceback text that DataLoader workers add when they re-raise
+    an exception in the main process ("Caught DataError in DataLoader worker process 0. Original
+    Traceback ...": the message is the last line)."""
+    lines = str(e).strip().splitlines() or [""]
+    return lines[-1].split(f"{type(e).__name__}: ", 1)[-1]
+
+
+def run(main):
+    """Run a script's main(): a UserError ends it with `error: <message>` and exit code 1, an
+    Interrupted (Ctrl-C) with its message and 130, the shell's code for a command stopped by Ctrl-C.
+    Anything else is a bug and keeps its traceback."""
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {one_line(e)}")
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

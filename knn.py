@@ -1,0 +1,97 @@
+"""Weighted k-NN classification of frozen features (DINO's protocol): the classifier of knn_eval.py,
+and the monitor that pretrain.py runs on its teacher during training with the same classifier, so
+the two report the same number for the same checkpoint.
+"""
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import DataError, build_dataset, eval_transform
+from distributed import is_main_process
+from features import extract_features
+from model import SMALL_IMAGE_MAX_SIZE
+
+
+@torch.no_grad()
+def knn_classify(train_features, train_labels, test_features, test_labels, nb_knn=(10, 20, 100, 200),
+                 temperature=0.07, chunk_size=256):
+    """Weighted k-NN top-1 and top-5 accuracy (in %) for each k: {"top1_k20": ..., "top5_k20": ...}.
+
+    train_features (N, D), test_features (M, D): raw features; they are L2-normalised here. Each
+    test image takes its k most similar train images (cosine similarity s), each votes for its own
+    class with weight exp(s / T), and the classes are ranked by their summed votes.
+    The test set is processed in chunks of `chunk_size` images, so memory is O(chunk_size * N).
+    """
+    n_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    train_features = F.normalize(train_features.float(), dim=1)  # (N, D)
+    test_features = F.normalize(test_features.float(), dim=1)  # (M, D)
+    max_k = min(max(nb_knn), len(train_labels))
+    correct = {k: torch.zeros(2) for k in nb_knn}  # top-1, top-5 hits
+    for start in range(0, len(test_labels), chunk_size):
+        features = test_features[start:start + chunk_size]  # (c, D)
+        targets = test_labels[start:start + chunk_size]  # (c,)
+        similarity, neighbour = (features @ train_features.T).topk(max_k, dim=1)  # (c, k_max) each
+        neighbour_labels = train_labels[neighbour]  # (c, k_max)
+        weights = (similarity / temperature).exp()  # (c, k_max): exp(s / T)
+        for k in nb_knn:
+            used = min(k, max_k)  # a memory bank smaller than k votes with all its images
+            votes = torch.zeros(len(targets), n_classes)  # (c, C)
+            votes.scatter_add_(1, neighbour_labels[:, :used], weights[:, :used])
+            top_votes, ranked = votes.topk(min(5, n_classes), dim=1)  # (c, 5) each
+            # A class without a vote is not a prediction: top-5 is over min(5, k) voted classes.
+            hits = (ranked == targets[:, None]) & (top_votes > 0)  # (c, 5)
+            correct[k] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).float()
+    n = len(test_labels)
+    results = {}
+    for k in nb_knn:
+        results[f"top1_k{k}"] = 100.0 * correct[k][0].item() / n
+        results[f"top5_k{k}"] = 100.0 * correct[k][1].item() / n
+    return results
+
+
+def knn_monitor(args, teacher, device, raw_pixels=False):
+    """Top-1 k-NN accuracy (%, k = --nb_knn) of the teacher backbone on the labelled train/val splits
+    of pretrain.py's dataset, at its --global_crops_size; None (and --knn_every set to 0, with a
+    warning) when the dataset has no such splits.
+
+    raw_pixels=True: also returns the k-NN accuracy of the (normalised) pixels of the same images,
+    the baseline that says whether the features know more than the images themselves; None for
+    images over SMALL_IMAGE_MAX_SIZE pixels, whose pixel vectors would not fit in memory for a
+    large dataset (ImageNet's train split at 224 px: 150,528 floats per image, 770 GB)."""
+    transform = eval_transform(args.global_crops_size)
+    try:
+        train_set = build_dataset(args.dataset, "train", transform, args.data_path, False, args.synthetic_images,
+                                  args.global_crops_size)
+        val_set = build_dataset(args.dataset, "val", transform, args.data_path, False, args.synthetic_images,
+                                args.global_crops_size)
+    except DataError as e:
+        warnings.warn(f"k-NN monitor off: no labelled train/val splits ({e})")
+        args.knn_every = 0
+        return (None, None) if raw_pixels else None
+
+    def accuracy(network):
+        train_features, train_labels = extract_features(network, train_set, 256, args.num_workers, device, progress=False)
+        val_features, val_labels = extract_features(network, val_set, 256, args.num_workers, device, progress=False)
+        return knn_classify(train_features, train_labels, val_features, val_labels, [args.nb_knn])[f"top1_k{args.nb_knn}"]
+
+    teacher_accuracy = accuracy(teacher.backbone)
+    if not raw_pixels:
+        return teacher_accuracy
+    return teacher_accuracy, (accuracy(nn.Flatten()) if args.global_crops_size <= SMALL_IMAGE_MAX_SIZE else None)
+
+
+def knn_baselines(args, teacher, device, log):
+    """The monitor's two baselines, measured before training: the k-NN accuracy of the randomly
+    initialised teacher and of the raw pixels, what the trained teacher's number is read against.
+    Logged as epoch -1 and printed; returns {knn_top1_init, knn_top1_pixels}, or {} (no labels)."""
+    random_init, pixels = knn_monitor(args, teacher, device, raw_pixels=True)
+    if random_init is None:
+        return {}
+    log({"epoch": -1, "knn_top1": random_init, "knn_top1_pixels": pixels})
+    if is_main_process():
+        print(f"k-NN top-1 (k={args.nb_knn}) of the randomly initialised teacher: {random_init:.2f}%; of the raw "
+              f"pixels: " + (f"{pixels:.2f}%" if pixels is not None else f"not measured (images over "
+                                                                          f"{SMALL_IMAGE_MAX_SIZE} px)"))
+    return {"knn_top1_init": random_init, "knn_top1_pixels": pixels}

@@ -1,0 +1,83 @@
+"""Optimisation shared by pretraining and the linear probe: LARS, the parameter groups, the linear
+learning-rate scaling rule and the per-step schedules.
+
+Schedules are precomputed as one value per optimizer step (as DINO's), indexed by the global step:
+plottable, testable, and a resumed run reads the same values as an uninterrupted one.
+"""
+import numpy as np
+import torch
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017).
+
+    For every weight tensor w with gradient g: d = g + wd * w, then d is rescaled by the trust ratio
+    eta * ||w|| / ||d||, so that every layer moves by about the same fraction of its norm.
+    Parameter groups with `lars_exclude=True` (biases, BatchNorm, the prototype norm) get plain
+    momentum SGD with no weight decay and no rescaling. NOTE(paper): trust coefficient 0.001.
+    """
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                d = w.grad
+                if not group["lars_exclude"]:
+                    d = d.add(w, alpha=group["weight_decay"])
+                    w_norm, d_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(d)
+                    trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
+                    d = d.mul(trust)
+                state = self.state[w]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(w)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(d)
+                w.add_(mu, alpha=-group["lr"])
+
+
+def param_groups(model):
+    """Weights get weight decay and LARS adaptation; biases, norm parameters and the prototype norm
+    g of the weight-normalised layer do not."""
+    regularized, not_regularized = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim == 1 or name.endswith("parametrizations.weight.original0"):
+            not_regularized.append(p)
+        else:
+            regularized.append(p)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+def scaled_lr(lr, batch_size_per_gpu, world_size, accumulation_steps):
+    """The linear scaling rule (Goyal et al., 2017): --lr is for an effective batch of 256 images."""
+    return lr * batch_size_per_gpu * world_size * accumulation_steps / 256
+
+
+def cosine_schedule(base_value, final_value, epochs, steps_per_epoch, warmup_epochs=0, start_warmup_value=0.0):
+    """One value per optimizer step: linear warm-up, then a half cosine from base_value to final_value."""
+    warmup_steps = warmup_epochs * steps_per_epoch
+    warmup = np.linspace(start_warmup_value, base_value, warmup_steps)
+    steps = np.arange(epochs * steps_per_epoch - warmup_steps)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(1, len(steps))))
+    return np.concatenate([warmup, cosine])
+
+
+def build_optimizer(name, model, momentum=0.9, weight_decay=0.0):
+    """'lars', 'sgd' (with momentum) or 'adamw' over param_groups(model): the weights get
+    `weight_decay` (and, with LARS, the trust-ratio adaptation), biases and norm parameters neither.
+    The learning rate starts at 0: the scripts set it (and pretraining the weight decay) at every
+    step from their schedules."""
+    groups = param_groups(model)  # [{weights}, {biases and norms: weight_decay 0, lars_exclude}]
+    if name == "lars":
+        return LARS(groups, weight_decay=weight_decay, momentum=momentum)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose lars, sgd or adamw")

@@ -1,0 +1,154 @@
+"""The files of a run folder, written so that a crash never leaves half a file and read so that a
+file from elsewhere never runs code.
+
+- checkpoints: save_checkpoint (atomic: a temporary file, then a rename), read_checkpoint
+  (torch.load with weights_only=True, and a one-line error for a file that is not a checkpoint),
+  read_run_checkpoint and check_resume_flags (the checks before a script resumes from its own
+  checkpoint), checkpoint_args (the flags a checkpoint was trained with), the RNG states;
+- JSON records: write_json (settings.json, summary.json, an evaluation's results), JsonLog
+  (log.jsonl, one object a line with its wall-clock time), run_settings (what settings.json holds).
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+import zipfile
+
+import numpy as np
+import torch
+import torchvision
+
+from cli import DataError
+
+
+# ============ checkpoints ============
+
+def save_checkpoint(state, path):
+    """Write atomically: a crash mid-write leaves the previous file at `path` intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, what_to_do="Pass --pretrained_weights PATH to a checkpoint (.pth) file, or 'random' "
+                                     "for the random-weights baseline", mmap=False):
+    """torch.load with weights_only=True. The authors' CARP checkpoints pickle an
+    argparse.Namespace under 'args': that one class is allow-listed, nothing else, so a file that
+    holds any other object is refused rather than unpickled (unpickling can run code).
+    A file that torch.load cannot read (cut short, empty, text, ...) is a DataError naming it and
+    ending with `what_to_do`; it is never changed. mmap=True maps the file instead of reading it
+    (to look at its args without reading every weight)."""
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint {path} does not exist. {what_to_do}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # a truncated zip, an empty or text file, a pickle of arbitrary objects
+        found = re.search(r"GLOBAL (\S+) was not an allowed", str(e))
+        if found:
+            raise DataError(f"{path} holds Python objects (such as {found.group(1)}) that torch.load(weights_only="
+                            f"True) does not unpickle, as unpickling can run code: load it yourself only if you "
+                            f"trust it, and save its tensors alone (e.g. its state_dict). {what_to_do}") from None
+        raise DataError(f"{path} ({os.path.getsize(path)} bytes) is not a readable checkpoint: torch.load failed "
+                        f"with {type(e).__name__}; it may have been cut short (a full disk, an unfinished copy) "
+                        f"or be another kind of file. {what_to_do}") from None
+
+
+def read_run_checkpoint(path, keys, script, what_to_do):
+    """The checkpoint a script resumes from: read_checkpoint, and every entry of `keys` present with
+    the run's args as a dict, else a DataError saying the file is not one of `script`'s (another
+    layout, e.g. the authors' or DINO's, whose args are an argparse.Namespace)."""
+    checkpoint = read_checkpoint(path, what_to_do)
+    missing = [k for k in keys if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if not missing and not isinstance(checkpoint["args"], dict):
+        missing = ["args as a dict"]
+    if missing:
+        raise DataError(f"{path} is not a checkpoint of {script} (no {', '.join(missing)}). {what_to_do}")
+    return checkpoint
+
+
+def check_resume_flags(path, saved_args, args, names, defaults=None, other_changes=()):
+    """Refuse to resume from `path` when a flag of `names` differs from the run that wrote it:
+    a resumed run must be the same experiment. `defaults` gives the value of a flag that did not
+    exist yet when an older checkpoint was written; `other_changes` are further differences, in words."""
+    saved = {**(defaults or {}), **saved_args}
+    changed = [f"--{k} {saved.get(k)} (now {getattr(args, k)})" for k in names if saved.get(k) != getattr(args, k)]
+    changed += list(other_changes)
+    if changed:
+        raise DataError(f"{path} was trained with {', '.join(changed)}; use the same flags to resume, "
+                        f"or another --output_dir to start a new run")
+
+
+def checkpoint_args(path):
+    """The flags a checkpoint was trained with (ours: a dict; the authors': an argparse.Namespace),
+    as a dict; {} for 'random' and for files without them."""
+    if path == "random":
+        return {}
+    # Mapped, not read, where torch allows it: zip-format files (torch >= 1.6); older releases
+    # (pickle-format .pth.tar files) are read whole.
+    checkpoint = read_checkpoint(path, mmap=os.path.isfile(path) and zipfile.is_zipfile(path))
+    saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    return saved if isinstance(saved, dict) else {}
+
+
+def rng_state():
+    """This process's random state: the CPU generator and, on a GPU machine, every CUDA generator."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ============ JSON records ============
+
+def timestamp():
+    """Local wall-clock time, to the second, for the log lines and the run files."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def write_json(results, path):
+    """A JSON object (the metrics of an evaluation, a run's settings or summary), written
+    atomically; NaN (a metric with nothing to average) becomes null."""
+    def clean(value):
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return None if isinstance(value, float) and math.isnan(value) else value
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({key: clean(value) for key, value in results.items()}, f, indent=1)
+    os.replace(tmp, path)
+
+
+class JsonLog:
+    """log.jsonl: one JSON object a line, each with its wall-clock `time`, appended by the main process
+    only (`enabled`), so that a resumed run continues the same file."""
+
+    def __init__(self, path, enabled=True):
+        self.path, self.enabled = path, enabled
+
+    def __call__(self, record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**record, "time": timestamp()}) + "\n")
+
+
+def run_settings(args, argv, world_size, start_epoch):
+    """What settings.json records: the flags, the command, the versions and the machine, so that a
+    run folder says on its own how it was made."""
+    return {"started": timestamp(), "start_epoch": start_epoch, "argv": sys.argv[1:] if argv is None else list(argv),
+            "args": vars(args), "world_size": world_size,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "numpy": np.__version__,
+                         "cuda": torch.version.cuda},
+            "machine": {"host": platform.node(), "cpu_cores": os.cpu_count(),
+                        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}

@@ -1,0 +1,69 @@
+"""run_folder.py: the files of a run are written atomically (a crash leaves the previous file whole),
+a resume is refused when it would mix two experiments, and the JSON records say what they hold."""
+import argparse
+import json
+import math
+import re
+
+import pytest
+import torch
+
+import run_folder
+from cli import DataError
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    """save_checkpoint writes a temporary file and renames it: when torch.save fails half-way (a full
+    disk), the checkpoint at the path is still the previous one, byte for byte."""
+    path = str(tmp_path / "checkpoint.pth")
+    run_folder.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    before = open(path, "rb").read()
+    real_save = torch.save
+
+    def save_then_fail(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as half:
+            half.truncate(100)  # what a full disk leaves
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        run_folder.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    assert open(path, "rb").read() == before
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+
+
+def test_resume_flags_that_changed_are_named_with_both_values():
+    """--out_dim 32 saved, 64 now: one message naming the flag, the saved value and the new one; a flag
+    the checkpoint predates takes its default (hidden_dim 2048), and other differences are appended."""
+    args = argparse.Namespace(out_dim=64, hidden_dim=2048, arch="resnet18")
+    with pytest.raises(DataError) as error:
+        run_folder.check_resume_flags("run/checkpoint.pth", {"out_dim": 32, "arch": "resnet18"}, args,
+                                      ("out_dim", "hidden_dim", "arch"), {"hidden_dim": 2048}, ["2 processes (now 1)"])
+    assert str(error.value) == ("run/checkpoint.pth was trained with --out_dim 32 (now 64), 2 processes (now 1); use "
+                                "the same flags to resume, or another --output_dir to start a new run")
+    run_folder.check_resume_flags("p", {"out_dim": 64, "arch": "resnet18"}, args, ("out_dim", "hidden_dim", "arch"),
+                                  {"hidden_dim": 2048})  # the same run: no error
+
+
+def test_json_records_turn_nan_into_null_and_log_lines_carry_their_time(tmp_path):
+    """write_json: a metric with nothing to average (NaN) is written as null, nested lists included.
+    JsonLog: one object a line with its wall-clock time; a log of another process writes nothing."""
+    run_folder.write_json({"map": math.nan, "runs": [1.0, math.nan], "k": 20}, str(tmp_path / "results.json"))
+    assert json.loads((tmp_path / "results.json").read_text()) == {"map": None, "runs": [1.0, None], "k": 20}
+    assert not list(tmp_path.glob("*.tmp"))
+    log = run_folder.JsonLog(str(tmp_path / "log.jsonl"))
+    log({"step": 1})
+    log({"step": 2})
+    run_folder.JsonLog(str(tmp_path / "log.jsonl"), enabled=False)({"step": 3})
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", line["time"]) for line in lines)
+
+
+def test_rng_state_round_trips():
+    """set_rng_state(rng_state()) replays the same random numbers: what makes a resume exact."""
+    state = run_folder.rng_state()
+    first = torch.rand(3)
+    run_folder.set_rng_state(state)
+    assert torch.equal(torch.rand(3), first)

@@ -1,0 +1,144 @@
+"""What pretrain.py reports about its steps (as DINO's MetricLogger): the loss terms, the prototypes
+in use, the gradient norm and the speed for each log line and each epoch, a progress bar, where the
+run is when it stops (a NaN loss, Ctrl-C), and the run's summary.json.
+
+The statistics stay on the training device and are read only when a line is logged, so the loop
+has no host-device synchronisation per step. Under torchrun they are averaged over the processes.
+"""
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from cli import UserError
+from distributed import all_reduce, world_size
+from run_folder import timestamp, write_json
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite."""
+
+
+class TrainStats:
+    """Statistics of one pretraining run, reset at every log line and every epoch.
+
+    Log keys (log.jsonl): loss = consistency + uniformity (the two terms of loss.py; the authors'
+    logs call the uniformity term "entropy"), prototypes_used (prototypes that were some view's
+    argmax so far in the epoch), block_entropy = log N_B - uniformity (the mean entropy of a
+    block's batch marginal), grad_norm (the norm of all the student's gradients together, the
+    steps the fp16 scaler skipped left out), images_per_s.
+    """
+
+    def __init__(self, args, world_size, device, show_progress=True):
+        self.n_prototypes, self.block_size, self.device = args.out_dim, args.partition_size, device  # K, N_B
+        self.accumulation_steps = args.gradient_accumulation_steps
+        self.images_per_step = args.batch_size_per_gpu * world_size * args.gradient_accumulation_steps
+        self.show_progress = show_progress
+        self.epoch, self.step, self.in_epoch = None, 0, False  # where the run is
+
+    def start_epoch(self, epoch, steps_per_epoch):
+        self.epoch, self.in_epoch = epoch, True
+        self.step = epoch * steps_per_epoch  # optimizer steps taken so far
+        self.sums = torch.zeros(3, device=self.device)  # loss, consistency, uniformity over the interval's forward passes
+        self.epoch_sums = torch.zeros(4, device=self.device)  # the same over the epoch, and the count of forward passes
+        self.used = torch.zeros(self.n_prototypes, device=self.device)  # 1 where a prototype was some view's argmax
+        self.grad_norms = torch.zeros(2, device=self.device)  # sum of the interval's finite gradient norms, their count
+        self.first_bad_step = torch.full((), -1, device=self.device, dtype=torch.long)
+        self.n_forward, self.last_time = 0, time.time()
+        self.bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not self.show_progress,
+                        dynamic_ncols=True)
+
+    @torch.no_grad()
+    def add_forward(self, step, loss, consistency, uniformity, student_logits):
+        """One forward pass of optimizer step `step`: its loss terms and the student's argmax prototypes."""
+        terms = torch.stack([loss, consistency, uniformity]).detach()
+        self.sums += terms
+        self.epoch_sums[:3] += terms
+        self.epoch_sums[3] += 1
+        self.used[student_logits.argmax(dim=-1).flatten()] = 1
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
+        self.n_forward += 1
+
+    def add_optimizer_step(self, grad_norm):
+        """fp16's scaler skips the steps whose gradients overflowed (an inf norm): they are left out of
+        the mean gradient norm."""
+        finite = torch.isfinite(grad_norm)
+        self.grad_norms += torch.stack([torch.where(finite, grad_norm, 0.0), finite.float()])
+        self.step += 1
+        self.bar.update(1)
+
+    def interval(self, **extra):
+        """The log line of the steps since the last one (the only host-device syncs of the loop);
+        `extra` (epoch, lr, ...) is added to it. Raises NonFiniteLoss if a loss was NaN or infinite."""
+        self.check_finite()
+        record = self.means(self.sums, self.n_forward)
+        total, count = self.grad_norms.tolist()
+        elapsed = time.time() - self.last_time
+        record.update(extra, step=self.step, grad_norm=total / count if count else None,
+                      images_per_s=self.n_forward // self.accumulation_steps * self.images_per_step
+                      / max(elapsed, 1e-9))
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", cons=f"{record['consistency']:.3f}",
+                             unif=f"{record['uniformity']:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}")
+        self.sums.zero_()
+        self.grad_norms.zero_()
+        self.n_forward, self.last_time = 0, time.time()
+        return record
+
+    def end_epoch(self):
+        """The epoch's means (the epoch summary of the log)."""
+        self.bar.close()
+        self.in_epoch = False
+        self.check_finite()
+        return self.means(self.epoch_sums[:3], int(self.epoch_sums[3].item()))
+
+    def means(self, sums, n_forward):
+        """Means over processes and forward passes, and prototype usage, as plain numbers."""
+        sums = all_reduce(sums.clone()) / (max(n_forward, 1) * world_size())
+        loss, consistency, uniformity = sums.tolist()
+        n_used = int(all_reduce(self.used.clone(), dist.ReduceOp.MAX).sum().item())
+        # uniformity = log N_B - mean_b H(pbar_b), so the mean per-block entropy of the batch marginal is:
+        return dict(loss=loss, consistency=consistency, uniformity=uniformity, prototypes_used=n_used,
+                    block_entropy=math.log(self.block_size) - uniformity)
+
+    def check_finite(self):
+        step = all_reduce(self.first_bad_step.clone(), dist.ReduceOp.MAX).item()
+        if step >= 0:
+            raise NonFiniteLoss(f"the loss became NaN or infinite at optimizer step {step} (epoch {self.epoch}). "
+                                f"Nothing was saved after the last completed epoch: checkpoint.pth is intact. Try a "
+                                f"lower --lr, --clip_grad about twice the grad_norm that log.jsonl shows before the "
+                                f"failure (a bound on all the gradients' norm together), or --use_fp16 false, then "
+                                f"run the same command to resume.")
+
+    def interruption(self, saved_epochs, epochs, checkpoint_path):
+        """The one line of Ctrl-C: where the run stopped and what checkpoint_path holds (`saved_epochs`
+        of `epochs`)."""
+        if self.epoch is None:
+            return ("interrupted during the k-NN monitor before training; no checkpoint was written yet; run the "
+                    "same command to start again")
+        self.bar.close()
+        where = (f"epoch {self.epoch}, after optimizer step {self.step}" if self.in_epoch
+                 else f"epoch {saved_epochs}, outside its optimizer steps")
+        held = (f"{checkpoint_path} holds the first {saved_epochs} of {epochs} epochs; run the same command to "
+                f"resume" if saved_epochs else "no checkpoint was written yet; run the same command to start again")
+        return f"interrupted at {where}; {held}"
+
+
+def write_summary(args, epoch_stats, extra, seconds, start_epoch):
+    """summary.json at the end of a pretraining run, and the line that puts the trained teacher's
+    k-NN next to its baselines (extra: knn.knn_baselines)."""
+    summary = {"finished": timestamp(), "epochs": args.epochs, "trained_epochs": args.epochs - start_epoch,
+               "training_seconds": round(seconds, 1), "final_epoch": epoch_stats, "nb_knn": args.nb_knn,
+               "knn_top1_random_init": extra.get("knn_top1_init"), "knn_top1_teacher": epoch_stats.get("knn_top1"),
+               "knn_top1_pixels": extra.get("knn_top1_pixels")}
+    if extra.get("knn_top1_init") is not None and epoch_stats.get("knn_top1") is not None:
+        pixels = extra.get("knn_top1_pixels")
+        summary["line"] = (f"k-NN top-1 (k={args.nb_knn}) on the {args.dataset} validation images: randomly "
+                           f"initialised backbone {extra['knn_top1_init']:.2f}% | CARP teacher after {args.epochs} "
+                           f"epochs {epoch_stats['knn_top1']:.2f}% | raw pixels "
+                           + (f"{pixels:.2f}%" if pixels is not None else "not measured"))
+        print(summary["line"])
+    write_json(summary, os.path.join(args.output_dir, "summary.json"))
