@@ -25,8 +25,8 @@ def bool_flag(s):
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
-def stem_flag(s):
-    """--small_image_stem: 'auto', or true / false."""
+def auto_flag(s):
+    """A flag that is 'auto' (the script decides, e.g. by image size or device), or true / false."""
     return "auto" if s.lower() == "auto" else bool_flag(s)
 
 

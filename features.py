@@ -16,7 +16,7 @@ import warnings
 import torch
 from tqdm import tqdm
 
-from cli import bool_flag, stem_flag
+from cli import auto_flag, bool_flag
 from data import DATASET_NAMES, DataError, build_dataset, default_num_workers, eval_transform
 from distributed import all_gather, is_initialized, is_main_process
 from model import build_backbone, use_small_image_stem
@@ -226,7 +226,7 @@ def add_model_args(parser):
                    help="key layout of the checkpoint; 'auto' picks the layout that loads the most backbone weights")
     g.add_argument("--arch", default="resnet50",
                    help="torchvision ResNet, or small_cnn (the CPU recipe's); our checkpoints' args override it")
-    g.add_argument("--small_image_stem", type=stem_flag, default="auto",
+    g.add_argument("--small_image_stem", type=auto_flag, default="auto",
                    help="3x3 stride-1 stem for small images (true / false); 'auto' follows the checkpoint, "
                         "and for 'random' is on when --image_size is at most 64")
     return parser

@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 
 import cli
-from cli import DataError, HelpFormatter, Interrupted, bool_flag, renamed, stem_flag  # noqa: F401 (pretrain.DataError)
+from cli import DataError, HelpFormatter, Interrupted, auto_flag, bool_flag, renamed  # noqa: F401 (pretrain.DataError)
 from data import DATASET_NAMES, BatchedMultiCrop, MultiCropAugmentation, build_dataset, default_num_workers, fixed_size_uint8
-from distributed import all_gather_object, destroy, init_distributed, is_main_process
+from distributed import all_gather_object, destroy, init_distributed, is_initialized, is_main_process
 from knn import knn_baselines, knn_monitor
 from loss import carp_loss, partition_for_step
 from model import SMALL_CNN, CARPHead, MultiCropWrapper, build_backbone, check_arch, update_teacher, use_small_image_stem
@@ -63,7 +63,7 @@ def get_args(argv=None):
     g.add_argument("--arch", default="resnet50",
                    help="any torchvision ResNet (resnet18, resnet50, wide_resnet50_2, ...), or small_cnn: a 0.4M-parameter "
                         "4-stage CNN for images of at most 64 pixels on a CPU (model.SmallCNN)")
-    g.add_argument("--small_image_stem", type=stem_flag, default="auto",
+    g.add_argument("--small_image_stem", type=auto_flag, default="auto",
                    help="3x3 stride-1 first conv and no max-pool, for small images such as CIFAR's (true / "
                         "false); 'auto' turns it on when --global_crops_size is at most 64")
     g.add_argument("--out_dim", type=int, default=65536, help="K, the number of prototypes")
@@ -101,10 +101,14 @@ def get_args(argv=None):
                    help="max norm of all the student's gradients together (one global norm, "
                         "torch.nn.utils.clip_grad_norm_, not DINO's per-parameter clipping); 0 = no clipping, the "
                         "paper's. The log's grad_norm column shows the norms a run has; clip at about twice them")
-    g.add_argument("--use_fp16", type=bool_flag, default=True,
-                   help="fp16 autocast and a gradient scaler on CUDA (the paper); ignored on CPU")
+    g.add_argument("--use_fp16", type=auto_flag, default="auto",
+                   help="fp16 autocast and a gradient scaler (the paper's precision; the loss is float32 in any "
+                        "case): 'auto' = on CUDA only, float32 on CPU; true = also on CPU, where most processors "
+                        "have no fp16 arithmetic and it runs slowly: a way to test the GPU's precision path; false = "
+                        "float32")
     g.add_argument("--use_bf16", type=bool_flag, default=False,
-                   help="bf16 autocast instead (CUDA or CPU); no gradient scaler needed")
+                   help="bf16 autocast instead of fp16 (CUDA or CPU), no gradient scaler needed (bf16 has float32's "
+                        "range); true overrides --use_fp16")
 
     g = parser.add_argument_group("multi-crop views")
     g.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.2, 1.0), help="area range of the 2 global crops")
@@ -175,6 +179,8 @@ def main(argv=None):
     parser, args = get_args(argv)
     rank, world_size, device = init_distributed()
     check_args(parser, args)
+    precision = autocast_dtype(args, device)
+    args.use_fp16 = precision == torch.float16  # stored resolved (true / false): what this run computes in
     os.makedirs(args.output_dir, exist_ok=True)
     log = JsonLog(os.path.join(args.output_dir, "log.jsonl"), enabled=rank == 0)
 
@@ -188,16 +194,16 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)  # different views on every process
 
     # ============ preparing optimizer and schedules ... ============
-    student_module = student.module if world_size > 1 else student
+    student_module = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
     optimizer = build_optimizer(args.optimizer, student_module)  # lr and weight decay: set at every step
-    scaler = torch.amp.GradScaler(device.type, enabled=args.use_fp16 and not args.use_bf16 and device.type == "cuda")
+    scaler = gradient_scaler(args, device)
     base_lr = scaled_lr(args.lr, args.batch_size_per_gpu, world_size, args.gradient_accumulation_steps)
     schedules = (cosine_schedule(base_lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs),  # lr
                  cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch),  # wd
                  cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch))  # teacher momentum
     if rank == 0:
         print(f"effective batch {args.batch_size_per_gpu * world_size * args.gradient_accumulation_steps}, "
-              f"peak learning rate {base_lr:.4g}")
+              f"peak learning rate {base_lr:.4g}, {PRECISION_NAMES[precision]}")
 
     # ============ optionally resuming a run ... ============
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
@@ -326,10 +332,32 @@ def optimizer_step(student, teacher, optimizer, scaler, lr, weight_decay, moment
 
 # ============ the pieces main() assembles ============
 
+PRECISION_NAMES = {None: "float32", torch.float16: "fp16 autocast with a gradient scaler",
+                   torch.bfloat16: "bf16 autocast"}
+
+
+def autocast_dtype(args, device):
+    """The precision of the forward passes on `device`: torch.bfloat16 (--use_bf16 true), torch.float16
+    (--use_fp16 true, or auto on CUDA: the paper's, with the gradient scaler), or None (float32)."""
+    if args.use_bf16:
+        return torch.bfloat16
+    if args.use_fp16 is True or (args.use_fp16 == "auto" and device.type == "cuda"):
+        return torch.float16
+    return None
+
+
 def autocast_for(args, device):
-    """fp16 autocast on CUDA (the paper, with the gradient scaler), bf16 where asked, else off."""
-    return torch.autocast(device.type, dtype=torch.bfloat16 if args.use_bf16 else torch.float16,
-                          enabled=args.use_bf16 or (args.use_fp16 and device.type == "cuda"))
+    """The autocast region of the forward passes (autocast_dtype); none for float32."""
+    dtype = autocast_dtype(args, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def gradient_scaler(args, device):
+    """fp16's gradient scaler, disabled (a pass-through) in float32 and bf16. Gradients below fp16's
+    smallest number would vanish, so the loss is multiplied by a scale (65536 at first) before the
+    backward pass; a step whose scaled gradients overflowed is skipped (scaler.step) and the scale
+    halved (scaler.update). bf16 has float32's range and needs no scaler."""
+    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(args, device) == torch.float16)
 
 
 def data_and_views(args, rank, world_size, device, memory_format):
@@ -401,14 +429,16 @@ def start_teacher(student, teacher):
 
 def student_and_teacher(args, device, memory_format, world_size):
     """The student (wrapped in DDP under torchrun) and the teacher, with the same initial weights on
-    every process; BatchNorm is synchronised over the global batch on GPUs, as in the paper."""
+    every process; BatchNorm is synchronised over the global batch on GPUs, as in the paper.
+    Under torchrun the wrapping happens also with one process, so that one GPU runs the code path
+    of many."""
     torch.manual_seed(args.seed)
     student, teacher = carp_network(args), carp_network(args)
-    if world_size > 1:
+    if is_initialized():
         if device.type == "cuda":
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-        elif is_main_process():
+        elif world_size > 1 and is_main_process():
             warnings.warn("SyncBatchNorm needs CUDA: on CPU every process normalises with its own batch")
     student = student.to(device, memory_format=memory_format)
     teacher = teacher.to(device, memory_format=memory_format)
@@ -416,8 +446,9 @@ def student_and_teacher(args, device, memory_format, world_size):
     if is_main_process():
         print(f"student and teacher: {args.arch} + CARP head, K={args.out_dim} prototypes in "
               f"{args.out_dim // args.partition_size} blocks of {args.partition_size}, "
-              f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters")
-    if world_size > 1:
+              f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters"
+              + (f", the student in DistributedDataParallel over {world_size} process(es)" if is_initialized() else ""))
+    if is_initialized():
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     return student, teacher
 
@@ -438,7 +469,14 @@ def resume(path, args, student, teacher, optimizer, scaler, rank):
     student.load_state_dict(checkpoint["student"])
     teacher.load_state_dict(checkpoint["teacher"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    # The scaler's state is empty when the checkpoint's run had no fp16 (float32 or bf16): a run that
+    # continues it in fp16 starts a fresh scaler; a run that continues an fp16 run without fp16 has
+    # a disabled scaler, which ignores the state. Precision may change at a resume (e.g. to float32
+    # after a NaN, as NonFiniteLoss suggests); the networks and the optimizer state stay float32.
+    if checkpoint["scaler"]:
+        scaler.load_state_dict(checkpoint["scaler"])
+    elif scaler.is_enabled() and rank == 0:
+        print(f"{path} was trained without fp16: the gradient scaler starts afresh")
     if rank < len(checkpoint["rng"]):
         set_rng_state(checkpoint["rng"][rank])
     else:  # resumed on more processes than saved: new but deterministic streams
