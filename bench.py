@@ -40,7 +40,6 @@ order of time, is the memory allocated at each moment and its maximum is the pea
 """
 import argparse
 import itertools
-import math
 import os
 import platform
 import statistics

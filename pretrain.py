@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 import cli
-from cli import DataError, HelpFormatter, Interrupted, bool_flag, renamed, stem_flag  # noqa: F401 (pretrain.DataError)
+from cli import DataError, HelpFormatter, Interrupted, bool_flag, renamed, stem_flag
 from data import DATASET_NAMES, BatchedMultiCrop, MultiCropAugmentation, build_dataset, default_num_workers, fixed_size_uint8
 from distributed import all_gather_object, destroy, init_distributed, is_main_process
 from knn import knn_baselines, knn_monitor
@@ -36,7 +36,7 @@ from model import SMALL_CNN, CARPHead, MultiCropWrapper, build_backbone, check_a
 from optim import build_optimizer, cosine_schedule, scaled_lr
 from run_folder import (JsonLog, check_resume_flags, read_run_checkpoint, rng_state, run_settings, save_checkpoint,
                         set_rng_state, write_json)
-from train_stats import NonFiniteLoss, TrainStats, write_summary  # noqa: F401 (pretrain.NonFiniteLoss)
+from train_stats import TrainStats, write_summary
 
 # The CPU recipe for small images, the flags of the README's demo: found by measurement to lift the
 # k-NN accuracy of the SmallCNN clearly in about 10 minutes of 2 CPU cores (README, *A CPU recipe for

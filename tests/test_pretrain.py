@@ -19,6 +19,7 @@ import data
 import knn
 import knn_eval
 import pretrain
+import train_stats
 from knn import knn_classify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +128,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
         return consistency * float("nan"), entropy
 
     monkeypatch.setattr(pretrain, "carp_loss", nan_loss)
-    with pytest.raises(pretrain.NonFiniteLoss, match="step 4 .*epoch 1"):
+    with pytest.raises(train_stats.NonFiniteLoss, match="step 4 .*epoch 1"):
         run_main(tmp_path, "--epochs", "2")
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
 
