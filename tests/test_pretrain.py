@@ -193,18 +193,22 @@ def test_a_checkpoint_from_before_the_head_flags_resumes(tmp_path, capsys):
 
 def in_the_layout_before_the_renames(path):
     """Rewrite the checkpoint at `path` as pretrain.py wrote it before the method-first release: the
-    step count under "global_step" and the k-NN monitor's k as --knn_k in the args."""
+    step count under "global_step", the k-NN monitor's k as --knn_k in the args, and no step
+    checkpoint entries (steps per epoch, the epoch's statistics): checkpoints were per epoch then."""
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["global_step"] = checkpoint.pop("step")
+    del checkpoint["steps_per_epoch"], checkpoint["stats"]
     checkpoint["args"]["knn_k"] = checkpoint["args"].pop("nb_knn")
+    del checkpoint["args"]["checkpoint_every_steps"], checkpoint["args"]["skip_bad_images"]
     torch.save(checkpoint, path)
 
 
 def test_a_checkpoint_in_the_layout_before_the_renames_resumes_exactly(tmp_path):
-    """A run stopped after epoch 1 of 2 and saved in the earlier layout resumes, and ends with the
-    weights of an uninterrupted 2-epoch run."""
-    straight = run_main(tmp_path / "straight", "--epochs", "2")
-    run_main(tmp_path / "old", "--epochs", "1")
+    """A 2-epoch run's checkpoint of epoch 1, saved in the earlier layout, resumes and ends with the
+    weights of the uninterrupted run."""
+    straight = run_main(tmp_path / "straight", "--epochs", "2", "--saveckp_freq", "1")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "checkpoint.pth").write_bytes((tmp_path / "straight" / "checkpoint0001.pth").read_bytes())
     in_the_layout_before_the_renames(tmp_path / "old" / "checkpoint.pth")
     resumed = run_main(tmp_path / "old", "--epochs", "2", "--knn_k", "20")  # the flag's old name works too
     assert resumed["epoch"] == 2 and resumed["step"] == 8
