@@ -471,24 +471,26 @@ def bench_cpu_recipe(args):
         pretrain.check_args(parser, recipe)
         device = args.device
         memory_format = pretrain.preferred_memory_format(recipe.arch, device)
-        transform, make_views = pretrain.views_pipeline(recipe, device, memory_format)
-        dataset = data.build_dataset(dataset_name, "pretrain", transform, synthetic_images=4000, synthetic_size=32)
+        sampler, loader, make_views = pretrain.data_and_views(recipe, 0, 1, device, memory_format)
+
+        def epochs():  # the loader's batches, epoch after epoch, as pretrain.py reads them
+            for epoch in itertools.count():
+                sampler.set_epoch(epoch)
+                yield from loader
+        batches = epochs()
         torch.manual_seed(args.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size_per_gpu, shuffle=True,
-                                             num_workers=recipe.num_workers, drop_last=True,
-                                             persistent_workers=recipe.num_workers > 0)
         student, teacher = pretrain.carp_network(recipe), pretrain.carp_network(recipe)
         student, teacher = student.to(device, memory_format=memory_format), teacher.to(device, memory_format=memory_format)
         pretrain.start_teacher(student, teacher)
         optimizer = optim.build_optimizer(recipe.optimizer, student)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         autocast = torch.autocast(device.type, enabled=False)
-        batches = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch
         waiting, total = [], []
         for step in range(args.warmup + args.recipe_steps):
             synchronize(device)
             start = time.perf_counter()
-            views = make_views(next(batches)[0])
+            images, seeds, _ = next(batches)
+            views = make_views(images, seeds)
             synchronize(device)
             got_views = time.perf_counter()
             partition = loss.partition_for_step(recipe.out_dim, recipe.partition_size, recipe.seed, step)
@@ -504,7 +506,24 @@ def bench_cpu_recipe(args):
                          "images_per_s": recipe.batch_size_per_gpu * len(total) / sum(total),
                          "waiting_share": sum(waiting) / sum(total)}
     results["speedup"] = results["batched"]["images_per_s"] / results["per_image"]["images_per_s"]
+    results["view_seeding"] = bench_view_seeding(args, recipe)
     return results
+
+
+def bench_view_seeding(args, recipe):
+    """What seeding every image's views by (seed, epoch, index) costs, against drawing them from one
+    generator: the batched views' random numbers for a batch of the recipe (one generator per image
+    vs one draw for the batch), and a per-image generator (what each DataLoader worker does per image)."""
+    augmentation = data.BatchedMultiCrop(local_crops_number=recipe.local_crops_number)
+    batch = recipe.batch_size_per_gpu
+    seeds = torch.tensor([data.view_seed(recipe.seed, 0, i) for i in range(batch)])
+    runs = {"per_image_seeds": lambda: augmentation.draws(batch, seeds, args.device),
+            "one_generator": lambda: augmentation.draws(batch, None, args.device),
+            "seed_one_image": lambda: torch.Generator().manual_seed(data.view_seed(recipe.seed, 0, 7))}
+    seconds = median_seconds(runs, args.warmup, max(args.repeats, 20), args.device)
+    return {"batch_ms_per_image_seeds": 1000 * seconds["per_image_seeds"],
+            "batch_ms_one_generator": 1000 * seconds["one_generator"],
+            "per_image_us": 1e6 * seconds["seed_one_image"]}
 
 
 # ============ the table ============
@@ -556,6 +575,11 @@ def print_results(results):
             print(f"  {label:28} {r[name]['step_ms']:8.1f} {r[name]['images_per_s']:9.1f} "
                   f"{100 * r[name]['waiting_share']:17.1f}%")
         print(f"  views per batch make the step {r['speedup']:.2f}x faster")
+        seeding = r["view_seeding"]
+        print(f"  views seeded per image: {seeding['batch_ms_per_image_seeds']:.2f} ms per batch for the batched "
+              f"views' random numbers ({seeding['batch_ms_one_generator']:.2f} ms from one generator), "
+              f"{seeding['per_image_us']:.1f} us per image in a worker; the batched step takes "
+              f"{r['batched']['step_ms']:.0f} ms")
 
 
 def main(argv=None):

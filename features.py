@@ -20,7 +20,7 @@ from cli import bool_flag, stem_flag
 from data import DATASET_NAMES, DataError, build_dataset, default_num_workers, eval_transform
 from distributed import all_gather, is_initialized, is_main_process
 from model import build_backbone, use_small_image_stem
-from run_folder import checkpoint_args, read_checkpoint
+from run_folder import checkpoint_args, read_checkpoint, save_checkpoint
 
 
 # What the data flags of the evaluations mean when neither the user nor the checkpoint says.
@@ -332,7 +332,5 @@ def save_features(folder, features):
         return
     os.makedirs(folder, exist_ok=True)
     for split, (feats, labels) in features.items():
-        tmp = features_file(folder, split) + ".tmp"
-        torch.save({"features": feats, "labels": labels}, tmp)
-        os.replace(tmp, features_file(folder, split))
+        save_checkpoint({"features": feats, "labels": labels}, features_file(folder, split))
     print(f"features saved to {folder}")

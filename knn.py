@@ -72,8 +72,12 @@ def knn_monitor(args, teacher, device, raw_pixels=False):
         return (None, None) if raw_pixels else None
 
     def accuracy(network):
-        train_features, train_labels = extract_features(network, train_set, 256, args.num_workers, device, progress=False)
-        val_features, val_labels = extract_features(network, val_set, 256, args.num_workers, device, progress=False)
+        # On a fork of torch's random state (its DataLoaders draw their seeds from it): measuring
+        # leaves the training stream as it was, so --knn_every never changes what a run learns.
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            train_features, train_labels = extract_features(network, train_set, 256, args.num_workers, device,
+                                                            progress=False)
+            val_features, val_labels = extract_features(network, val_set, 256, args.num_workers, device, progress=False)
         return knn_classify(train_features, train_labels, val_features, val_labels, [args.nb_knn])[f"top1_k{args.nb_knn}"]
 
     teacher_accuracy = accuracy(teacher.backbone)

@@ -1,7 +1,7 @@
 """The files of a run folder, written so that a crash never leaves half a file and read so that a
 file from elsewhere never runs code.
 
-- checkpoints: save_checkpoint (atomic: a temporary file, then a rename), read_checkpoint
+- checkpoints: save_checkpoint (atomic and durable: a temporary file, fsync, a rename), read_checkpoint
   (torch.load with weights_only=True, and a one-line error for a file that is not a checkpoint),
   read_run_checkpoint and check_resume_flags (the checks before a script resumes from its own
   checkpoint), checkpoint_args (the flags a checkpoint was trained with), the RNG states;
@@ -28,10 +28,21 @@ from cli import DataError
 # ============ checkpoints ============
 
 def save_checkpoint(state, path):
-    """Write atomically: a crash mid-write leaves the previous file at `path` intact."""
+    """Write atomically and durably: the state goes to a temporary file, which is flushed to the disk
+    (fsync) before it is renamed over `path`, and the folder is flushed after the rename. A crash,
+    a kill or a power loss at any moment leaves at `path` either the previous file or the new one,
+    whole; never a name pointing at data that did not reach the disk."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself
+    finally:
+        os.close(folder)
 
 
 def read_checkpoint(path, what_to_do="Pass --pretrained_weights PATH to a checkpoint (.pth) file, or 'random' "
