@@ -186,8 +186,11 @@ def test_main_by_hand_standardises_with_the_train_split(tmp_path, monkeypatch, c
 
 def test_authors_k_on_gtsrb_is_100():
     """--dataset gtsrb clusters into 100 (the authors' GTSRB run), not its 43 classes; other
-    datasets leave k to the number of classes (None until the labels are read); --n_clusters wins."""
+    datasets leave k to the number of classes (None until the labels are read); --n_clusters wins.
+    Every run: 100 iterations, 10 restarts (the authors' faiss niter and nredo)."""
     base = ["--pretrained_weights", "random", "--dataset"]
+    args = kmeans_eval.get_args(base + ["cifar10"])
+    assert (args.n_iter, args.n_init) == (100, 10)
     assert kmeans_eval.get_args(base + ["gtsrb"]).n_clusters == 100
     assert kmeans_eval.get_args(base + ["cifar10"]).n_clusters is None
     assert kmeans_eval.get_args(base + ["gtsrb", "--n_clusters", "43"]).n_clusters == 43

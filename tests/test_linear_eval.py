@@ -182,10 +182,12 @@ def test_resuming_with_another_learning_rate_is_refused(tmp_path):
 
 
 def test_learning_rate_defaults_and_batch_scaling():
-    """LARS: lr 1.0, not scaled by the batch (the authors); SGD: 0.3 x global batch / 256 (DINO)."""
+    """LARS: lr 1.0, not scaled by the batch, momentum 0.9, no weight decay, 100 epochs (the
+    authors); SGD: 0.3 x global batch / 256 (DINO)."""
     lars = linear_eval.get_args(["--pretrained_weights", "random"])
     sgd = linear_eval.get_args(["--pretrained_weights", "random", "--optimizer", "sgd"])
-    assert (lars.lr, sgd.lr) == (1.0, 0.3)
+    assert (lars.optimizer, lars.lr, sgd.lr) == ("lars", 1.0, 0.3)
+    assert (lars.momentum, lars.weight_decay, lars.epochs) == (0.9, 0.0, 100)
     assert linear_eval.peak_lr(lars, 2048) == 1.0 and linear_eval.peak_lr(lars, 64) == 1.0
     assert linear_eval.peak_lr(sgd, 512) == pytest.approx(0.6) and linear_eval.peak_lr(sgd, 64) == pytest.approx(0.075)
 
