@@ -51,21 +51,30 @@ def to_normalized_tensor():
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def eval_transform(image_size=224):
-    """Evaluation view: short side to image_size / 0.875 (256 for 224), bicubic, centre crop."""
+# The two resampling kernels the evaluations use, by the name their flags take. The protocols differ:
+# DINO's k-NN and linear-probe val views resize bicubic (torchvision's interpolation=3); the authors'
+# VOC07, k-means and iNat scripts call Resize(256) and RandomResizedCrop(224) without an interpolation,
+# which is torchvision's bilinear. Each script's --resize_interpolation defaults to its protocol's.
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
+
+
+def eval_transform(image_size=224, interpolation="bicubic"):
+    """Evaluation view: short side to image_size / 0.875 (256 for 224) with `interpolation`
+    ('bicubic' or 'bilinear', antialiased), centre crop to image_size, ImageNet normalisation."""
     return v2.Compose([
-        v2.Resize(int(round(image_size / 0.875)), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.Resize(int(round(image_size / 0.875)), interpolation=INTERPOLATIONS[interpolation], antialias=True),
         v2.CenterCrop(image_size),
         to_normalized_tensor(),
     ])
 
 
-def train_transform(image_size):
-    """The training view of the linear and low-shot classifiers on a frozen backbone: bicubic
-    RandomResizedCrop (scale 0.08-1) and a horizontal flip, nothing else (no colour augmentation),
-    then ImageNet normalisation."""
+def train_transform(image_size, interpolation="bilinear"):
+    """The training view of the linear and low-shot classifiers on a frozen backbone: RandomResizedCrop
+    (scale 0.08-1) with `interpolation` (default bilinear, torchvision's default, which the authors'
+    and DINO's probes use) and a horizontal flip, nothing else (no colour augmentation), then
+    ImageNet normalisation."""
     return v2.Compose([
-        v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomResizedCrop(image_size, interpolation=INTERPOLATIONS[interpolation], antialias=True),
         v2.RandomHorizontalFlip(p=0.5),
         to_normalized_tensor(),
     ])

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from cli import bool_flag, stem_flag
-from data import DATASET_NAMES, DataError, build_dataset, default_num_workers, eval_transform
+from data import DATASET_NAMES, INTERPOLATIONS, DataError, build_dataset, default_num_workers, eval_transform
 from distributed import all_gather, is_initialized, is_main_process
 from model import build_backbone, use_small_image_stem
 from run_folder import checkpoint_args, read_checkpoint, save_checkpoint
@@ -423,10 +423,11 @@ def add_model_args(parser):
     return parser
 
 
-def add_eval_args(parser):
+def add_eval_args(parser, resize_interpolation="bicubic"):
     """Model, data and feature-cache flags of the classification protocols (k-NN, linear, k-means,
     few-shot), with the same names in every script. The data flags left out follow the checkpoint
-    (follow_checkpoint)."""
+    (follow_checkpoint). resize_interpolation: the default of --resize_interpolation, the script's
+    protocol's (None: the script resolves it after parsing, from its --protocol)."""
     add_model_args(parser)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=None, choices=DATASET_NAMES,
@@ -442,6 +443,11 @@ def add_eval_args(parser):
     g.add_argument("--image_size", type=int, default=None,
                    help=f"centre-crop size after resizing the short side to image_size / 0.875. Default: the size "
                         f"the checkpoint was trained on (its --global_crops_size), else {DEFAULT_IMAGE_SIZE}")
+    g.add_argument("--resize_interpolation", default=resize_interpolation, choices=list(INTERPOLATIONS),
+                   help="kernel of the evaluation resize (short side to image_size / 0.875, antialiased). Default: "
+                        "the protocol's, bicubic for DINO's k-NN and the linear probe's val images (and our "
+                        "nshot_logreg), bilinear (torchvision's Resize(256) default) for the authors' k-means, "
+                        "VOC07 and iNat low-shot scripts")
     g.add_argument("--batch_size_per_gpu", type=int, default=128, help="images per process for feature extraction")
     g.add_argument("--num_workers", type=int, default=default_num_workers(cap=4),
                    help="data-loading processes per process (default: this machine's cores shared among the "
@@ -501,7 +507,7 @@ def frozen_features(args, device, splits=("train", "val"), subsets=None):
             saved = torch.load(path, map_location="cpu", weights_only=True)
             out[split] = (saved["features"], saved["labels"])
         return out
-    transform = eval_transform(args.image_size)
+    transform = eval_transform(args.image_size, args.resize_interpolation)
     datasets = {split: build_dataset(args.dataset, split, transform, args.data_path, args.download,
                                      args.synthetic_images, args.image_size) for split in splits}
     for split, select in (subsets or {}).items():

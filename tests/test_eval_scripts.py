@@ -116,7 +116,9 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line_naming_it(checkpoint, tmp_p
 
 @pytest.mark.parametrize("script, flag, default", [
     ("knn_eval", "--temperature", "0.07"), ("linear_eval", "--epochs", "100"), ("kmeans_eval", "--n_init", "10"),
-    ("fewshot_eval", "--runs", "5"), ("retrieval_eval", "--crop_query_bbox", "False"),
+    ("fewshot_eval", "--cost", "0.5"), ("retrieval_eval", "--crop_query_bbox", "False"),
+    ("knn_eval", "--resize_interpolation", "bicubic"), ("kmeans_eval", "--resize_interpolation", "bilinear"),
+    ("linear_eval", "--crop_interpolation", "bilinear"),
     ("knn_eval", "--batch_size_per_gpu", "128")])
 def test_help_shows_the_defaults(script, flag, default, capsys):
     with pytest.raises(SystemExit):
