@@ -43,6 +43,7 @@ import itertools
 import os
 import platform
 import statistics
+import tempfile
 import time
 import warnings
 
@@ -56,6 +57,7 @@ import loss
 import model
 import optim
 import pretrain
+import run_folder
 from cli import bool_flag, renamed
 from run_folder import write_json
 
@@ -74,7 +76,8 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser("Benchmarks of CARP's objective, augmentations and training step",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["objective", "augmentation", "step"],
-                        choices=["objective", "augmentation", "step", "cpu_recipe"], help="which benchmarks to run")
+                        choices=["objective", "augmentation", "step", "cpu_recipe", "checkpoint"],
+                        help="which benchmarks to run")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: CUDA when a GPU is present (the augmentations always run on the CPU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before the timed ones")
@@ -115,6 +118,10 @@ def get_args(argv=None):
     g.add_argument("--local_crops_size", type=int, default=None, help="pixels of the local views")
     g.add_argument("--use_fp16", type=bool_flag, default=True,
                    help="fp16 autocast and a gradient scaler on CUDA, as pretrain.py; ignored on CPU")
+
+    g = parser.add_argument_group("checkpoint (the training step's sizes: --arch, --out_dim, --step_preset)")
+    g.add_argument("--checkpoint_dir", default=None,
+                   help="folder to write the checkpoint to, on the disk a run would use (default: a temporary one)")
 
     g = parser.add_argument_group("cpu_recipe (pretrain.CPU_RECIPE)")
     g.add_argument("--recipe_steps", type=int, default=20, help="timed optimizer steps of each pipeline")
@@ -526,6 +533,36 @@ def bench_view_seeding(args, recipe):
             "per_image_us": 1e6 * seconds["seed_one_image"]}
 
 
+# ============ 5. writing checkpoint.pth ============
+
+def bench_checkpoint(args):
+    """checkpoint.pth of a pretraining run at the step section's sizes (student, teacher, LARS's
+    momentum buffers, as pretrain.py saves them): its size, and the time of one write as pretrain.py
+    makes it (run_folder.save_checkpoint: torch.save to a temporary file, fsync, rename, fsync of the
+    folder), the median of --repeats writes into --checkpoint_dir."""
+    parser, recipe = pretrain.get_args(["--arch", args.arch, "--out_dim", str(args.out_dim), "--partition_size",
+                                        str(args.partition_size), "--global_crops_size", str(args.global_crops_size)])
+    pretrain.check_args(parser, recipe)
+    torch.manual_seed(args.seed)
+    student, teacher = pretrain.carp_network(recipe), pretrain.carp_network(recipe)
+    optimizer = optim.build_optimizer("lars", student)
+    for group in optimizer.param_groups:  # the momentum buffers LARS holds after its first step
+        for p in group["params"]:
+            optimizer.state[p]["mu"] = torch.zeros_like(p)
+    state = {"student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
+             "args": vars(recipe)}
+    with tempfile.TemporaryDirectory(dir=args.checkpoint_dir) as folder:
+        path = os.path.join(folder, "checkpoint.pth")
+        seconds = []
+        for _ in range(args.warmup + args.repeats):
+            start = time.perf_counter()
+            run_folder.save_checkpoint(state, path)
+            seconds.append(time.perf_counter() - start)
+        size = os.path.getsize(path)
+    return {"arch": args.arch, "K": args.out_dim, "parameters_m": sum(p.numel() for p in student.parameters()) / 1e6,
+            "size_mib": size / MIB, "save_s": statistics.median(seconds[args.warmup:])}
+
+
 # ============ the table ============
 
 def print_results(results):
@@ -580,6 +617,10 @@ def print_results(results):
               f"views' random numbers ({seeding['batch_ms_one_generator']:.2f} ms from one generator), "
               f"{seeding['per_image_us']:.1f} us per image in a worker; the batched step takes "
               f"{r['batched']['step_ms']:.0f} ms")
+    if "checkpoint" in results:
+        r = results["checkpoint"]
+        print(f"\ncheckpoint.pth: {r['arch']} + CARP head, K={r['K']}: {r['parameters_m']:.1f}M parameters per network, "
+              f"{r['size_mib']:.0f} MiB, {r['save_s']:.2f} s to write durably (torch.save, fsync, rename, fsync)")
 
 
 def main(argv=None):
@@ -601,6 +642,9 @@ def main(argv=None):
         # ============ the CPU recipe, data included ... ============
         if "cpu_recipe" in args.sections:
             results["cpu_recipe"] = bench_cpu_recipe(args)
+        # ============ writing checkpoint.pth ... ============
+        if "checkpoint" in args.sections:
+            results["checkpoint"] = bench_checkpoint(args)
     finally:
         torch.set_num_threads(threads)
     print_results(results)

@@ -70,6 +70,8 @@ def stop_if_asked(stop, checkpoint, log):
                   f"to resume")
 
 
+# Flags that shape the schedules: a resume with another value follows another schedule from there on.
+SCHEDULE_ARGS = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher")
 # Flags that define the networks and the optimizer state: a resume with another value cannot load them.
 RESUME_ARGS = ("arch", "small_image_stem", "out_dim", "hidden_dim", "bottleneck_dim", "use_bn_in_head", "optimizer")
 RESUME_DEFAULTS = {"hidden_dim": 2048, "bottleneck_dim": 256}  # what checkpoints from before these flags used
@@ -129,6 +131,13 @@ class RunCheckpoint:
         if rank < len(checkpoint["rng"]):
             set_rng_state(checkpoint["rng"][rank])
         self.step, self.extra = step, checkpoint.get("extra", {})
+        changed = [f"--{k} {getattr(self.args, k)} (was {checkpoint['args'][k]})" for k in SCHEDULE_ARGS
+                   if k in checkpoint["args"] and checkpoint["args"][k] != getattr(self.args, k)]
+        if changed and is_main_process():
+            print(f"resuming with {', '.join(changed)}: the learning rate, weight decay and teacher momentum "
+                  f"schedules are computed anew for these flags, so from step {step} on the run follows schedules "
+                  f"that differ from those of its first {step} steps (with a longer --epochs the learning rate "
+                  f"climbs back up the new cosine)")
         per_process_stats = checkpoint.get("stats") or []
         self.per_process_stats = per_process_stats[rank] if rank < len(per_process_stats) else None
 

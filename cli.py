@@ -30,6 +30,15 @@ def stem_flag(s):
     return "auto" if s.lower() == "auto" else bool_flag(s)
 
 
+def parse_with_recipe(parser, argv, recipes):
+    """Parse `argv` (the command line when None) after the flags of the recipe it names with --recipe
+    NAME (`recipes`: name -> a string of flags): the command line's flags come later, so a flag given
+    there wins over the recipe's."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    recipe = parser.parse_known_args(argv)[0].recipe
+    return parser.parse_args(recipes[recipe].split() + argv)
+
+
 def renamed(old_name):
     """The --help note of a flag that was renamed: the old name still works, for one release."""
     return f" (the old name --{old_name} still works for one release)"

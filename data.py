@@ -623,18 +623,46 @@ class MNIST5k(torch.utils.data.Dataset):
 # ============ the table of datasets ============
 
 def load_image(path):
-    """RGB image from a file; a file that cannot be read raises an error that names it."""
+    """RGB image from a file; a file that cannot be read raises an error that names it.
+    Greyscale images of 16 (or 32) bits are scaled to 8 bits: Pillow's conversion to RGB would clip
+    every value above 255, turning a 16-bit image almost entirely white."""
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
-            return image.convert("RGB")
+            image.load()
     except Exception as e:
-        raise DataError(f"cannot read image {path}: {e}. Remove or replace the file.") from None
+        raise DataError(f"cannot read image {path}: {e}. Replace the file with a readable image.") from None
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I": integer greyscale
+        pixels = np.asarray(image).astype(np.float64)
+        if pixels.max() > 255:  # a 16-bit range: 65535 -> 255
+            pixels = pixels / 257
+        image = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+class UnlabelledImages(torch.utils.data.Dataset):
+    """Every image file under a folder (sub-folders included, in sorted order), labelled 0: the
+    images of a folder without class sub-folders, for pretraining, which needs no labels."""
+
+    def __init__(self, folder, transform=None):
+        self.files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                            if has_file_allowed_extension(name, IMG_EXTENSIONS))
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        image = load_image(self.files[index])
+        return (self.transform(image) if self.transform else image), 0
 
 
 def image_folder(root, split, transform):
     """ImageNet layout: root/train/<class>/<image> and root/val/<class>/<image>. For pretraining,
-    root may also be a plain folder of class sub-folders (labels are then unused)."""
+    which needs no labels, root may also be a folder of class sub-folders, or of images with no class
+    folders at all (flat, or nested in any way: UnlabelledImages). The val split must have the
+    train split's classes: labels are class indices in sorted order, so other class names would
+    match classes by position without a word."""
     if root is None:
         raise DataError("--dataset imagefolder needs --data_path DIR, a folder with train/ and val/ folders of class "
                         "sub-folders (the ImageNet layout); to try the code without data, use --dataset mnist5k "
@@ -645,9 +673,21 @@ def image_folder(root, split, transform):
     if not os.path.isdir(folder):
         raise DataError(f"image folder {folder} does not exist; --data_path should hold train/ and val/ "
                         f"folders of class sub-folders (the ImageNet layout)")
+    if split == "pretrain" and any(entry.is_file() and has_file_allowed_extension(entry.name, IMG_EXTENSIONS)
+                                   for entry in os.scandir(folder)):
+        return UnlabelledImages(folder, transform)  # images in the folder itself: no class folders
     # torchvision's message for a class folder without images names the classes but not the folder:
     # say which sub-folder is empty before saying anything about the whole split.
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if split == "val":
+        train_classes = sorted(entry.name for entry in os.scandir(os.path.join(root, "train")) if entry.is_dir()) \
+            if os.path.isdir(os.path.join(root, "train")) else classes
+        if train_classes != classes:
+            only_train, only_val = sorted(set(train_classes) - set(classes)), sorted(set(classes) - set(train_classes))
+            raise DataError(f"the class folders of {os.path.join(root, 'train')} and {folder} differ (only in train: "
+                            f"{only_train[:5] or 'none'}; only in val: {only_val[:5] or 'none'}): the labels are "
+                            f"class indices, so classes would be matched by position. Give both splits the same "
+                            f"class folders")
     empty = [c for c in classes if not any(has_file_allowed_extension(name, IMG_EXTENSIONS)
                                            for _, _, names in os.walk(os.path.join(folder, c)) for name in names)]
     if classes and empty:
@@ -657,8 +697,9 @@ def image_folder(root, split, transform):
                         + f"; add images ({', '.join(IMG_EXTENSIONS)}) or remove the empty folder")
     try:
         return torchvision.datasets.ImageFolder(folder, transform=transform, loader=load_image)
-    except FileNotFoundError as e:
-        raise DataError(f"no images in {folder}: {e}. Expected {folder}/<class name>/<image>.jpg") from None
+    except FileNotFoundError:
+        raise DataError(f"no images in {folder}: expected {folder}/<class name>/<image> (labelled) or, for "
+                        f"pretraining, image files in {folder} itself ({', '.join(IMG_EXTENSIONS)})") from None
 
 
 def torchvision_dataset(cls, splits, **fixed):

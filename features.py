@@ -25,8 +25,8 @@ from model import build_backbone, use_small_image_stem
 from run_folder import checkpoint_args, read_checkpoint, save_checkpoint
 
 
-# What the data flags of the evaluations mean when neither the user nor the checkpoint says.
-DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_SYNTHETIC_IMAGES = "imagefolder", 224, 5000
+# What the model and data flags of the evaluations mean when neither the user nor the checkpoint says.
+DEFAULT_ARCH, DEFAULT_DATASET, DEFAULT_IMAGE_SIZE, DEFAULT_SYNTHETIC_IMAGES = "resnet50", "imagefolder", 224, 5000
 
 
 # ============ checkpoints: ours and other methods' ============
@@ -242,7 +242,7 @@ def preactivation_block(weights):
 
 
 def load_backbone(path, arch="resnet50", small_image_stem="auto", checkpoint_key="teacher", model_format="auto",
-                  verbose=True, image_size=224):
+                  verbose=True, image_size=224, allow_partial=False):
     """A backbone with the weights of the checkpoint at `path`, or randomly initialised when
     path == 'random'.
 
@@ -330,6 +330,15 @@ def load_backbone(path, arch="resnet50", small_image_stem="auto", checkpoint_key
         raise DataError(f"{path} does not fit a {arch} (small_image_stem={small_image_stem}): "
                         f"{'; '.join(mismatched[:3])}. Pass the --arch / --small_image_stem it was trained with")
     missing, _ = backbone.load_state_dict(weights, strict=False)
+    # A partly filled network is mostly the sign of a wrong --arch (a ResNet-18 file read as a
+    # ResNet-34 fills 136 of its 216 tensors). BatchNorm's num_batches_tracked, which older files
+    # lack and evaluation never reads, does not count.
+    missing_weights = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing_weights and not allow_partial:
+        raise DataError(f"{path} fills {len(expected) - len(missing)} of the {len(expected)} tensors of a {arch} "
+                        f"{source} (missing: {', '.join(missing_weights[:3])}{', ...' if len(missing_weights) > 3 else ''}"
+                        f"): the rest would stay random. Pass the --arch it was trained with, or --allow_partial_load "
+                        f"true to evaluate it so")
     if verbose and is_main_process():
         print(f"loaded {len(expected) - len(missing)}/{len(expected)} backbone tensors of {path} {source}"
               + (f"; ignored the non-backbone entries {ignored}" if ignored else ""))
@@ -415,8 +424,13 @@ def add_model_args(parser):
                    help="key layout of the checkpoint; 'auto' finds the backbone under any prefix or nesting "
                         "(torchvision names, or a ResNet wrapped in an nn.Sequential) and prints which one it "
                         "took; a name forces that release's layout")
-    g.add_argument("--arch", default="resnet50",
-                   help="torchvision ResNet, or small_cnn (the CPU recipe's); our checkpoints' args override it")
+    g.add_argument("--arch", default=None,
+                   help=f"torchvision ResNet, or small_cnn (the CPU recipe's). Default: the checkpoint's (our "
+                        f"checkpoints and the authors' record it; a flag that disagrees with it is overridden, "
+                        f"and the script says so), else {DEFAULT_ARCH}")
+    g.add_argument("--allow_partial_load", type=bool_flag, default=False,
+                   help="evaluate a backbone that the file fills only in part (the other tensors random); by "
+                        "default that is an error naming what is missing, as it usually means a wrong --arch")
     g.add_argument("--small_image_stem", type=stem_flag, default="auto",
                    help="3x3 stride-1 stem for small images (true / false); 'auto' follows the checkpoint, "
                         "and for 'random' is on when --image_size is at most 64")
@@ -449,9 +463,9 @@ def add_eval_args(parser, resize_interpolation="bicubic"):
                         "nshot_logreg), bilinear (torchvision's Resize(256) default) for the authors' k-means, "
                         "VOC07 and iNat low-shot scripts")
     g.add_argument("--batch_size_per_gpu", type=int, default=128, help="images per process for feature extraction")
-    g.add_argument("--num_workers", type=int, default=default_num_workers(cap=4),
-                   help="data-loading processes per process (default: this machine's cores shared among the "
-                        "processes torchrun starts on it, at most 4)")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="data-loading processes per process. Default: the cores this process may use, shared "
+                        "among the processes torchrun starts on the machine, at most 4")
     g = parser.add_argument_group("features cache")
     g.add_argument("--dump_features", default=None, help="save the extracted features to this folder")
     g.add_argument("--load_features", default=None,
@@ -465,7 +479,9 @@ def follow_checkpoint(args, follow_dataset=True):
     something else (README, *Evaluation*). An explicit flag always wins. follow_dataset=False: --dataset falls back to
     its default only. With --load_features the checkpoint is not read (the features are there)."""
     saved = {} if args.load_features else checkpoint_args(args.pretrained_weights)
-    followed = []
+    followed = follow_arch(args, saved)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(cap=4)
     if follow_dataset and args.dataset is None and args.data_path is None and saved.get("dataset") in DATASET_NAMES:
         args.dataset, args.data_path = saved["dataset"], saved.get("data_path")
         followed.append(f"--dataset {args.dataset}" + (f" --data_path {args.data_path}" if args.data_path else ""))
@@ -482,6 +498,26 @@ def follow_checkpoint(args, follow_dataset=True):
     if followed and os.environ.get("RANK", "0") == "0":
         print(f"as {args.pretrained_weights} was trained: {' '.join(followed)} (pass a flag to choose another value)")
     return args
+
+
+def follow_arch(args, saved):
+    """--arch: the checkpoint's (`saved`: the flags it was trained with) whatever the flag says, since
+    no other network fits its weights; said in one line when the flag asked for another. Returns
+    ["--arch A"] when the checkpoint's architecture was taken for a flag left out, else []."""
+    saved_arch = saved.get("arch")
+    if saved_arch and args.arch not in (None, saved_arch) and is_main_process():
+        print(f"--arch {args.arch} overridden: {args.pretrained_weights} holds a {saved_arch} (the flags it was "
+              f"trained with)")
+    followed = [f"--arch {saved_arch}"] if saved_arch and args.arch is None else []
+    args.arch = saved_arch or args.arch or DEFAULT_ARCH
+    return followed
+
+
+def backbone_from_args(args, image_size=None):
+    """load_backbone as the model flags of add_model_args say, at `image_size` (default --image_size)."""
+    return load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
+                         args.model_format, image_size=image_size or args.image_size,
+                         allow_partial=args.allow_partial_load)
 
 
 def features_file(folder, split):
@@ -514,8 +550,7 @@ def frozen_features(args, device, splits=("train", "val"), subsets=None):
         datasets[split] = torch.utils.data.Subset(datasets[split], select(datasets[split]))
     if is_main_process():
         print(", ".join(f"{len(d)} {split} images" for split, d in datasets.items()) + f" of {args.dataset}")
-    backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
-                             args.model_format, image_size=args.image_size).to(device)
+    backbone = backbone_from_args(args).to(device)
     out = {split: extract_features(backbone, d, args.batch_size_per_gpu, args.num_workers, device)
            for split, d in datasets.items()}
     if args.dump_features:

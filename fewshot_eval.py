@@ -69,8 +69,8 @@ from cli import HelpFormatter, bool_flag
 from data import (VOC_CLASSES, DataError, IndexedImages, build_dataset, dataset_labels, eval_transform,
                   inat2018_datasets, train_transform, voc07_dataset)
 from distributed import all_reduce, destroy, init_distributed, is_initialized, is_main_process, rank, world_size
-from features import (add_eval_args, check_frozen, extract_features, follow_checkpoint, frozen_features,
-                      load_backbone, save_features)
+from features import (add_eval_args, backbone_from_args, check_frozen, extract_features, follow_checkpoint,
+                      frozen_features, save_features)
 from run_folder import write_json
 
 
@@ -85,8 +85,7 @@ def indexed_features(args, device, datasets):
     saved to --dump_features in the same files and format, so --load_features reads them back."""
     if is_main_process():
         print(", ".join(f"{len(d)} {split} images" for split, d in datasets.items()) + f" of {args.data_path}")
-    backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
-                             args.model_format, image_size=args.image_size).to(device)
+    backbone = backbone_from_args(args).to(device)
     out = {}
     for split, dataset in datasets.items():
         features, index = extract_features(backbone, dataset, args.batch_size_per_gpu, args.num_workers, device)
@@ -132,8 +131,7 @@ def augmented_views(args, device):
     if is_main_process():
         print(", ".join(f"{len(d)} {split} images" for split, d in datasets.items())
               + f" of {args.data_path if is_inat2018_json(args) else args.dataset}")
-    backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
-                             args.model_format, image_size=args.image_size).to(device)
+    backbone = backbone_from_args(args).to(device)
     # Frozen: eval() so that BatchNorm normalises with its stored running statistics and never updates
     # them (in train() mode it would use the statistics of each k-shot batch and overwrite the running
     # ones, even under no_grad), as the authors' script does (model.eval() with --weights freeze).

@@ -45,9 +45,9 @@ import cli
 from cli import HelpFormatter, bool_flag
 from data import DataError, build_dataset, eval_transform, train_transform
 from distributed import all_reduce, destroy, init_distributed
-from features import add_eval_args, check_frozen, extract_features, follow_checkpoint, frozen_features, load_backbone
+from features import add_eval_args, backbone_from_args, check_frozen, extract_features, follow_checkpoint, frozen_features
 from optim import build_optimizer, cosine_schedule
-from run_folder import JsonLog, check_resume_flags, read_run_checkpoint, save_checkpoint, write_json
+from run_folder import JsonLog, check_resume_flags, flags_digest, read_run_checkpoint, save_checkpoint, write_json
 
 DEFAULT_LR = {"lars": 1.0, "sgd": 0.3}
 # The authors' global batch (4 GPUs x 128 x 4 accumulation steps), for which LARS at lr 1.0 is tuned.
@@ -170,10 +170,12 @@ def lars_batch_warning(optimizer, lr, global_batch):
 
 
 def default_output_dir(args):
-    """Where a probe keeps its state when --output_dir is not given: its own folder, derived from
-    the evaluated weights, the dataset and the mode, never the current folder (a second probe there
-    would find the first one's checkpoint and stop) nor the source files' folder."""
-    name = f"linear_{args.dataset}" + ("_cached" if args.cached_features else "")
+    """Where a probe keeps its state when --output_dir is not given: its own folder next to the
+    evaluated weights, never the current folder nor the source files' folder, named after the
+    dataset, the optimizer, the mode and 8 hex digits of every flag that defines the probe
+    (RESUME_ARGS): the same command resumes there, a probe with other flags gets a folder of its own."""
+    name = (f"linear_{args.dataset}_{args.optimizer}" + ("_cached" if args.cached_features else "")
+            + f"_{flags_digest({k: getattr(args, k) for k in RESUME_ARGS})}")
     if args.pretrained_weights == "random":
         return os.path.join("runs", f"random_{args.arch}_{name}")
     folder, file = os.path.split(os.path.abspath(args.pretrained_weights))
@@ -357,8 +359,7 @@ def main(argv=None):
                                   args.data_path, args.download, args.synthetic_images, args.image_size)
         val_set = build_dataset(args.dataset, "val", eval_transform(args.image_size, args.resize_interpolation),
                                 args.data_path, args.download, args.synthetic_images, args.image_size)
-        backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
-                                 args.model_format, image_size=args.image_size).to(device)
+        backbone = backbone_from_args(args).to(device)
         # Frozen: eval() so that BatchNorm normalises with its stored running statistics and never
         # updates them (in train() mode it would use batch statistics and overwrite the running ones
         # at every forward pass, even under no_grad): the probe then sees exactly the features that

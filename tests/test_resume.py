@@ -46,10 +46,25 @@ def steps_logged(out):
     return sum('"step"' in line and '"event"' not in line for line in log.read_text().splitlines()) if log.exists() else 0
 
 
+STARTED = []  # every process group a test starts, killed when the test ends (tidy_processes)
+
+
+@pytest.fixture(autouse=True)
+def tidy_processes():
+    """A test that fails or times out must not leave training processes behind."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def start(command, out, after_steps):
     """Start `command` and return the process once log.jsonl shows `after_steps` optimizer steps."""
     process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
+    STARTED.append(process)
     deadline = time.time() + 120
     while steps_logged(out) < after_steps and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
