@@ -130,7 +130,6 @@ def get_args(argv=None):
         parser.error("--distractors_path and --whitening_path belong to --dataset copydays")
     if args.dataset == "copydays" and args.crop_query_bbox:
         parser.error("--crop_query_bbox belongs to roxford5k / rparis6k; Copydays has no query boxes")
-    follow_arch(args, checkpoint_args(args.pretrained_weights))
     return args
 
 
@@ -411,6 +410,7 @@ def evaluate_copydays(args, device):
 
 def frozen_backbone(args, device):
     """The backbone of --pretrained_weights in eval() mode on `device`; its features are never trained."""
+    follow_arch(args, checkpoint_args(args.pretrained_weights))  # read now: the data is checked first
     backbone = backbone_from_args(args)
     return backbone.to(device).eval().requires_grad_(False)
 

@@ -617,7 +617,7 @@ def test_lowshot_linear_end_to_end_on_the_inat2018_json_release(tmp_path, monkey
     write_inat2018(tmp_path, category_of_train=[5, 9, 2, 5, 9, 9], category_of_val=[2, 5, 9, 9])
     datasets = inat2018_datasets(str(tmp_path), transform=lambda image: image)
     assert datasets["train"].labels.tolist() == [1, 2, 0, 1, 2, 2] and datasets["val"].labels.tolist() == [0, 1, 2, 2]
-    monkeypatch.setattr(fewshot_eval, "load_backbone", lambda *args, **kwargs: MeanColour())
+    monkeypatch.setattr(fewshot_eval, "backbone_from_args", lambda *args, **kwargs: MeanColour())
     fewshot_eval.main(["--protocol", "lowshot_linear", "--pretrained_weights", "random", "--dataset", "imagefolder",
                        "--data_path", str(tmp_path), "--image_size", "16", "--num_workers", "0", "--shots", "1", "2",
                        "--runs", "2", "--epochs", "5", "--output_json", str(tmp_path / "out.json")])

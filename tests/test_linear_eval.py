@@ -96,10 +96,10 @@ def test_full_protocol_leaves_the_backbone_unchanged_and_writes_a_safe_checkpoin
     used = []
 
     def recording_load_backbone(*args, **kwargs):
-        used.append(features.load_backbone(*args, **kwargs))
+        used.append(features.backbone_from_args(*args, **kwargs))
         return used[-1]
 
-    monkeypatch.setattr(linear_eval, "load_backbone", recording_load_backbone)
+    monkeypatch.setattr(linear_eval, "backbone_from_args", recording_load_backbone)
     run(tmp_path, weights_file, "--epochs", "2", "--output_json", str(tmp_path / "linear.json"))
     saved = torch.load(weights_file, weights_only=True)
     after = used[0].state_dict()
@@ -124,11 +124,11 @@ def test_a_backbone_left_in_train_mode_is_caught(tmp_path, weights_file, monkeyp
     """The guard can fail: a backbone whose eval() is ignored updates its BatchNorm statistics, and
     the run stops after the first epoch naming them, before any checkpoint is written."""
     def stubborn_load_backbone(*args, **kwargs):
-        backbone = features.load_backbone(*args, **kwargs)
+        backbone = features.backbone_from_args(*args, **kwargs)
         backbone.train = lambda mode=True: backbone  # eval() calls train(False): ignored
         return backbone
 
-    monkeypatch.setattr(linear_eval, "load_backbone", stubborn_load_backbone)
+    monkeypatch.setattr(linear_eval, "backbone_from_args", stubborn_load_backbone)
     with pytest.raises(RuntimeError, match="backbone changed.*running_"):
         run(tmp_path, weights_file, "--epochs", "1")
     assert not (tmp_path / "out" / "linear_checkpoint.pth").exists()

@@ -16,11 +16,10 @@ import torch
 from PIL import Image
 
 import data
-import knn
 import knn_eval
 import pretrain
 import train_stats
-from knn import knn_classify
+from knn import KnnMonitor, knn_classify
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +146,7 @@ def test_knn_monitor_reports_random_init_trained_teacher_and_raw_pixels(tmp_path
     pretrain.check_args(parser, args)
     torch.manual_seed(args.seed)
     initial_teacher = pretrain.carp_network(args)
-    monitor = knn.KnnMonitor.create(args, torch.device("cpu"), log=lambda record: None)
+    monitor = KnnMonitor.create(args, torch.device("cpu"), log=lambda record: None)
     assert knn[0]["knn_top1"] == pytest.approx(monitor(initial_teacher))
     transform = data.eval_transform(16)
     pixels = {split: data.build_dataset("synthetic", split, transform, synthetic_images=40, synthetic_size=16)
@@ -172,7 +171,7 @@ def test_raw_pixel_knn_is_left_out_above_64_pixels(tmp_path):
     teacher = pretrain.carp_network(pretrain.get_args(TINY)[1])
     for size, measured in ((64, True), (72, False)):
         _, args = pretrain.get_args(TINY + ["--synthetic_images", "10", "--global_crops_size", str(size)])
-        monitor = knn.KnnMonitor.create(args, torch.device("cpu"), log=lambda record: None)
+        monitor = KnnMonitor.create(args, torch.device("cpu"), log=lambda record: None)
         baselines = monitor.baselines(teacher, log=lambda record: None)
         assert baselines["knn_top1_init"] == monitor(teacher)  # the teacher's number is kept
         assert (baselines["knn_top1_pixels"] is not None) == measured

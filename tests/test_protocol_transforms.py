@@ -44,7 +44,7 @@ class PixelBackbone(torch.nn.Module):
 
 
 def use_pixel_backbone(monkeypatch, module):
-    monkeypatch.setattr(module, "load_backbone", lambda *args, **kwargs: PixelBackbone())
+    monkeypatch.setattr(module, "backbone_from_args", lambda *args, **kwargs: PixelBackbone())
 
 
 def views(paths, kernel):
