@@ -32,11 +32,13 @@
    with the views drawn per batch in the training process (--batched_views true, the recipe) and
    per image in --recipe_workers DataLoader workers (--batched_views false, the paper's pipeline).
    Not part of the default sections (about a minute on 2 cores).
-5. precision: the first --precision_epochs epochs of the demo's recipe (pretrain.CPU_RECIPE, its
+5. checkpoint: the size of a pretraining run's checkpoint.pth at the step's sizes and the time of
+   one durable write (run_folder.save_checkpoint), into --checkpoint_dir.
+6. precision: the first --precision_epochs epochs of the demo's recipe (pretrain.CPU_RECIPE, its
    45-epoch schedules) run by pretrain.py in float32, bf16 and fp16 (--use_fp16 true: the scaler
    too, slow on most CPUs), the teacher's k-NN after every epoch: does the paper's precision learn
    as float32 does?
-6-11. gpu, the GPU check (README, *Performance*): the CUDA tests (cuda_tests); the paper's step in
+7-12. gpu, the GPU check (README, *Performance*): the CUDA tests (cuda_tests); the paper's step in
    fp16 and bf16 and the largest batch that fits (paper_step); one step under torchrun, DDP around
    the student (torchrun_step); the paper's views per image through a DataLoader with a worker per
    core, against the step (data_pipeline); --batched_views true against the per-image path at the
@@ -60,11 +62,11 @@ import gc
 import io
 import itertools
 import json
-import math
 import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -85,6 +87,7 @@ import model
 import optim
 import pretrain
 import cli
+import run_folder
 from cli import DataError, auto_flag, bool_flag, renamed
 from run_folder import write_json
 
@@ -106,7 +109,7 @@ STEP_PRESETS = {
 
 # The sections, in the order they run; `--sections gpu` is the GPU check, every section a GPU answers.
 GPU_SECTIONS = ["cuda_tests", "paper_step", "torchrun_step", "data_pipeline", "batched_views", "learning"]
-SECTIONS = ["objective", "augmentation", "step", "cpu_recipe", "precision", *GPU_SECTIONS]
+SECTIONS = ["objective", "augmentation", "step", "cpu_recipe", "checkpoint", "precision", *GPU_SECTIONS]
 
 
 def get_args(argv=None):
@@ -156,6 +159,10 @@ def get_args(argv=None):
     g.add_argument("--use_fp16", type=auto_flag, default="auto",
                    help="fp16 autocast and the gradient scaler, as pretrain.py's flag: auto = on CUDA only")
     g.add_argument("--use_bf16", type=bool_flag, default=False, help="bf16 autocast instead, as pretrain.py's flag")
+
+    g = parser.add_argument_group("checkpoint (the training step's sizes: --arch, --out_dim, --step_preset)")
+    g.add_argument("--checkpoint_dir", default=None,
+                   help="folder to write the checkpoint to, on the disk a run would use (default: a temporary one)")
 
     g = parser.add_argument_group("cpu_recipe (pretrain.CPU_RECIPE)")
     g.add_argument("--recipe_steps", type=int, default=20, help="timed optimizer steps of each pipeline")
@@ -565,24 +572,26 @@ def bench_cpu_recipe(args):
         pretrain.check_args(parser, recipe)
         device = args.device
         memory_format = pretrain.preferred_memory_format(recipe.arch, device)
-        transform, make_views = pretrain.views_pipeline(recipe, device, memory_format)
-        dataset = data.build_dataset(dataset_name, "pretrain", transform, synthetic_images=4000, synthetic_size=32)
+        sampler, loader, make_views = pretrain.data_and_views(recipe, 0, 1, device, memory_format)
+
+        def epochs():  # the loader's batches, epoch after epoch, as pretrain.py reads them
+            for epoch in itertools.count():
+                sampler.set_epoch(epoch)
+                yield from loader
+        batches = epochs()
         torch.manual_seed(args.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size_per_gpu, shuffle=True,
-                                             num_workers=recipe.num_workers, drop_last=True,
-                                             persistent_workers=recipe.num_workers > 0)
         student, teacher = pretrain.carp_network(recipe), pretrain.carp_network(recipe)
         student, teacher = student.to(device, memory_format=memory_format), teacher.to(device, memory_format=memory_format)
         pretrain.start_teacher(student, teacher)
         optimizer = optim.build_optimizer(recipe.optimizer, student)
         scaler = pretrain.gradient_scaler(recipe, device)  # float32 on a CPU, fp16 on CUDA, as pretrain.py
         autocast = pretrain.autocast_for(recipe, device)
-        batches = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch
         waiting, total = [], []
         for step in range(args.warmup + args.recipe_steps):
             synchronize(device)
             start = time.perf_counter()
-            views = make_views(next(batches)[0])
+            images, seeds, _ = next(batches)
+            views = make_views(images, seeds)
             synchronize(device)
             got_views = time.perf_counter()
             partition = loss.partition_for_step(recipe.out_dim, recipe.partition_size, recipe.seed, step)
@@ -598,12 +607,59 @@ def bench_cpu_recipe(args):
                          "images_per_s": recipe.batch_size_per_gpu * len(total) / sum(total),
                          "waiting_share": sum(waiting) / sum(total)}
     results["speedup"] = results["batched"]["images_per_s"] / results["per_image"]["images_per_s"]
+    results["view_seeding"] = bench_view_seeding(args, recipe)
     return results
+
+
+def bench_view_seeding(args, recipe):
+    """What seeding every image's views by (seed, epoch, index) costs, against drawing them from one
+    generator: the batched views' random numbers for a batch of the recipe (one generator per image
+    vs one draw for the batch), and a per-image generator (what each DataLoader worker does per image)."""
+    augmentation = data.BatchedMultiCrop(local_crops_number=recipe.local_crops_number)
+    batch = recipe.batch_size_per_gpu
+    seeds = torch.tensor([data.view_seed(recipe.seed, 0, i) for i in range(batch)])
+    runs = {"per_image_seeds": lambda: augmentation.draws(batch, seeds, args.device),
+            "one_generator": lambda: augmentation.draws(batch, None, args.device),
+            "seed_one_image": lambda: torch.Generator().manual_seed(data.view_seed(recipe.seed, 0, 7))}
+    seconds = median_seconds(runs, args.warmup, max(args.repeats, 20), args.device)
+    return {"batch_ms_per_image_seeds": 1000 * seconds["per_image_seeds"],
+            "batch_ms_one_generator": 1000 * seconds["one_generator"],
+            "per_image_us": 1e6 * seconds["seed_one_image"]}
+
+
+# ============ 5. writing checkpoint.pth ============
+
+def bench_checkpoint(args):
+    """checkpoint.pth of a pretraining run at the step section's sizes (student, teacher, LARS's
+    momentum buffers, as pretrain.py saves them): its size, and the time of one write as pretrain.py
+    makes it (run_folder.save_checkpoint: torch.save to a temporary file, fsync, rename, fsync of the
+    folder), the median of --repeats writes into --checkpoint_dir."""
+    parser, recipe = pretrain.get_args(["--arch", args.arch, "--out_dim", str(args.out_dim), "--partition_size",
+                                        str(args.partition_size), "--global_crops_size", str(args.global_crops_size)])
+    pretrain.check_args(parser, recipe)
+    torch.manual_seed(args.seed)
+    student, teacher = pretrain.carp_network(recipe), pretrain.carp_network(recipe)
+    optimizer = optim.build_optimizer("lars", student)
+    for group in optimizer.param_groups:  # the momentum buffers LARS holds after its first step
+        for p in group["params"]:
+            optimizer.state[p]["mu"] = torch.zeros_like(p)
+    state = {"student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
+             "args": vars(recipe)}
+    with tempfile.TemporaryDirectory(dir=args.checkpoint_dir) as folder:
+        path = os.path.join(folder, "checkpoint.pth")
+        seconds = []
+        for _ in range(args.warmup + args.repeats):
+            start = time.perf_counter()
+            run_folder.save_checkpoint(state, path)
+            seconds.append(time.perf_counter() - start)
+        size = os.path.getsize(path)
+    return {"arch": args.arch, "K": args.out_dim, "parameters_m": sum(p.numel() for p in student.parameters()) / 1e6,
+            "size_mib": size / MIB, "save_s": statistics.median(seconds[args.warmup:])}
 
 
 # ============ the precision comparison and the GPU check: pretrain.py's own runs ============
 #
-# Section 5 runs the demo's recipe in three precisions; sections 6-11 answer what only a GPU can
+# Section 6 runs the demo's recipe in three precisions; sections 7-12 answer what only a GPU can
 # (README, *Performance*, *The GPU check*): one command, `python bench.py --sections gpu --digits
 # data/digits.npz --output_dir runs/gpu_check`, writes bench.json (rewritten after every section)
 # and bench.log (what every section and the runs it started printed). A section that fails is
@@ -756,6 +812,7 @@ def run_pretrain(flags, output_dir, log, seconds=None, epochs=None):
     watcher = threading.Thread(target=watch, daemon=True)
     output = io.StringIO()
     status = "finished"
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         try:
             with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
@@ -767,6 +824,8 @@ def run_pretrain(flags, output_dir, log, seconds=None, epochs=None):
     except (KeyboardInterrupt, cli.Interrupted):
         status = "stopped"
     finally:
+        for signum, handler in handlers.items():  # pretrain.main's stop-request handlers are its own
+            signal.signal(signum, handler)
         log.output(f"pretrain.py --output_dir {output_dir}", output.getvalue())
     elapsed = time.time() - start
     remove_checkpoints(output_dir)
@@ -803,7 +862,7 @@ def read_pretrain_log(path, epochs=None):
             "images_per_s": statistics.median(speeds) if speeds else None, "last_epoch": last_epoch}
 
 
-# ---- 5. precision: the demo's recipe in float32, bf16 and fp16 ----
+# ---- 6. precision: the demo's recipe in float32, bf16 and fp16 ----
 
 def bench_precision(args, log):
     """The first --precision_epochs epochs of the demo's recipe (pretrain.CPU_RECIPE, its 45-epoch
@@ -818,7 +877,7 @@ def bench_precision(args, log):
     return results
 
 
-# ---- 6. the CUDA tests ----
+# ---- 7. the CUDA tests ----
 
 def bench_cuda_tests(args, log):
     """`pytest -k cuda` over --cuda_tests: the tests that need a GPU (their names or ids say cuda);
@@ -836,7 +895,7 @@ def bench_cuda_tests(args, log):
             "failures": [line for line in run.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]}
 
 
-# ---- 7. the paper's step on one GPU ----
+# ---- 8. the paper's step on one GPU ----
 
 def bench_paper_step(args, log):
     """The paper's step (ResNet-50, 2 x 224 + 6 x 96, K 65536, N_B 512, batch 64, channels_last)
@@ -880,7 +939,7 @@ def release_memory(device):
         torch.cuda.empty_cache()
 
 
-# ---- 8. one step under torchrun ----
+# ---- 9. one step under torchrun ----
 
 def bench_torchrun_step(args, log):
     """`torchrun --nproc_per_node=1 pretrain.py` at the paper's sizes on generated images: one optimizer
@@ -910,10 +969,10 @@ def read_jsonl(path):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
-# ---- 9 and 10. the views: per image in the DataLoader, or per batch on the device ----
+# ---- 10 and 11. the views: per image in the DataLoader, or per batch on the device ----
 
 class ImageList(torch.utils.data.Dataset):
-    """`length` items cycling over `images` (PIL), each through `transform`; label 0."""
+    """`length` items cycling over `images` (PIL), each through `transform` (if any); label 0."""
 
     def __init__(self, images, transform, length):
         self.images, self.transform, self.length = images, transform, length
@@ -922,7 +981,8 @@ class ImageList(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index):
-        return self.transform(self.images[index % len(self.images)]), 0
+        image = self.images[index % len(self.images)]
+        return (self.transform(image) if self.transform else image), 0
 
 
 def view_flags(sizes, batched):
@@ -940,26 +1000,27 @@ def views_throughput(sizes, batched, n_batches, workers, device, seed):
     them) and its host-device synchronisations."""
     images = decoded_images(sizes["images"], *sizes["image_size"], seed)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    transform, make_views = pretrain.views_pipeline(view_flags(sizes, batched), device, memory_format)
+    augmentation, transform, make_views = pretrain.views_pipeline(view_flags(sizes, batched), device, memory_format)
     batch = sizes["batch"]
-    loader = torch.utils.data.DataLoader(ImageList(images, transform, (n_batches + 1) * batch), batch_size=batch,
+    # pretrain.py's dataset of (views or image, view seed, bad) items, read in epoch 0's order.
+    dataset = data.PretrainingImages(ImageList(images, transform, (n_batches + 1) * batch), seed, augmentation)
+    loader = torch.utils.data.DataLoader(dataset, sampler=[(0, i) for i in range(len(dataset))], batch_size=batch,
                                          num_workers=workers, pin_memory=device.type == "cuda", drop_last=True)
-    torch.manual_seed(seed)
     batches = iter(loader)
-    first = next(batches)[0]  # the workers started and made the first batch: not timed
-    make_views(first)
+    first, first_seeds, _ = next(batches)  # the workers started and made the first batch: not timed
+    make_views(first, first_seeds)
     synchronize(device)
     start = time.perf_counter()
-    for images_batch, _ in batches:
-        views = make_views(images_batch)
+    for images_batch, seeds, _ in batches:
+        views = make_views(images_batch, seeds)
     synchronize(device)
     seconds = time.perf_counter() - start
     n_views = 2 + sizes["local_crops_number"]
-    make_views_s = median_seconds({"make_views": lambda: make_views(first)}, 1, 5, device)["make_views"]
+    make_views_s = median_seconds({"make_views": lambda: make_views(first, first_seeds)}, 1, 5, device)["make_views"]
     return {"workers": workers, "batch": batch, "images_per_s": n_batches * batch / seconds,
             "views_per_s": n_views * n_batches * batch / seconds, "make_views_ms": 1000 * make_views_s,
             "view_shapes": [list(v.shape) for v in views],
-            "host_device_syncs": count_syncs(lambda: make_views(first), device)}
+            "host_device_syncs": count_syncs(lambda: make_views(first, first_seeds), device)}
 
 
 def bench_data_pipeline(args, log, results):
@@ -991,7 +1052,7 @@ def bench_batched_views(args, log, results):
     return out
 
 
-# ---- 11. learning on the GPU ----
+# ---- 12. learning on the GPU ----
 
 def bench_learning(args, log):
     """The demo's recipe and the ResNet-18 small-stem recipe on the digits, each for at most
@@ -1056,6 +1117,15 @@ def print_results(results):
             print(f"  {label:28} {r[name]['step_ms']:8.1f} {r[name]['images_per_s']:9.1f} "
                   f"{100 * r[name]['waiting_share']:17.1f}%")
         print(f"  views per batch make the step {r['speedup']:.2f}x faster")
+        seeding = r["view_seeding"]
+        print(f"  views seeded per image: {seeding['batch_ms_per_image_seeds']:.2f} ms per batch for the batched "
+              f"views' random numbers ({seeding['batch_ms_one_generator']:.2f} ms from one generator), "
+              f"{seeding['per_image_us']:.1f} us per image in a worker; the batched step takes "
+              f"{r['batched']['step_ms']:.0f} ms")
+    if "checkpoint" in results:
+        r = results["checkpoint"]
+        print(f"\ncheckpoint.pth: {r['arch']} + CARP head, K={r['K']}: {r['parameters_m']:.1f}M parameters per network, "
+              f"{r['size_mib']:.0f} MiB, {r['save_s']:.2f} s to write durably (torch.save, fsync, rename, fsync)")
     print_gpu_check(results)
 
 
@@ -1168,6 +1238,8 @@ def main(argv=None):
         run("step", lambda: bench_step(args))
         # ============ the CPU recipe, data included ... ============
         run("cpu_recipe", lambda: bench_cpu_recipe(args))
+        # ============ writing checkpoint.pth ... ============
+        run("checkpoint", lambda: bench_checkpoint(args))
         # ============ the demo's recipe in float32, bf16 and fp16 ... ============
         run("precision", lambda: bench_precision(args, log))
         # ============ the GPU check ... ============

@@ -30,6 +30,15 @@ def auto_flag(s):
     return "auto" if s.lower() == "auto" else bool_flag(s)
 
 
+def parse_with_recipe(parser, argv, recipes):
+    """Parse `argv` (the command line when None) after the flags of the recipe it names with --recipe
+    NAME (`recipes`: name -> a string of flags): the command line's flags come later, so a flag given
+    there wins over the recipe's."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    recipe = parser.parse_known_args(argv)[0].recipe
+    return parser.parse_args(recipes[recipe].split() + argv)
+
+
 def renamed(old_name):
     """The --help note of a flag that was renamed: the old name still works, for one release."""
     return f" (the old name --{old_name} still works for one release)"
@@ -49,6 +58,16 @@ class Interrupted(Exception):
     """Ctrl-C, with the message that says where the run stopped and what its folder holds."""
 
 
+# The exit code of a run that stopped on a scheduler's signal after writing its checkpoint
+# (stop_signals.py): EX_TEMPFAIL, "try again later", distinct from success (0), an error (1) and
+# Ctrl-C (130), so a job script can tell "resume me" from "fix me".
+STOPPED_EXIT_CODE = 75
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGUSR1: the run finished its optimizer step and wrote its checkpoint."""
+
+
 def one_line(e):
     """The message of `e` without the traceback text that DataLoader workers add when they re-raise
     an exception in the main process ("Caught DataError in DataLoader worker process 0. Original
@@ -59,12 +78,16 @@ def one_line(e):
 
 def run(main):
     """Run a script's main(): a UserError ends it with `error: <message>` and exit code 1, an
-    Interrupted (Ctrl-C) with its message and 130, the shell's code for a command stopped by Ctrl-C.
-    Anything else is a bug and keeps its traceback."""
+    Interrupted (Ctrl-C) with its message and 130, the shell's code for a command stopped by Ctrl-C,
+    a Stopped run (SIGTERM, SIGUSR1) with its message and STOPPED_EXIT_CODE. Anything else is a bug
+    and keeps its traceback."""
     try:
         main()
     except UserError as e:
         sys.exit(f"error: {one_line(e)}")
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(STOPPED_EXIT_CODE)
     except Interrupted as e:
         print(e, file=sys.stderr)
         sys.exit(130)

@@ -51,21 +51,30 @@ def to_normalized_tensor():
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def eval_transform(image_size=224):
-    """Evaluation view: short side to image_size / 0.875 (256 for 224), bicubic, centre crop."""
+# The two resampling kernels the evaluations use, by the name their flags take. The protocols differ:
+# DINO's k-NN and linear-probe val views resize bicubic (torchvision's interpolation=3); the authors'
+# VOC07, k-means and iNat scripts call Resize(256) and RandomResizedCrop(224) without an interpolation,
+# which is torchvision's bilinear. Each script's --resize_interpolation defaults to its protocol's.
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
+
+
+def eval_transform(image_size=224, interpolation="bicubic"):
+    """Evaluation view: short side to image_size / 0.875 (256 for 224) with `interpolation`
+    ('bicubic' or 'bilinear', antialiased), centre crop to image_size, ImageNet normalisation."""
     return v2.Compose([
-        v2.Resize(int(round(image_size / 0.875)), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.Resize(int(round(image_size / 0.875)), interpolation=INTERPOLATIONS[interpolation], antialias=True),
         v2.CenterCrop(image_size),
         to_normalized_tensor(),
     ])
 
 
-def train_transform(image_size):
-    """The training view of the linear and low-shot classifiers on a frozen backbone: bicubic
-    RandomResizedCrop (scale 0.08-1) and a horizontal flip, nothing else (no colour augmentation),
-    then ImageNet normalisation."""
+def train_transform(image_size, interpolation="bilinear"):
+    """The training view of the linear and low-shot classifiers on a frozen backbone: RandomResizedCrop
+    (scale 0.08-1) with `interpolation` (default bilinear, torchvision's default, which the authors'
+    and DINO's probes use) and a horizontal flip, nothing else (no colour augmentation), then
+    ImageNet normalisation."""
     return v2.Compose([
-        v2.RandomResizedCrop(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomResizedCrop(image_size, interpolation=INTERPOLATIONS[interpolation], antialias=True),
         v2.RandomHorizontalFlip(p=0.5),
         to_normalized_tensor(),
     ])
@@ -135,14 +144,15 @@ def jitter_operation(x, operation, factor):
     return adjust_hue(x, factor[..., 0] if torch.is_tensor(factor) else factor)
 
 
-def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, generator=None):
     """torchvision's ColorJitter(brightness, contrast, saturation, hue) on (3, H, W) floats in [0, 1]:
-    the four operations in a random order, each with a factor drawn uniformly around 1 (hue: around 0)."""
-    order = torch.randperm(4)
-    b = torch.empty(1).uniform_(1 - brightness, 1 + brightness).item()
-    c = torch.empty(1).uniform_(1 - contrast, 1 + contrast).item()
-    s = torch.empty(1).uniform_(1 - saturation, 1 + saturation).item()
-    h = torch.empty(1).uniform_(-hue, hue).item()
+    the four operations in a random order, each with a factor drawn uniformly around 1 (hue: around 0).
+    The draws come from `generator` (torch's global one when None), in torchvision's order."""
+    order = torch.randperm(4, generator=generator)
+    b = torch.empty(1).uniform_(1 - brightness, 1 + brightness, generator=generator).item()
+    c = torch.empty(1).uniform_(1 - contrast, 1 + contrast, generator=generator).item()
+    s = torch.empty(1).uniform_(1 - saturation, 1 + saturation, generator=generator).item()
+    h = torch.empty(1).uniform_(-hue, hue, generator=generator).item()
     for operation in order.tolist():
         x = jitter_operation(x, operation, (b, c, s, h)[operation])
     return x
@@ -184,14 +194,40 @@ def gaussian_blur(x, kernel_size, sigma, chunk=96):
     return out
 
 
+def crop_box(height, width, scale, ratio=(3 / 4, 4 / 3), generator=None):
+    """torchvision's RandomResizedCrop.get_params, drawing from `generator`: (top, left, h, w) of a
+    crop of area fraction ~ U(scale) and aspect ratio ~ log-uniform(ratio), the first of 10 draws
+    that fits in the image, else the largest centred crop within the ratio range. The same draws in
+    the same order as torchvision, so seeded alike the two give the same box."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
+            left = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 class MultiCropAugmentation:
     """The paper's views of one image: 2 global crops and `local_crops_number` local crops.
 
     All views: bicubic RandomResizedCrop, horizontal flip p 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1)
     p 0.8, grayscale p 0.2, then Gaussian blur (sigma 0.1-2.0) and solarisation that differ per
     view: global view 1 blur p 1.0; global view 2 blur p 0.1 and solarise p 0.2; local views blur
-    p 0.5. Takes a PIL image or an image tensor (3, H, W); returns a list of 2 + M normalised float
-    tensors (3, H, W), global views first.
+    p 0.5. Takes a PIL image or an image tensor (3, H, W) and the torch.Generator its random draws
+    come from (torch's global one when None; pretrain.py seeds one per image and epoch, see
+    PretrainingImages); returns a list of 2 + M normalised float tensors (3, H, W), global views first.
     """
 
     def __init__(self, global_crops_scale=(0.2, 1.0), local_crops_scale=(0.05, 0.2), local_crops_number=6,
@@ -204,30 +240,30 @@ class MultiCropAugmentation:
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
-    def view(self, image, size, scale, blur_p, solarize_p):
+    def view(self, image, size, scale, blur_p, solarize_p, generator=None):
         """One view of a uint8 image tensor (3, H, W): a normalised float tensor (3, size, size)."""
-        top, left, height, width = torchvision.transforms.RandomResizedCrop.get_params(image, scale, [3 / 4, 4 / 3])
+        rand = lambda: torch.rand(1, generator=generator)  # noqa: E731
+        top, left, height, width = crop_box(*image.shape[-2:], scale, generator=generator)
         crop = v2.functional.resized_crop(image, top, left, height, width, [size, size],
                                           interpolation=v2.InterpolationMode.BICUBIC, antialias=True)  # uint8
-        if torch.rand(1) < 0.5:
+        if rand() < 0.5:
             crop = crop.flip(-1)
         x = crop.float().div_(255)  # (3, size, size) in [0, 1]
-        if torch.rand(1) <= 0.8:
-            x = color_jitter(x)
-        if torch.rand(1) < 0.2:
+        if rand() <= 0.8:
+            x = color_jitter(x, generator=generator)
+        if rand() < 0.2:
             x = luma(x).expand(3, -1, -1)
-        if torch.rand(1) <= blur_p:
-            x = gaussian_blur(x, blur_kernel_size(size), torch.empty(1).uniform_(0.1, 2.0).item())
-        if solarize_p > 0 and torch.rand(1) < solarize_p:
+        if rand() <= blur_p:
+            x = gaussian_blur(x, blur_kernel_size(size), torch.empty(1).uniform_(0.1, 2.0, generator=generator).item())
+        if solarize_p > 0 and rand() < solarize_p:
             x = torch.where(x >= 128 / 255, 1 - x, x)  # PIL's solarize: invert the pixels >= 128
         return (x - self.mean) / self.std
 
-    def __call__(self, image):
+    def __call__(self, image, generator=None):
         image = v2.functional.to_image(image).as_subclass(torch.Tensor)  # (C, H, W), no copy for a tensor
         image = v2.functional.to_dtype(image, torch.uint8, scale=True).expand(3, -1, -1)  # grey images get 3 channels
-        views = [self.view(image, *self.global_view1), self.view(image, *self.global_view2)]
-        views += [self.view(image, *self.local_view) for _ in range(self.local_crops_number)]
-        return views
+        kinds = [self.global_view1, self.global_view2] + [self.local_view] * self.local_crops_number
+        return [self.view(image, *kind, generator=generator) for kind in kinds]
 
 
 # ---- the same views for a whole batch at once ----
@@ -262,9 +298,19 @@ class BatchedMultiCrop:
     The blur is the same exact Gaussian (kernel blur_kernel_size), with its own sigma for every view.
     Meant for small images: at the paper's sizes use the per-image pipeline (this one holds a copy of
     the batch per view, and on CUDA its per-view masks cost a few host-device synchronisations).
+
+    Randomness: every view is drawn from DRAWS_PER_VIEW uniform numbers in [0, 1). Given `seeds`
+    (B,), one per image, image i's numbers come from a CPU generator seeded with seeds[i], so its
+    views do not depend on the other images of its batch (pretrain.py seeds every image by
+    (--seed, epoch, index): a resumed run draws the views an uninterrupted one would). Without
+    seeds they are drawn from the device's generator.
     Input: uint8 (B, 3, H, W) with H = W. Output: a list of 2 + M float tensors (B, 3, size, size),
     normalised, global views first.
     """
+
+    CROP_DRAWS = 23  # 10 area fractions, 10 aspect ratios (torchvision's 10 tries), 2 positions, 1 flip
+    PHOTOMETRIC_DRAWS = 13  # jitter or not, 4 jitter factors, 4 keys of its order, grey, blur, sigma, solarise
+    DRAWS_PER_VIEW = CROP_DRAWS + PHOTOMETRIC_DRAWS
 
     def __init__(self, global_crops_scale=(0.2, 1.0), local_crops_scale=(0.05, 0.2), local_crops_number=6,
                  global_crops_size=224, local_crops_size=96):
@@ -274,44 +320,48 @@ class BatchedMultiCrop:
         self.local_crops_number = local_crops_number
 
     @staticmethod
-    def resized_crops(images, n_views, size, scale):
+    def resized_crops(images, n_views, size, scale, u=None):
         """n_views random resized crops, flipped with p 0.5, of every image: (n_views * B, 3, size, size)
-        in [0, 1]; rows v * B .. (v + 1) * B - 1 are view v of the B images."""
+        in [0, 1]; rows v * B .. (v + 1) * B - 1 are view v of the B images. u: (n_views * B,
+        CROP_DRAWS) uniform numbers, one row per view (drawn here when None)."""
         n, device = n_views * images.shape[0], images.device
+        u = torch.rand(n, BatchedMultiCrop.CROP_DRAWS, device=device) if u is None else u
         # RandomResizedCrop's draw on a square image: area fraction a ~ U(scale), aspect ratio r with
         # log r ~ U(log 3/4, log 4/3); width sqrt(a r) and height sqrt(a / r) as fractions of the side.
         # As torchvision: the first of 10 draws that fits in the image, else the whole image.
-        area = torch.empty(n, 10, device=device).uniform_(*scale)  # (n, 10)
-        aspect = torch.empty(n, 10, device=device).uniform_(math.log(3 / 4), math.log(4 / 3)).exp_()  # (n, 10)
+        area = scale[0] + (scale[1] - scale[0]) * u[:, :10]  # (n, 10)
+        log_3_4, log_4_3 = math.log(3 / 4), math.log(4 / 3)
+        aspect = (log_3_4 + (log_4_3 - log_3_4) * u[:, 10:20]).exp()  # (n, 10)
         width, height = (area * aspect).sqrt(), (area / aspect).sqrt()  # (n, 10) each
         fits = (width <= 1) & (height <= 1)  # (n, 10)
         first = fits.int().argmax(dim=1, keepdim=True)  # (n, 1): index of the first draw that fits
         width = torch.where(fits.any(dim=1), width.gather(1, first)[:, 0], 1.0)  # (n,)
         height = torch.where(fits.any(dim=1), height.gather(1, first)[:, 0], 1.0)  # (n,)
-        flip = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)  # (n,)
+        flip = torch.where(u[:, 22] < 0.5, -1.0, 1.0)  # (n,)
         # An affine map from the view's coordinates to the image's, both in [-1, 1] (align_corners=False:
         # -1 and 1 are the outer edges of the border pixels): scale by the crop's size (negative to
         # flip), shift to a uniformly drawn position that keeps the crop inside the image.
         theta = torch.zeros(n, 2, 3, device=device)  # (n, 2, 3): x_image = theta @ (x_view, y_view, 1)
         theta[:, 0, 0], theta[:, 1, 1] = width * flip, height
-        theta[:, 0, 2] = (1 - width) * (2 * torch.rand(n, device=device) - 1)
-        theta[:, 1, 2] = (1 - height) * (2 * torch.rand(n, device=device) - 1)
+        theta[:, 0, 2] = (1 - width) * (2 * u[:, 20] - 1)
+        theta[:, 1, 2] = (1 - height) * (2 * u[:, 21] - 1)
         grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)  # (n, size, size, 2)
         source = images.float().div_(255).repeat(n_views, 1, 1, 1)  # (n, 3, H, W)
         return F.grid_sample(source, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
 
     @staticmethod
-    def photometric(x, blur_p, solarize_p):
+    def photometric(x, blur_p, solarize_p, u=None):
         """ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8 in a random order per view, grayscale p 0.2, Gaussian
         blur with probability blur_p[i] and solarisation with probability solarize_p[i] for view i,
-        on x (n, 3, S, S) in [0, 1] (changed in place); returns the views normalised."""
+        on x (n, 3, S, S) in [0, 1] (changed in place); returns the views normalised. u: (n,
+        PHOTOMETRIC_DRAWS) uniform numbers, one row per view (drawn here when None)."""
         n, device = x.shape[0], x.device
-        jittered = (torch.rand(n, device=device) <= 0.8).nonzero()[:, 0]  # (n_j,): views that get colour jitter
-        factors = torch.stack([torch.empty(n, device=device).uniform_(0.6, 1.4),  # brightness
-                               torch.empty(n, device=device).uniform_(0.6, 1.4),  # contrast
-                               torch.empty(n, device=device).uniform_(0.8, 1.2),  # saturation
-                               torch.empty(n, device=device).uniform_(-0.1, 0.1)])  # hue; (4, n)
-        order = torch.rand(n, 4, device=device).argsort(dim=1)  # (n, 4): each view's order of the 4 operations
+        u = torch.rand(n, BatchedMultiCrop.PHOTOMETRIC_DRAWS, device=device) if u is None else u
+        jittered = (u[:, 0] <= 0.8).nonzero()[:, 0]  # (n_j,): views that get colour jitter
+        # brightness U(0.6, 1.4), contrast U(0.6, 1.4), saturation U(0.8, 1.2), hue U(-0.1, 0.1): (4, n)
+        low = torch.tensor([0.6, 0.6, 0.8, -0.1], device=device)[:, None]
+        factors = low + torch.tensor([0.8, 0.8, 0.4, 0.2], device=device)[:, None] * u[:, 1:5].T
+        order = u[:, 5:9].argsort(dim=1)  # (n, 4): each view's order of the 4 operations
         for slot in range(4):
             for operation in range(4):
                 rows = jittered[order[jittered, slot] == operation]  # (r,): views doing `operation` in `slot`
@@ -319,31 +369,45 @@ class BatchedMultiCrop:
                     continue
                 # (r, 3, S, S) views with their factors (r, 1, 1, 1)
                 x[rows] = jitter_operation(x[rows], operation, factors[operation, rows].view(-1, 1, 1, 1))
-        grey = (torch.rand(n, device=device) < 0.2).nonzero()[:, 0]  # (n_g,)
+        grey = (u[:, 9] < 0.2).nonzero()[:, 0]  # (n_g,)
         x[grey] = luma(x[grey]).expand(-1, 3, -1, -1)
-        blurred = (torch.rand(n, device=device) <= blur_p).nonzero()[:, 0]  # (n_b,)
+        blurred = (u[:, 10] <= blur_p).nonzero()[:, 0]  # (n_b,)
         if len(blurred):
-            sigma = torch.empty(len(blurred), device=device).uniform_(0.1, 2.0)  # (n_b,)
+            sigma = 0.1 + 1.9 * u[blurred, 11]  # (n_b,): U(0.1, 2.0)
             x[blurred] = gaussian_blur_batch(x[blurred], blur_kernel_size(x.shape[-1]), sigma)
-        solarized = torch.rand(n, device=device) < solarize_p  # (n,)
+        solarized = u[:, 12] < solarize_p  # (n,)
         x = torch.where(solarized.view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
         mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
         return (x - mean) / std
 
-    def __call__(self, images):
+    def draws(self, batch, seeds, device):
+        """(2 + M, B, DRAWS_PER_VIEW) uniform numbers: image i's from a generator seeded with seeds[i]."""
+        n_views = 2 + self.local_crops_number
+        if seeds is None:
+            return torch.rand(n_views, batch, self.DRAWS_PER_VIEW, device=device)
+        per_image = [torch.rand(n_views, self.DRAWS_PER_VIEW, generator=torch.Generator().manual_seed(int(seed)))
+                     for seed in seeds.tolist()]  # B x (2 + M, DRAWS_PER_VIEW)
+        return torch.stack(per_image, dim=1).to(device, non_blocking=True)
+
+    def __call__(self, images, seeds=None):
         batch, device = images.shape[0], images.device
+        u = self.draws(batch, seeds, device)  # (2 + M, B, DRAWS_PER_VIEW)
         full = lambda p: torch.full((batch,), p, device=device)  # noqa: E731
+
+        def views(kind, first, count, blur_p, solarize_p):  # `count` views of one kind, (count * B, 3, size, size)
+            draws = u[first:first + count].flatten(0, 1)  # (count * B, DRAWS_PER_VIEW): view after view
+            crops = self.resized_crops(images, count, *kind, draws[:, :self.CROP_DRAWS])
+            return self.photometric(crops, blur_p, solarize_p, draws[:, self.CROP_DRAWS:])
+
         # global view 1: blur p 1.0; global view 2: blur p 0.1, solarise p 0.2; local views: blur p 0.5
-        global_views = self.photometric(self.resized_crops(images, 2, *self.global_view),
-                                        torch.cat([full(1.0), full(0.1)]), torch.cat([full(0.0), full(0.2)]))
-        views = list(global_views.split(batch))  # 2 x (B, 3, size, size)
+        out = list(views(self.global_view, 0, 2, torch.cat([full(1.0), full(0.1)]),
+                         torch.cat([full(0.0), full(0.2)])).split(batch))  # 2 x (B, 3, size, size)
         if self.local_crops_number:
             n_local = self.local_crops_number * batch
-            local_views = self.photometric(self.resized_crops(images, self.local_crops_number, *self.local_view),
-                                           torch.full((n_local,), 0.5, device=device), torch.zeros(n_local, device=device))
-            views += list(local_views.split(batch))  # M x (B, 3, size, size)
-        return views
+            out += list(views(self.local_view, 2, self.local_crops_number, torch.full((n_local,), 0.5, device=device),
+                              torch.zeros(n_local, device=device)).split(batch))  # M x (B, 3, size, size)
+        return out
 
 
 def fixed_size_uint8(size):
@@ -351,6 +415,85 @@ def fixed_size_uint8(size):
     centre crop. What BatchedMultiCrop takes, batched by the DataLoader."""
     return v2.Compose([v2.ToImage(), v2.RGB(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC,
                                                          antialias=True), v2.CenterCrop(size)])
+
+
+# ---- what pretrain.py's DataLoader reads: views seeded by (seed, epoch, image) ----
+
+MASK64 = 2 ** 64 - 1
+
+
+def view_seed(seed, epoch, index):
+    """The seed of the views of image `index` in `epoch` of a run seeded with `seed` (< 2**63).
+
+    A function of these three numbers only (mixed by splitmix64's finaliser, so that neighbouring
+    images get unrelated streams): an image's views do not depend on which DataLoader worker made
+    them, on the images drawn before it, or on whether the run was stopped and resumed."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03 + index + 1) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+class PretrainingImages(torch.utils.data.Dataset):
+    """The pretraining set as pretrain.py's DataLoader reads it: item (epoch, index) ->
+    (views or image, seed, bad).
+
+    With `augmentation` (MultiCropAugmentation) the item's views are drawn here, in the DataLoader
+    worker, from a generator seeded with view_seed(seed, epoch, index); without it the image is
+    returned as the dataset's transform gives it and the views are drawn later for the whole batch
+    with the same per-image seeds (BatchedMultiCrop). bad = 1 when the image could not be read and
+    `skip_bad_images` put the next readable image in its place (else the error stops the run).
+    """
+
+    def __init__(self, dataset, seed, augmentation=None, skip_bad_images=False):
+        self.dataset, self.seed, self.augmentation = dataset, seed, augmentation
+        self.skip_bad_images = skip_bad_images
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        image, bad = self.read(index), 0
+        while image is None:  # a bad image, skipped: the next one in the folder stands in for it
+            bad, index = 1, (index + 1) % len(self.dataset)
+            image = self.read(index)
+        seed = view_seed(self.seed, epoch, item[1])
+        if self.augmentation is not None:
+            image = self.augmentation(image, torch.Generator().manual_seed(seed))
+        return image, seed, bad
+
+    def read(self, index):
+        try:
+            return self.dataset[index][0]
+        except DataError as e:
+            if not self.skip_bad_images:
+                raise DataError(f"{e} Or pass --skip_bad_images true to train on without it (each image "
+                                f"left out is counted in log.jsonl, bad_images).") from None
+            warnings.warn(f"skipped: {e}")
+            return None
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (a shuffle seeded by (seed, epoch), this process's share of it, the same
+    in one process) that yields (epoch, index) for PretrainingImages, and can start part-way
+    through an epoch: set_epoch(epoch, skip) leaves out the first `skip` images of this process's
+    share (those of the optimizer steps a checkpoint already holds) without reading them."""
+
+    def __init__(self, dataset, num_replicas, rank, seed):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip:]
+        return iter([(self.epoch, index) for index in indices])
+
+    def __len__(self):
+        return super().__len__() - self.skip
 
 
 # ============ the synthetic dataset ============
@@ -480,18 +623,46 @@ class MNIST5k(torch.utils.data.Dataset):
 # ============ the table of datasets ============
 
 def load_image(path):
-    """RGB image from a file; a file that cannot be read raises an error that names it."""
+    """RGB image from a file; a file that cannot be read raises an error that names it.
+    Greyscale images of 16 (or 32) bits are scaled to 8 bits: Pillow's conversion to RGB would clip
+    every value above 255, turning a 16-bit image almost entirely white."""
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
-            return image.convert("RGB")
+            image.load()
     except Exception as e:
-        raise DataError(f"cannot read image {path}: {e}. Remove or replace the file.") from None
+        raise DataError(f"cannot read image {path}: {e}. Replace the file with a readable image.") from None
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I": integer greyscale
+        pixels = np.asarray(image).astype(np.float64)
+        if pixels.max() > 255:  # a 16-bit range: 65535 -> 255
+            pixels = pixels / 257
+        image = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+class UnlabelledImages(torch.utils.data.Dataset):
+    """Every image file under a folder (sub-folders included, in sorted order), labelled 0: the
+    images of a folder without class sub-folders, for pretraining, which needs no labels."""
+
+    def __init__(self, folder, transform=None):
+        self.files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                            if has_file_allowed_extension(name, IMG_EXTENSIONS))
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        image = load_image(self.files[index])
+        return (self.transform(image) if self.transform else image), 0
 
 
 def image_folder(root, split, transform):
     """ImageNet layout: root/train/<class>/<image> and root/val/<class>/<image>. For pretraining,
-    root may also be a plain folder of class sub-folders (labels are then unused)."""
+    which needs no labels, root may also be a folder of class sub-folders, or of images with no class
+    folders at all (flat, or nested in any way: UnlabelledImages). The val split must have the
+    train split's classes: labels are class indices in sorted order, so other class names would
+    match classes by position without a word."""
     if root is None:
         raise DataError("--dataset imagefolder needs --data_path DIR, a folder with train/ and val/ folders of class "
                         "sub-folders (the ImageNet layout); to try the code without data, use --dataset mnist5k "
@@ -502,9 +673,21 @@ def image_folder(root, split, transform):
     if not os.path.isdir(folder):
         raise DataError(f"image folder {folder} does not exist; --data_path should hold train/ and val/ "
                         f"folders of class sub-folders (the ImageNet layout)")
+    if split == "pretrain" and any(entry.is_file() and has_file_allowed_extension(entry.name, IMG_EXTENSIONS)
+                                   for entry in os.scandir(folder)):
+        return UnlabelledImages(folder, transform)  # images in the folder itself: no class folders
     # torchvision's message for a class folder without images names the classes but not the folder:
     # say which sub-folder is empty before saying anything about the whole split.
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if split == "val":
+        train_classes = sorted(entry.name for entry in os.scandir(os.path.join(root, "train")) if entry.is_dir()) \
+            if os.path.isdir(os.path.join(root, "train")) else classes
+        if train_classes != classes:
+            only_train, only_val = sorted(set(train_classes) - set(classes)), sorted(set(classes) - set(train_classes))
+            raise DataError(f"the class folders of {os.path.join(root, 'train')} and {folder} differ (only in train: "
+                            f"{only_train[:5] or 'none'}; only in val: {only_val[:5] or 'none'}): the labels are "
+                            f"class indices, so classes would be matched by position. Give both splits the same "
+                            f"class folders")
     empty = [c for c in classes if not any(has_file_allowed_extension(name, IMG_EXTENSIONS)
                                            for _, _, names in os.walk(os.path.join(folder, c)) for name in names)]
     if classes and empty:
@@ -514,8 +697,9 @@ def image_folder(root, split, transform):
                         + f"; add images ({', '.join(IMG_EXTENSIONS)}) or remove the empty folder")
     try:
         return torchvision.datasets.ImageFolder(folder, transform=transform, loader=load_image)
-    except FileNotFoundError as e:
-        raise DataError(f"no images in {folder}: {e}. Expected {folder}/<class name>/<image>.jpg") from None
+    except FileNotFoundError:
+        raise DataError(f"no images in {folder}: expected {folder}/<class name>/<image> (labelled) or, for "
+                        f"pretraining, image files in {folder} itself ({', '.join(IMG_EXTENSIONS)})") from None
 
 
 def torchvision_dataset(cls, splits, **fixed):

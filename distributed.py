@@ -20,7 +20,17 @@ def init_distributed():
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend)
+    else:
+        # torchrun keeps one key-value store for every restart of the group (--max_restarts). Keys
+        # that the processes of an earlier attempt wrote there (their addresses) would send the new
+        # processes to peers that are gone ("Connection refused"): each attempt gets keys of its own.
+        store, rank, world_size = next(dist.rendezvous("env://"))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"carp_attempt_{restart}", store), rank=rank,
+                                world_size=world_size)
     return dist.get_rank(), dist.get_world_size(), device
 
 

@@ -20,8 +20,8 @@ Protocols (README, *Evaluation*), one per --protocol:
 - voc07_svm: L2-normalised features of VOC07 trainval (train) and test; one linear SVM per class
   (C = --cost 0.5, fixed, class weight {+1: 2, -1: 1}, squared hinge, L2 penalty); per image and
   class the label is +1 if a non-difficult object of the class is in the image, 0 if only difficult
-  ones are, -1 otherwise. Test mAP over the 20 classes, mean and std over --runs draws per k, and
-  the full-data mAP.
+  ones are, -1 otherwise. Test mAP over the 20 classes, mean and std over --runs draws (default 5)
+  per k (default 1 2 4 8 16), and the full-data mAP. Images resized bilinear, as the authors'.
   --voc_protocol authors (default; the authors' evaluations/few-shot/eval_svm_voc.py, where the
   paper's numbers come from): for each k, k positive images of every class are drawn into ONE
   training pool (20 k rows) on which all 20 SVMs train; 0 becomes -1 (a negative) in training and
@@ -31,12 +31,14 @@ Protocols (README, *Evaluation*), one per --protocol:
   classifier on the frozen backbone (SGD, momentum 0.9, weight decay 1e-6, lr 0.3 for a global batch
   of 256, 20 epochs, lr x 0.1 at epochs 12 and 18), top-1 / top-5 on the whole val split after every
   epoch, reported for the last and the best epoch (the authors report the best).
-  Default (the authors' evaluations/few-shot/evaluate_inat2018.py): every epoch trains on new
-  RandomResizedCrop + flip views of the k-shot images, through the backbone kept in eval() mode.
+  Default (the authors' evaluations/few-shot/evaluate_inat2018.py as their eval_script.sh runs it:
+  k = 1, one draw): every epoch trains on new bilinear RandomResizedCrop + flip views of the k-shot
+  images, through the backbone kept in eval() mode; val images resized bilinear, centre-cropped.
+  --shots 1 2 4 8 16 --runs 5: more k and draws, averaged.
   --cached_features true: the fast mode, on the centre-crop features computed once; NOT the
   authors' protocol, and labelled so in the output and in the JSON ("cached_features": 1).
-- nshot_logreg (quick comparisons): L2-normalised features, multinomial logistic regression on
-  N images per class, top-1 / top-5 on the whole val split.
+- nshot_logreg (quick comparisons, ours): L2-normalised features, multinomial logistic regression
+  on N images per class, top-1 / top-5 on the whole val split (5 draws of 1 2 4 8 16 by default).
 
 Every metric is reported as mean and std (numpy's, ddof 0) over --runs draws. The draws depend only
 on the labels, --seed, k and the run: two checkpoints are compared on the same images.
@@ -67,8 +69,8 @@ from cli import HelpFormatter, bool_flag
 from data import (VOC_CLASSES, DataError, IndexedImages, build_dataset, dataset_labels, eval_transform,
                   inat2018_datasets, train_transform, voc07_dataset)
 from distributed import all_reduce, destroy, init_distributed, is_initialized, is_main_process, rank, world_size
-from features import (add_eval_args, check_frozen, extract_features, follow_checkpoint, frozen_features,
-                      load_backbone, save_features)
+from features import (add_eval_args, backbone_from_args, check_frozen, extract_features, follow_checkpoint,
+                      frozen_features, save_features)
 from run_folder import write_json
 
 
@@ -83,8 +85,7 @@ def indexed_features(args, device, datasets):
     saved to --dump_features in the same files and format, so --load_features reads them back."""
     if is_main_process():
         print(", ".join(f"{len(d)} {split} images" for split, d in datasets.items()) + f" of {args.data_path}")
-    backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
-                             args.model_format, image_size=args.image_size).to(device)
+    backbone = backbone_from_args(args).to(device)
     out = {}
     for split, dataset in datasets.items():
         features, index = extract_features(backbone, dataset, args.batch_size_per_gpu, args.num_workers, device)
@@ -115,10 +116,11 @@ def augmented_views(args, device):
     once: the backbone is frozen and the val transform deterministic, so they never change.
 
     Returns ({'train': (None, labels (N,)), 'val': (features (M, D), labels (M,))}, (backbone, train dataset)).
-    NOTE(authors' code): their crops are bilinear (torchvision's default); ours are bicubic, as in
-    linear_eval.py and every other transform of this codebase.
+    Both transforms default to the authors' bilinear (torchvision's default in their Resize(256) and
+    RandomResizedCrop(224)): --resize_interpolation, --crop_interpolation.
     """
-    views, transform = train_transform(args.image_size), eval_transform(args.image_size)
+    views = train_transform(args.image_size, args.crop_interpolation)
+    transform = eval_transform(args.image_size, args.resize_interpolation)
     if is_inat2018_json(args):
         datasets = inat2018_datasets(args.data_path, transform, views_transform=views)
     else:
@@ -129,8 +131,7 @@ def augmented_views(args, device):
     if is_main_process():
         print(", ".join(f"{len(d)} {split} images" for split, d in datasets.items())
               + f" of {args.data_path if is_inat2018_json(args) else args.dataset}")
-    backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
-                             args.model_format, image_size=args.image_size).to(device)
+    backbone = backbone_from_args(args).to(device)
     # Frozen: eval() so that BatchNorm normalises with its stored running statistics and never updates
     # them (in train() mode it would use the statistics of each k-shot batch and overwrite the running
     # ones, even under no_grad), as the authors' script does (model.eval() with --weights freeze).
@@ -527,7 +528,8 @@ def kshot_classifiers(features, args, device, views=None):
             # --k 1) with Python's `random` unseeded, in each process on its own: under torchrun every
             # process draws other k-shot images and the DistributedSampler indexes into each process's
             # own draw, so over the epochs their classifier sees up to k x processes images per class.
-            # Here the draw is seeded and the same on every process, and --runs draws are averaged.
+            # Here the draw is seeded and the same on every process; by default one draw of k = 1, as
+            # theirs, and --shots / --runs for more (mean and std over the draws).
             rng = draw_rng(args.seed, k, run)
             kept, short = sample_kshot(labels, k, rng, n_classes)  # (n,)
             if short and run == 0 and is_main_process():
@@ -569,6 +571,18 @@ LOWSHOT_MODES = {
 }
 
 
+# What each protocol runs when its flags are left out. voc07_svm: the authors' eval_svm_voc.py (5
+# draws of k = 1, 2, 4, 8, 16 positives per class). lowshot_linear: their eval_script.sh, which runs
+# evaluate_inat2018.py once with --k 1 (one draw; whether the paper's table used other k we could not
+# check, README *Each protocol, exactly*). Both resize with their Resize(256), torchvision's bilinear.
+# nshot_logreg is ours: the k and draws of VOC07, and the bicubic resize of DINO's k-NN.
+PROTOCOL_DEFAULTS = {
+    "voc07_svm": {"shots": [1, 2, 4, 8, 16], "runs": 5, "resize_interpolation": "bilinear"},
+    "lowshot_linear": {"shots": [1], "runs": 1, "resize_interpolation": "bilinear"},
+    "nshot_logreg": {"shots": [1, 2, 4, 8, 16], "runs": 5, "resize_interpolation": "bicubic"},
+}
+
+
 def get_args(argv=None):
     parser = argparse.ArgumentParser("Few-shot evaluation on frozen features: VOC07 SVMs, low-shot linear, "
                                      "N-shot logistic regression", formatter_class=HelpFormatter)
@@ -579,10 +593,13 @@ def get_args(argv=None):
                         "low-shot linear classifier on --dataset (with --dataset imagefolder, a --data_path that "
                         "holds train2018.json and val2018.json is read as the official iNat-2018 release). "
                         "nshot_logreg: fast logistic regression on L2-normalised features of --dataset")
-    g.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16],
-                   help="k: training images per class (positive images per class for voc07_svm)")
-    g.add_argument("--runs", type=int, default=5,
-                   help="random draws of the k-shot training images per k (the authors: 5 for VOC07, 1 for iNat)")
+    g.add_argument("--shots", type=int, nargs="+", default=None,
+                   help="k: training images per class (positive images per class for voc07_svm). Default: the "
+                        "protocol's, " + "; ".join(f"{' '.join(map(str, d['shots']))} for {p}"
+                                                   for p, d in PROTOCOL_DEFAULTS.items()))
+    g.add_argument("--runs", type=int, default=None,
+                   help="random draws of the k-shot training images per k. Default: the protocol's, "
+                        + "; ".join(f"{d['runs']} for {p}" for p, d in PROTOCOL_DEFAULTS.items()))
     g.add_argument("--seed", type=int, default=0,
                    help="seeds the draws (and the classifiers, and the augmented views): keep it fixed to compare "
                         "checkpoints on the same images")
@@ -591,7 +608,7 @@ def get_args(argv=None):
                         "ap_full_<class> for voc07_svm; top1_k{k}_* and top5_k{k}_* (last epoch), best_top1_k{k}_* "
                         "and best_top5_k{k}_* (best epoch) and cached_features (1 in the fast mode, 0 in the "
                         "authors' protocol) for lowshot_linear; top1_k{k}_* and top5_k{k}_* for nshot_logreg")
-    add_eval_args(parser)
+    add_eval_args(parser, resize_interpolation=None)  # the protocol's: PROTOCOL_DEFAULTS
     g = parser.add_argument_group("voc07_svm")
     g.add_argument("--voc_protocol", default="authors", choices=["authors", "goyal"],
                    help="authors (default, the paper's numbers): for each draw, k positive images of every class "
@@ -623,6 +640,9 @@ def get_args(argv=None):
     g.add_argument("--lr_milestones", type=int, nargs="*", default=[12, 18],
                    help="epochs at which the learning rate is multiplied by --lr_gamma (the authors: 12 18)")
     g.add_argument("--lr_gamma", type=float, default=0.1, help="learning-rate factor at each milestone")
+    g.add_argument("--crop_interpolation", default="bilinear", choices=["bilinear", "bicubic"],
+                   help="kernel of the RandomResizedCrop views of the authors' protocol: bilinear, torchvision's "
+                        "default, as in their script")
     g.add_argument("--linear_batch_size", type=int, default=256,
                    help="images per SGD step over all processes (the authors: 256); under torchrun each process "
                         "takes linear_batch_size / processes, so it must be a multiple of the process count")
@@ -631,6 +651,9 @@ def get_args(argv=None):
                    help="inverse L2 strength, as sklearn's LogisticRegression(C): larger fits the few images harder")
     g.add_argument("--logreg_max_iter", type=int, default=1000, help="L-BFGS iterations per draw")
     args = parser.parse_args(argv)
+    for name, default in PROTOCOL_DEFAULTS[args.protocol].items():  # the flags left out: the protocol's
+        if getattr(args, name) is None:
+            setattr(args, name, list(default) if isinstance(default, list) else default)
     # VOC07 reads its own layout from --data_path: only the other protocols take the checkpoint's dataset.
     follow_checkpoint(args, follow_dataset=args.protocol != "voc07_svm")
     if min(args.shots) < 1 or args.runs < 1:
@@ -703,11 +726,12 @@ def main(argv=None):
     elif args.load_features or not (args.protocol == "voc07_svm" or is_inat2018_json(args)):
         features = frozen_features(args, device, splits)
     elif args.protocol == "voc07_svm":
-        transform = eval_transform(args.image_size)
+        transform = eval_transform(args.image_size, args.resize_interpolation)
         features = indexed_features(args, device, {split: voc07_dataset(args.data_path, split, transform, args.download)
                                                    for split in splits})
     else:
-        features = indexed_features(args, device, inat2018_datasets(args.data_path, eval_transform(args.image_size)))
+        features = indexed_features(args, device, inat2018_datasets(
+            args.data_path, eval_transform(args.image_size, args.resize_interpolation)))
     # ============ training the few-shot classifiers ... ============
     if augmented:  # every process trains, on its share of each batch of views
         results = kshot_classifiers(features, args, device, views)

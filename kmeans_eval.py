@@ -7,20 +7,24 @@
         --data_path /imagenet --train_subset 10percent.txt --dump_features runs/carp_r50_features_10pc
 
 (10percent.txt: google-research/simclr, imagenet_subsets/10percent.txt, 128,116 file names such as
-n01440764_10026.JPEG, one per line.)
+n01440764_10026.JPEG, one per line; the README's *Evaluation* has the command that fetches it.)
 
 Protocol (README, *Evaluation*): teacher-backbone features of the train and val
-splits (evaluation transform), standardised with the train split's per-dimension mean and
-standard deviation, then spherical k-means on the train split with k = number of classes,
-100 iterations and 10 restarts (the restart with the best objective is kept). Every val image
-goes to its nearest centroid, and the val clusters are scored against the val labels: NMI,
-adjusted mutual information (AMI), adjusted Rand index (ARI), and clustering accuracy with the
-best one-to-one cluster-to-class matching (Hungarian algorithm), all x100.
+splits (evaluation transform: short side resized bilinear, as the authors' Resize(256), then centre
+crop), standardised with the train split's per-dimension mean and standard deviation, then spherical
+k-means on the train split with k = number of classes (GTSRB: k = 100, the authors' run, not its 43
+classes), 100 iterations and 10 restarts (the restart with the best objective is kept). Every val
+image goes to its nearest centroid, and the val clusters are scored against the val labels: NMI,
+adjusted mutual information (AMI), adjusted Rand index (ARI), the Fowlkes-Mallows score (FMS),
+homogeneity, completeness and V-measure (the scores of the authors' script), and clustering accuracy
+with the best one-to-one cluster-to-class matching (Hungarian algorithm), all x100.
 On ImageNet the "train split" is a subset: the authors' kmeans_eval_imagenet.py (--label-subset,
 default "10") replaces the train images by SimCLR's 10 % list (utils.imagenet_subset_samples) and
 assigns the whole val split. --train_subset FILE does the same with a local copy of the list,
 --train_fraction 0.1 draws a seeded 10 % of any dataset instead (not class-balanced, so not the
-authors' images). The selection happens before feature extraction.
+authors' images). The selection happens before feature extraction. Without either flag the whole
+train split is fitted, and on an ImageNet-size split (FULL_IMAGENET_IMAGES) the script says that
+this is not the paper's protocol and where the list comes from.
 NOTE(authors' code): they run faiss.Kmeans(spherical=True, niter=100, nredo=10) on the
 standardised features, which does not L2-normalise the points (a centroid is the normalised mean
 of the raw standardised vectors, so long vectors weigh more; the assignment by inner product with
@@ -28,7 +32,8 @@ unit centroids is the same as by cosine), starts from random points rather than 
 on at most 256 x k sampled points (256,000 for ImageNet: the 128,116 images of the 10 % list are
 all used, as here), and splits a large cluster to refill an empty one. Here every point is
 normalised, all train points are used, and empty clusters are re-seeded as explained in
-update_centroids. Accuracy is not in their script.
+update_centroids. Accuracy is not in their script; their FMS, homogeneity, completeness and
+V-measure are sklearn's, as here.
 
 Features are extracted by all processes of a torchrun launch; the clustering runs on the main
 process, on the GPU when there is one.
@@ -50,12 +55,24 @@ from features import add_eval_args, follow_checkpoint, frozen_features
 from run_folder import write_json
 
 
+# k where the authors' run does not use the number of classes: their GTSRB clustering asks for 100
+# clusters of its 43 classes (the accuracy then counts the 57 unmatched clusters as wrong).
+AUTHORS_CLUSTERS = {"gtsrb": 100}
+# The scores, in the order of the table and the JSON (all x100).
+METRICS = ("nmi", "ami", "ari", "fms", "homogeneity", "completeness", "v_measure", "acc")
+# A train split at least this large, fitted whole, is taken for ImageNet's 1,281,167 images: the paper
+# fits on SimCLR's 10 % list there, and the script says so (full_imagenet_note).
+FULL_IMAGENET_IMAGES = 1_000_000
+
+
 def get_args(argv=None):
     parser = argparse.ArgumentParser("Spherical k-means clustering of frozen features", formatter_class=HelpFormatter)
-    add_eval_args(parser)
+    add_eval_args(parser, resize_interpolation="bilinear")  # the authors' Resize(256): torchvision's bilinear
     g = parser.add_argument_group("k-means")
     g.add_argument("--n_clusters", type=int, default=None,
-                   help="k; default: the number of classes of the train split (the paper)")
+                   help="k; default: the number of classes of the train split (the paper), except where the "
+                        "authors chose another k: " + ", ".join(f"{k} for --dataset {name}"
+                                                                for name, k in AUTHORS_CLUSTERS.items()))
     g.add_argument("--n_iter", type=int, default=100,
                    help="maximum Lloyd iterations per restart (paper: 100); a restart stops earlier when no "
                         "assignment changes")
@@ -75,9 +92,11 @@ def get_args(argv=None):
                         "without replacement by a generator seeded with --seed, the same in every process and "
                         "every run. Any dataset; not class-balanced, so not the authors' images (for those use "
                         "--train_subset). Default: the whole train split")
-    g.add_argument("--output_json", default=None, help="write {nmi, ami, ari, acc} of the val split as a flat "
-                                                       "JSON object here")
+    g.add_argument("--output_json", default=None, help=f"write {{{', '.join(METRICS)}}} of the val split as a "
+                                                       f"flat JSON object here")
     args = follow_checkpoint(parser.parse_args(argv))
+    if args.n_clusters is None:
+        args.n_clusters = AUTHORS_CLUSTERS.get(args.dataset)  # None: the number of classes, known once read
     if args.n_clusters is not None and args.n_clusters < 1:
         parser.error(f"--n_clusters {args.n_clusters} must be at least 1 (default: the number of classes)")
     if args.n_iter < 1:
@@ -151,6 +170,18 @@ def random_fraction(n, fraction, seed):
                         f"least {1 / n:.3g}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # (n,)
     return order[:size].sort().values.tolist()
+
+
+def full_imagenet_note(n_train, args):
+    """The note printed when k-means is fitted on a whole ImageNet-size train split (n_train images,
+    no --train_subset or --train_fraction), or None: the paper's ImageNet numbers fit on SimCLR's
+    10 % list, so such a fit is another protocol (and ten times the features)."""
+    if n_train < FULL_IMAGENET_IMAGES or args.train_subset is not None or args.train_fraction is not None:
+        return None
+    return (f"NOTE: k-means fitted on all {n_train} train images: NOT the paper's protocol, which fits on "
+            f"SimCLR's 10 % image list (google-research/simclr, imagenet_subsets/10percent.txt, 128,116 images; "
+            f"the README's *Evaluation* has the command that fetches it) and assigns every val image. Pass "
+            f"--train_subset 10percent.txt for the paper's numbers")
 
 
 def train_selection(args):
@@ -300,14 +331,19 @@ def cluster_accuracy(pred, labels):
 
 
 def clustering_metrics(pred, labels):
-    """{nmi, ami, ari, acc} (x100) of cluster assignments `pred` against class `labels`.
-    NMI and AMI use sklearn's default arithmetic normalisation; AMI and ARI are 0 in expectation
-    for a random clustering, NMI is not."""
+    """{nmi, ami, ari, fms, homogeneity, completeness, v_measure, acc} (x100) of cluster assignments
+    `pred` against class `labels`. NMI and AMI use sklearn's default arithmetic normalisation, with
+    which NMI equals the V-measure (the harmonic mean of homogeneity, each cluster holding one class,
+    and completeness, each class in one cluster); AMI and ARI are 0 in expectation for a random
+    clustering, NMI is not. FMS: the geometric mean of pair precision and pair recall."""
     pred, labels = as_numpy(pred), as_numpy(labels)
-    return {"nmi": 100.0 * metrics.normalized_mutual_info_score(labels, pred),
-            "ami": 100.0 * metrics.adjusted_mutual_info_score(labels, pred),
-            "ari": 100.0 * metrics.adjusted_rand_score(labels, pred),
-            "acc": cluster_accuracy(pred, labels)}
+    homogeneity, completeness, v_measure = metrics.homogeneity_completeness_v_measure(labels, pred)
+    scores = {"nmi": metrics.normalized_mutual_info_score(labels, pred),
+              "ami": metrics.adjusted_mutual_info_score(labels, pred),
+              "ari": metrics.adjusted_rand_score(labels, pred),
+              "fms": metrics.fowlkes_mallows_score(labels, pred),
+              "homogeneity": homogeneity, "completeness": completeness, "v_measure": v_measure}
+    return {**{name: 100.0 * float(value) for name, value in scores.items()}, "acc": cluster_accuracy(pred, labels)}
 
 
 def main(argv=None):
@@ -322,6 +358,9 @@ def main(argv=None):
         val_features, val_labels = features["val"]  # (M, D), (M,)
         train_features, val_features = standardize(train_features.to(device), val_features.to(device))
         k = args.n_clusters or len(train_labels.unique())
+        note = full_imagenet_note(len(train_labels), args)
+        if note:  # before the long clustering, and again under the table
+            print(note)
 
         # ============ clustering the train split ... ============
         generator = torch.Generator().manual_seed(args.seed)
@@ -337,12 +376,15 @@ def main(argv=None):
         selection = (f" (the images listed in {args.train_subset})" if args.train_subset is not None else
                      f" (a random {args.train_fraction:g} of the split, seed {args.seed})"
                      if args.train_fraction is not None else "")
-        print(f"spherical k-means (k={k}, best of {args.n_init} restarts, objective {objective:.1f} = "
+        chosen = f", the authors' k for {args.dataset}" if AUTHORS_CLUSTERS.get(args.dataset) == k else ""
+        print(f"spherical k-means (k={k}{chosen}, best of {args.n_init} restarts, objective {objective:.1f} = "
               f"{objective / len(train_labels):.4f} mean cosine) of {source}: "
               f"fit on {len(train_labels)} train images{selection}, {len(val_labels)} val images assigned")
-        print(f"{'metric':>8} {'val':>7} {'(train)':>8}")
-        for name in ("nmi", "ami", "ari", "acc"):
-            print(f"{name.upper():>8} {results[name]:>7.2f} {train_results[name]:>8.2f}")
+        print(f"{'metric':>12} {'val':>7} {'(train)':>8}")
+        for name in METRICS:
+            print(f"{name.upper():>12} {results[name]:>7.2f} {train_results[name]:>8.2f}")
+        if note:
+            print(note)
         if args.output_json:
             write_json(results, args.output_json)
     destroy()

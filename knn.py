@@ -2,8 +2,6 @@
 and the monitor that pretrain.py runs on its teacher during training with the same classifier, so
 the two report the same number for the same checkpoint.
 """
-import warnings
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -51,47 +49,56 @@ def knn_classify(train_features, train_labels, test_features, test_labels, nb_kn
     return results
 
 
-def knn_monitor(args, teacher, device, raw_pixels=False):
-    """Top-1 k-NN accuracy (%, k = --nb_knn) of the teacher backbone on the labelled train/val splits
-    of pretrain.py's dataset, at its --global_crops_size; None (and --knn_every set to 0, with a
-    warning) when the dataset has no such splits.
+class KnnMonitor:
+    """The k-NN accuracy (top-1, %, k = --nb_knn) of the teacher backbone during pretraining, on the
+    labelled train/val splits of pretrain.py's dataset at its --global_crops_size, with
+    knn_classify: knn_eval.py's number for the same checkpoint.
 
-    raw_pixels=True: also returns the k-NN accuracy of the (normalised) pixels of the same images,
-    the baseline that says whether the features know more than the images themselves; None for
-    images over SMALL_IMAGE_MAX_SIZE pixels, whose pixel vectors would not fit in memory for a
-    large dataset (ImageNet's train split at 224 px: 150,528 floats per image, 770 GB)."""
-    transform = eval_transform(args.global_crops_size)
-    try:
-        train_set = build_dataset(args.dataset, "train", transform, args.data_path, False, args.synthetic_images,
-                                  args.global_crops_size)
-        val_set = build_dataset(args.dataset, "val", transform, args.data_path, False, args.synthetic_images,
-                                args.global_crops_size)
-    except DataError as e:
-        warnings.warn(f"k-NN monitor off: no labelled train/val splits ({e})")
-        args.knn_every = 0
-        return (None, None) if raw_pixels else None
+    KnnMonitor.create returns None, after one line saying why, when the dataset has no labelled
+    splits (a folder of unlabelled images): the run trains on without the monitor."""
 
-    def accuracy(network):
-        train_features, train_labels = extract_features(network, train_set, 256, args.num_workers, device, progress=False)
-        val_features, val_labels = extract_features(network, val_set, 256, args.num_workers, device, progress=False)
+    def __init__(self, args, device, train_set, val_set):
+        self.args, self.device, self.train_set, self.val_set = args, device, train_set, val_set
+
+    @classmethod
+    def create(cls, args, device, log):
+        transform = eval_transform(args.global_crops_size)
+        try:
+            train_set, val_set = (build_dataset(args.dataset, split, transform, args.data_path, False,
+                                                args.synthetic_images, args.global_crops_size) for split in ("train", "val"))
+        except DataError as e:
+            reason = f"--knn_every needs labelled train/ and val/ splits, and {e}"
+            log({"event": "knn_off", "reason": reason})
+            if is_main_process():
+                print(f"k-NN monitor off: {reason}. Training goes on without it.")
+            return None
+        return cls(args, device, train_set, val_set)
+
+    def accuracy(self, network):
+        # On a fork of torch's random state (its DataLoaders draw their seeds from it): measuring
+        # leaves the state as it was, so --knn_every never changes what a run learns.
+        args, device = self.args, self.device
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            train_features, train_labels = extract_features(network, self.train_set, 256, args.num_workers, device,
+                                                            progress=False)
+            val_features, val_labels = extract_features(network, self.val_set, 256, args.num_workers, device,
+                                                        progress=False)
         return knn_classify(train_features, train_labels, val_features, val_labels, [args.nb_knn])[f"top1_k{args.nb_knn}"]
 
-    teacher_accuracy = accuracy(teacher.backbone)
-    if not raw_pixels:
-        return teacher_accuracy
-    return teacher_accuracy, (accuracy(nn.Flatten()) if args.global_crops_size <= SMALL_IMAGE_MAX_SIZE else None)
+    def __call__(self, teacher):
+        return self.accuracy(teacher.backbone)
 
-
-def knn_baselines(args, teacher, device, log):
-    """The monitor's two baselines, measured before training: the k-NN accuracy of the randomly
-    initialised teacher and of the raw pixels, what the trained teacher's number is read against.
-    Logged as epoch -1 and printed; returns {knn_top1_init, knn_top1_pixels}, or {} (no labels)."""
-    random_init, pixels = knn_monitor(args, teacher, device, raw_pixels=True)
-    if random_init is None:
-        return {}
-    log({"epoch": -1, "knn_top1": random_init, "knn_top1_pixels": pixels})
-    if is_main_process():
-        print(f"k-NN top-1 (k={args.nb_knn}) of the randomly initialised teacher: {random_init:.2f}%; of the raw "
-              f"pixels: " + (f"{pixels:.2f}%" if pixels is not None else f"not measured (images over "
-                                                                          f"{SMALL_IMAGE_MAX_SIZE} px)"))
-    return {"knn_top1_init": random_init, "knn_top1_pixels": pixels}
+    def baselines(self, teacher, log):
+        """The two numbers the trained teacher's is read against, measured before training: the
+        randomly initialised teacher's, and the raw pixels' (the features must know more than the
+        images themselves; only for images of at most SMALL_IMAGE_MAX_SIZE pixels, whose pixel vectors
+        fit in memory: ImageNet's train split at 224 px would need 150,528 floats an image, 770 GB).
+        Logged as epoch -1 and printed; returns {knn_top1_init, knn_top1_pixels}."""
+        random_init = self(teacher)
+        pixels = self.accuracy(nn.Flatten()) if self.args.global_crops_size <= SMALL_IMAGE_MAX_SIZE else None
+        log({"epoch": -1, "knn_top1": random_init, "knn_top1_pixels": pixels})
+        if is_main_process():
+            print(f"k-NN top-1 (k={self.args.nb_knn}) of the randomly initialised teacher: {random_init:.2f}%; of the "
+                  f"raw pixels: " + (f"{pixels:.2f}%" if pixels is not None else f"not measured (images over "
+                                                                              f"{SMALL_IMAGE_MAX_SIZE} px)"))
+        return {"knn_top1_init": random_init, "knn_top1_pixels": pixels}

@@ -1,11 +1,12 @@
 """Linear probe on a frozen backbone (the paper's linear evaluation), for any checkpoint.
 
-    # the paper's protocol on ImageNet: 100 epochs, LARS lr 1.0, global batch 8 x 256 = 2048
+    # the paper's protocol on ImageNet: 100 epochs, LARS lr 1.0, global batch 2048 (the default:
+    # 8 processes x 128 images x 2 accumulation steps)
     torchrun --nproc_per_node=8 linear_eval.py --pretrained_weights carp_r50.pth --dataset imagefolder \
-        --data_path /imagenet --batch_size_per_gpu 256 --output_dir runs/linear_carp_r50
-    # the same global batch of 2048 on one GPU: 128 images x 16 accumulation steps
+        --data_path /imagenet --output_dir runs/linear_carp_r50
+    # the same global batch of 2048 on one GPU: 128 images x 16 accumulation steps, derived by default
     python linear_eval.py --pretrained_weights carp_r50.pth --dataset imagefolder --data_path /imagenet \
-        --batch_size_per_gpu 128 --gradient_accumulation_steps 16 --output_dir runs/linear_carp_r50
+        --output_dir runs/linear_carp_r50
     # DINO/SwAV-style SGD instead: lr 0.3 x global batch / 256, cosine
     python linear_eval.py --pretrained_weights runs/demo/checkpoint.pth --dataset mnist5k --image_size 32 \
         --optimizer sgd --epochs 10 --output_dir runs/demo_linear
@@ -15,24 +16,26 @@
 
 Protocol (README, *Evaluation*): the teacher backbone is frozen and kept in eval()
 mode; a single nn.Linear(D, C) (weights N(0, 0.01), bias 0) is trained on the pooled features of
-augmented train images (bicubic RandomResizedCrop + horizontal flip) with cross-entropy, its
-learning rate following a per-step cosine from the peak to 0. Val images get the evaluation
-transform (resize, centre crop). Top-1 and top-5 on the val split are reported for the last epoch
-and for the best epoch (the anchors report the best, which is optimistic: it is chosen on val).
-NOTE(authors' code): their script steps the cosine once per epoch (CosineAnnealingLR) and crops
-train images with the default bilinear interpolation; we follow the shared protocol (a per-step
-cosine as DINO's schedules, bicubic crops as everywhere else in this codebase). Their global batch
-is 4 GPUs x 128 x 4 accumulation steps = 2048 (eval_script.sh): the paper's numbers need
-processes x --batch_size_per_gpu x --gradient_accumulation_steps = 2048, e.g. 8 x 256 x 1,
-4 x 128 x 4 or 1 x 128 x 16. LARS at lr 1.0 is not rescaled with the batch, so another batch
-changes the protocol; the SGD lr is rescaled. Every such combination makes 626 optimizer steps per
-ImageNet epoch (train_one_epoch explains how the last, shorter group of an epoch is handled).
+augmented train images (RandomResizedCrop, bilinear as torchvision's default, + horizontal flip)
+with cross-entropy, its learning rate following a per-step cosine from the peak to 0. Val images get
+the evaluation transform (short side resized bicubic, as DINO's eval_linear.py, centre crop). Top-1
+and top-5 on the val split are reported for the last epoch and for the best epoch (the anchors
+report the best, which is optimistic: it is chosen on val).
+NOTE(authors' code): their script steps the cosine once per epoch (CosineAnnealingLR); we step it
+per optimizer step, as DINO's schedules. Their global batch is 4 GPUs x 128 x 4 accumulation steps
+= 2048 (eval_script.sh), and with LARS the default --global_batch is 2048: the accumulation steps
+are derived, 2048 / (processes x --batch_size_per_gpu), e.g. 16 on one process of 128 images, 2 on
+8. LARS at lr 1.0 is not rescaled with the batch, so another batch changes the protocol and the
+script warns (lars_batch_warning); the SGD lr is rescaled. Every such combination makes 626
+optimizer steps per ImageNet epoch (train_one_epoch explains how the last, shorter group of an
+epoch is handled).
 
 --output_dir receives linear_checkpoint.pth (every epoch, atomically) and log.jsonl; running the
 same command again resumes from the checkpoint, or only re-reports a finished run.
 """
 import argparse
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -42,17 +45,19 @@ import cli
 from cli import HelpFormatter, bool_flag
 from data import DataError, build_dataset, eval_transform, train_transform
 from distributed import all_reduce, destroy, init_distributed
-from features import add_eval_args, check_frozen, extract_features, follow_checkpoint, frozen_features, load_backbone
+from features import add_eval_args, backbone_from_args, check_frozen, extract_features, follow_checkpoint, frozen_features
 from optim import build_optimizer, cosine_schedule
-from run_folder import JsonLog, check_resume_flags, read_run_checkpoint, save_checkpoint, write_json
+from run_folder import JsonLog, check_resume_flags, flags_digest, read_run_checkpoint, save_checkpoint, write_json
 
 DEFAULT_LR = {"lars": 1.0, "sgd": 0.3}
+# The authors' global batch (4 GPUs x 128 x 4 accumulation steps), for which LARS at lr 1.0 is tuned.
+PAPER_GLOBAL_BATCH = 2048
 CACHED_WARNING = "cached-features protocol (no augmentation): not the paper's protocol"
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser("Linear probe on a frozen backbone", formatter_class=HelpFormatter)
-    add_eval_args(parser)
+    add_eval_args(parser, resize_interpolation="bicubic")  # the val images, as DINO's eval_linear.py
     g = parser.add_argument_group("linear")
     g.add_argument("--epochs", type=int, default=100, help="training epochs of the linear classifier (paper: 100)")
     g.add_argument("--optimizer", default="lars", choices=["lars", "sgd"],
@@ -72,12 +77,20 @@ def get_args(argv=None):
                    help="fast mode: compute the eval-transform features of the train split once (see "
                         "--dump_features / --load_features) and train on them, with no augmentation. NOT the "
                         "paper's protocol: use it to compare checkpoints quickly, not to report numbers")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+    g.add_argument("--global_batch", type=int, default=None,
+                   help="images per optimizer step over all processes: processes x --batch_size_per_gpu x "
+                        "--gradient_accumulation_steps, the accumulation steps being derived from it. Default: "
+                        f"{PAPER_GLOBAL_BATCH} with lars (the paper's; LARS at another batch prints a warning), "
+                        "with sgd processes x --batch_size_per_gpu (no accumulation; the lr scales with it)")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=None,
                    help="one optimizer step every this many batches, on the mean loss over all their images, so "
-                        "that few GPUs reproduce a large batch. The global batch is processes x "
-                        "--batch_size_per_gpu x this; the paper's is 2048 (the authors: 4 GPUs x 128 x 4; here "
-                        "e.g. 8 x 256 x 1 or 1 x 128 x 16). The learning-rate schedule counts optimizer steps, "
-                        "ceil(batches per epoch / this) per epoch (default: 1, no accumulation)")
+                        "that few GPUs reproduce a large batch. The learning-rate schedule counts optimizer steps, "
+                        "ceil(batches per epoch / this) per epoch. Default: --global_batch / (processes x "
+                        f"--batch_size_per_gpu), so {PAPER_GLOBAL_BATCH // 128} on one process of 128 images with "
+                        "lars; 1 with sgd")
+    g.add_argument("--crop_interpolation", default="bilinear", choices=["bilinear", "bicubic"],
+                   help="kernel of the RandomResizedCrop train views: bilinear, torchvision's default, which the "
+                        "authors' and DINO's probes use")
     g.add_argument("--val_freq", type=int, default=1, help="evaluate on the val split every this many epochs "
                                                            "(and always after the last one)")
     g.add_argument("--seed", type=int, default=0,
@@ -108,9 +121,10 @@ def get_args(argv=None):
         parser.error(f"--val_freq {args.val_freq} must be at least 1")
     if args.batch_size_per_gpu < 1:
         parser.error(f"--batch_size_per_gpu {args.batch_size_per_gpu} must be at least 1")
-    if args.gradient_accumulation_steps < 1:
-        parser.error(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must be at least 1 "
-                     f"(1: no accumulation)")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the process group does not exist yet
+    args.global_batch, args.gradient_accumulation_steps = resolve_global_batch(
+        args.optimizer, world_size, args.batch_size_per_gpu, args.global_batch, args.gradient_accumulation_steps,
+        parser.error)
     if not args.cached_features and (args.dump_features or args.load_features):
         parser.error("--dump_features and --load_features apply to --cached_features only: the paper's protocol "
                      "runs the backbone on new augmented views at every epoch")
@@ -119,11 +133,49 @@ def get_args(argv=None):
     return args
 
 
+def resolve_global_batch(optimizer, world_size, batch_size_per_gpu, global_batch, accumulation_steps, error):
+    """(global batch, gradient accumulation steps) from the flags, the ones left out (None) derived:
+    global batch = processes x batch_size_per_gpu x accumulation steps. Neither given: the paper's
+    2048 with lars, no accumulation with sgd. `error(message)` stops on values that cannot fit."""
+    per_step = world_size * batch_size_per_gpu  # images of one forward pass over all processes
+    if accumulation_steps is not None and accumulation_steps < 1:
+        error(f"--gradient_accumulation_steps {accumulation_steps} must be at least 1 (1: no accumulation)")
+    if global_batch is None:
+        if accumulation_steps is not None:
+            return per_step * accumulation_steps, accumulation_steps
+        if optimizer == "sgd":
+            return per_step, 1
+        global_batch = PAPER_GLOBAL_BATCH
+    if global_batch % per_step or global_batch < per_step:
+        error(f"--global_batch {global_batch} is not a multiple of {world_size} process"
+              f"{'es' if world_size > 1 else ''} x --batch_size_per_gpu {batch_size_per_gpu} = {per_step}: choose a "
+              f"--batch_size_per_gpu such that processes x it divides {global_batch} (128 or 256 for 2048 on 1, 2, 4 "
+              f"or 8 processes), or pass --gradient_accumulation_steps N for a global batch of {per_step} x N")
+    derived = global_batch // per_step
+    if accumulation_steps is not None and accumulation_steps != derived:
+        error(f"--global_batch {global_batch} and --gradient_accumulation_steps {accumulation_steps} disagree: "
+              f"{world_size} x {batch_size_per_gpu} x {accumulation_steps} = {per_step * accumulation_steps}; pass "
+              f"only one of them")
+    return global_batch, derived
+
+
+def lars_batch_warning(optimizer, lr, global_batch):
+    """The warning of a LARS probe at another global batch than the paper's 2048, or None: LARS's lr
+    is not rescaled with the batch, so the number is not the paper's protocol."""
+    if optimizer != "lars" or global_batch == PAPER_GLOBAL_BATCH:
+        return None
+    return (f"LARS at lr {lr:g} with a global batch of {global_batch}, not the paper's {PAPER_GLOBAL_BATCH}: its lr "
+            f"is not rescaled with the batch, so this is not the paper's protocol. Leave --global_batch and "
+            f"--gradient_accumulation_steps out for {PAPER_GLOBAL_BATCH}, or use --optimizer sgd, whose lr scales")
+
+
 def default_output_dir(args):
-    """Where a probe keeps its state when --output_dir is not given: its own folder, derived from
-    the evaluated weights, the dataset and the mode, never the current folder (a second probe there
-    would find the first one's checkpoint and stop) nor the source files' folder."""
-    name = f"linear_{args.dataset}" + ("_cached" if args.cached_features else "")
+    """Where a probe keeps its state when --output_dir is not given: its own folder next to the
+    evaluated weights, never the current folder nor the source files' folder, named after the
+    dataset, the optimizer, the mode and 8 hex digits of every flag that defines the probe
+    (RESUME_ARGS): the same command resumes there, a probe with other flags gets a folder of its own."""
+    name = (f"linear_{args.dataset}_{args.optimizer}" + ("_cached" if args.cached_features else "")
+            + f"_{flags_digest({k: getattr(args, k) for k in RESUME_ARGS})}")
     if args.pretrained_weights == "random":
         return os.path.join("runs", f"random_{args.arch}_{name}")
     folder, file = os.path.split(os.path.abspath(args.pretrained_weights))
@@ -303,12 +355,11 @@ def main(argv=None):
                                                 rank, world_size))
         backbone = None
     else:
-        train_set = build_dataset(args.dataset, "train", train_transform(args.image_size), args.data_path,
-                                  args.download, args.synthetic_images, args.image_size)
-        val_set = build_dataset(args.dataset, "val", eval_transform(args.image_size), args.data_path, args.download,
-                                args.synthetic_images, args.image_size)
-        backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
-                                 args.model_format, image_size=args.image_size).to(device)
+        train_set = build_dataset(args.dataset, "train", train_transform(args.image_size, args.crop_interpolation),
+                                  args.data_path, args.download, args.synthetic_images, args.image_size)
+        val_set = build_dataset(args.dataset, "val", eval_transform(args.image_size, args.resize_interpolation),
+                                args.data_path, args.download, args.synthetic_images, args.image_size)
+        backbone = backbone_from_args(args).to(device)
         # Frozen: eval() so that BatchNorm normalises with its stored running statistics and never
         # updates them (in train() mode it would use batch statistics and overwrite the running ones
         # at every forward pass, even under no_grad): the probe then sees exactly the features that
@@ -348,6 +399,9 @@ def main(argv=None):
               f"{'es' if world_size > 1 else ''} x {args.batch_size_per_gpu} x {args.gradient_accumulation_steps} "
               f"accumulation step{'s' if args.gradient_accumulation_steps > 1 else ''}), cosine to 0 "
               f"over {args.epochs} epochs of {steps_per_epoch} optimizer steps ({batches_per_epoch} batches)")
+        warning = lars_batch_warning(args.optimizer, args.lr, global_batch)
+        if warning:
+            warnings.warn(warning)
 
     # ============ optionally resuming a run ... ============
     start_epoch, history, best = 0, [], {"top1": 0.0, "top5": 0.0, "epoch": 0}

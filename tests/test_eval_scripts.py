@@ -4,6 +4,7 @@ evaluation state kept out of the current folder."""
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def test_data_flags_left_out_follow_the_checkpoint_and_the_number_matches_the_mo
     capsys.readouterr()
     results = knn_eval.main(["--pretrained_weights", str(checkpoint), "--nb_knn", "20", "--num_workers", "0"])
     out = capsys.readouterr().out
-    assert f"as {checkpoint} was trained: --dataset synthetic --image_size 24 --synthetic_images 40" in out
+    assert f"as {checkpoint} was trained: --arch small_cnn --dataset synthetic --image_size 24 --synthetic_images 40" in out
     log = [json.loads(line) for line in (checkpoint.parent / "log.jsonl").read_text().splitlines()]
     monitor = [r["knn_top1"] for r in log if r.get("epoch_summary")][-1]
     assert results["top1_k20"] == pytest.approx(monitor)
@@ -116,7 +117,9 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line_naming_it(checkpoint, tmp_p
 
 @pytest.mark.parametrize("script, flag, default", [
     ("knn_eval", "--temperature", "0.07"), ("linear_eval", "--epochs", "100"), ("kmeans_eval", "--n_init", "10"),
-    ("fewshot_eval", "--runs", "5"), ("retrieval_eval", "--crop_query_bbox", "False"),
+    ("fewshot_eval", "--cost", "0.5"), ("retrieval_eval", "--crop_query_bbox", "False"),
+    ("knn_eval", "--resize_interpolation", "bicubic"), ("kmeans_eval", "--resize_interpolation", "bilinear"),
+    ("linear_eval", "--crop_interpolation", "bilinear"),
     ("knn_eval", "--batch_size_per_gpu", "128")])
 def test_help_shows_the_defaults(script, flag, default, capsys):
     with pytest.raises(SystemExit):
@@ -147,22 +150,30 @@ def test_worker_defaults_never_exceed_the_cores():
 
 
 def test_linear_probe_state_goes_to_a_folder_of_its_own(checkpoint, tmp_path, monkeypatch):
-    """No --output_dir: next to the checkpoint, named after it, the dataset and the mode, so probes of
-    two checkpoints of one run never meet; random weights under runs/ of the current folder; a
-    checkpoint in the repository's own folder also under runs/, never among the source files."""
+    """No --output_dir: next to the checkpoint, named after it, the dataset, the optimizer, the mode and
+    8 hex digits of the probe's defining flags, so probes of two checkpoints of one run never meet,
+    the same command finds its own folder again and a probe with other flags (here --optimizer sgd)
+    gets another; random weights under runs/ of the current folder; a checkpoint in the repository's
+    own folder also under runs/, never among the source files."""
     monkeypatch.chdir(tmp_path)
-    args = linear_eval.get_args(["--pretrained_weights", str(checkpoint), "--cached_features", "true"])
-    assert args.output_dir == str(checkpoint.parent / "checkpoint_linear_synthetic_cached")
+    folder = linear_eval.get_args(["--pretrained_weights", str(checkpoint), "--cached_features", "true"]).output_dir
+    assert re.fullmatch(re.escape(str(checkpoint.parent / "checkpoint_linear_synthetic_lars_cached_")) + "[0-9a-f]{8}",
+                        folder), folder
+    assert linear_eval.get_args(["--pretrained_weights", str(checkpoint), "--cached_features", "true"]).output_dir \
+        == folder
+    sgd = linear_eval.get_args(["--pretrained_weights", str(checkpoint), "--cached_features", "true",
+                                "--optimizer", "sgd"]).output_dir
+    assert os.path.basename(sgd).startswith("checkpoint_linear_synthetic_sgd_cached_") and sgd != folder
     other = checkpoint.parent / "checkpoint0001.pth"
     other.write_bytes(checkpoint.read_bytes())
-    assert linear_eval.get_args(["--pretrained_weights", str(other)]).output_dir == str(
-        checkpoint.parent / "checkpoint0001_linear_synthetic")
+    assert os.path.basename(linear_eval.get_args(["--pretrained_weights", str(other)]).output_dir).startswith(
+        "checkpoint0001_linear_synthetic_lars_")
     random_args = linear_eval.get_args(["--pretrained_weights", "random", "--arch", "resnet18", "--dataset", "cifar10"])
-    assert random_args.output_dir == os.path.join("runs", "random_resnet18_linear_cifar10")
+    assert random_args.output_dir.startswith(os.path.join("runs", "random_resnet18_linear_cifar10_lars_"))
     in_repo = ROOT / "test_eval_scripts_tmp.pth"
     in_repo.write_bytes(checkpoint.read_bytes())
     try:
-        assert linear_eval.get_args(["--pretrained_weights", str(in_repo)]).output_dir == os.path.join(
-            "runs", "test_eval_scripts_tmp_linear_synthetic")
+        assert linear_eval.get_args(["--pretrained_weights", str(in_repo)]).output_dir.startswith(os.path.join(
+            "runs", "test_eval_scripts_tmp_linear_synthetic_lars_"))
     finally:
         in_repo.unlink()

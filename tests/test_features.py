@@ -9,8 +9,10 @@ import types
 
 import pytest
 import torch
+import torchvision
 
 import features
+import knn
 import model
 from data import DataError, SyntheticImages, eval_transform
 
@@ -157,12 +159,15 @@ def test_missing_file_and_unknown_format_are_errors(tmp_path):
         features.load_backbone(str(tmp_path / "x.pth"), "resnet18", model_format="simclr")
 
 
-def test_missing_keys_are_printed(tmp_path, reference, capsys):
-    """A partial backbone loads what it has and lists what is missing."""
+def test_missing_keys_are_an_error_or_printed_when_allowed(tmp_path, reference, capsys):
+    """A partial backbone (no layer4: 95 of ResNet-18's 120 tensors) is refused, naming the counts;
+    with allow_partial (--allow_partial_load true) it loads what it has and lists what is missing."""
     partial = {k: v for k, v in reference.items() if not k.startswith("layer4")}
     path = str(tmp_path / "partial.pth")
     torch.save(partial, path)
-    features.load_backbone(path, "resnet18", model_format="torchvision")
+    with pytest.raises(DataError, match="fills 95 of the 120 tensors of a resnet18"):
+        features.load_backbone(path, "resnet18", model_format="torchvision")
+    features.load_backbone(path, "resnet18", model_format="torchvision", allow_partial=True)
     out = capsys.readouterr().out
     assert "missing keys: ['layer4.0.conv1.weight'" in out
 
@@ -171,6 +176,279 @@ def test_random_weights_warn_that_they_are_the_baseline():
     with pytest.warns(UserWarning, match="randomly initialised resnet18"):
         backbone = features.load_backbone("random", "resnet18")
     assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, 512)
+
+
+# ---------------------------------------------------------------- any ResNet a user brings ---------
+# Each file below is written with the key names of a project's public code (the module attribute
+# names its training script saves), holding the reference backbone; with the default flags it must
+# give exactly the features and k-NN accuracies of the same weights saved as a plain torchvision
+# state dict.
+
+def perturbed(state_dict, seed):
+    """Other weights of the same shapes: a momentum copy, a second network."""
+    generator = torch.Generator().manual_seed(seed)
+    return {k: v + torch.randn(v.shape, generator=generator) * 0.01 if v.is_floating_point() else v
+            for k, v in state_dict.items()}
+
+
+def with_classifier(state_dict, n_classes=10):
+    """The state dict of a full torchvision ResNet-18 (fc included) holding `state_dict`."""
+    return {**state_dict, "fc.weight": torch.randn(n_classes, 512), "fc.bias": torch.randn(n_classes)}
+
+
+def as_children_sequential(state_dict):
+    """What `nn.Sequential(*list(resnet.children())[:-1]).state_dict()` gives for a torchvision ResNet
+    holding `state_dict` (lightly's examples; SeLa v1's `features`): built with that very call."""
+    resnet = torchvision.models.resnet18(num_classes=10)
+    resnet.load_state_dict(with_classifier(state_dict))
+    return torch.nn.Sequential(*list(resnet.children())[:-1]).state_dict()
+
+
+def as_resnet_generator_sequential(state_dict):
+    """lightly's ResNetGenerator('resnet-18') wrapped as nn.Sequential(*list(resnet.children())[:-1]):
+    its children are conv1, bn1, layer1-4 and linear (lightly/models/resnet.py), so the keys are
+    0.* (conv1), 1.* (bn1), 2.*-5.* (layer1-4), and each block's downsample branch is `shortcut`."""
+    index = {"conv1": "0", "bn1": "1", "layer1": "2", "layer2": "3", "layer3": "4", "layer4": "5"}
+    return {index[k.split(".")[0]] + k[k.index("."):].replace(".downsample.", ".shortcut."): v
+            for k, v in state_dict.items()}
+
+
+def head(prefix, dims=(512, 16, 8)):
+    """A projector / predictor MLP (Linear, BatchNorm1d, ReLU, Linear) under `prefix`."""
+    bn = {"weight": torch.ones(dims[1]), "bias": torch.zeros(dims[1]), "running_mean": torch.zeros(dims[1]),
+          "running_var": torch.ones(dims[1]), "num_batches_tracked": torch.tensor(7)}
+    return {f"{prefix}0.weight": torch.randn(dims[1], dims[0]), f"{prefix}0.bias": torch.zeros(dims[1]),
+            **{f"{prefix}1.{k}": v for k, v in bn.items()},
+            f"{prefix}3.weight": torch.randn(dims[2], dims[1]), f"{prefix}3.bias": torch.zeros(dims[2])}
+
+
+def seed_system_layouts(sd, small_sd):
+    """{system: (checkpoint, the reference state dict it holds)}. sd: an ImageNet-stem ResNet-18;
+    small_sd: a small-image-stem one (lightly's ResNetGenerator has that stem)."""
+    ema, small_ema = perturbed(sd, 1), perturbed(small_sd, 1)
+    optimizer = {"state": {0: {"momentum_buffer": torch.randn(64, 3, 7, 7)}}, "param_groups": [{"lr": 0.1}]}
+    lightning = {"epoch": 199, "global_step": 1000, "pytorch-lightning_version": "2.1.0",
+                 "optimizer_states": [optimizer], "lr_schedulers": [{"last_epoch": 199}]}
+    return {
+        # CoKe (idstcv/CoKe, MoCo-v3 code base): model.state_dict() of CoKe(base_encoder) under DDP: the
+        # torchvision encoder with its fc replaced by a projection MLP, a predictor, the cluster
+        # assignments and the centres of each clustering head; no momentum encoder.
+        "coke": ({"epoch": 800, "arch": "resnet50", "optimizer": optimizer, "state_dict": {
+            **prefixed(sd, "module.encoder."), **head("module.encoder.fc.", (512, 16, 8)),
+            **head("module.predictor.", (8, 16, 8)),
+            "module.assign_labels": torch.zeros(3, 100, dtype=torch.long),
+            **{f"module.{name}_{i}": torch.randn(8, 30) for name in ("pre_center", "cur_center") for i in range(3)},
+            **{f"module.{name}_{i}": torch.zeros(30) for name in ("dual", "counter") for i in range(3)}}}, sd),
+        # solo-learn (BaseMomentumMethod, here BYOL) saved by Lightning: backbone (fc = Identity), projector,
+        # the online linear classifier, predictor, and the momentum backbone and projector.
+        "solo-learn": ({**lightning, "state_dict": {
+            **prefixed(sd, "backbone."), **head("projector."), "classifier.weight": torch.randn(10, 512),
+            "classifier.bias": torch.zeros(10), **head("predictor.", (8, 16, 8)),
+            **prefixed(ema, "momentum_backbone."), **head("momentum_projector.")}}, sd),
+        # a LightningModule holding `self.model = torchvision.models.resnet18()` and a timm-style EMA copy
+        "lightning": ({**lightning, "state_dict": {**prefixed(with_classifier(sd), "model."),
+                                                   **prefixed(with_classifier(ema), "model_ema.module.")}}, sd),
+        # lightly's SMoG example (examples/pytorch/smog.py): backbone = nn.Sequential(*list(resnet.children())[:-1])
+        # of a torchvision ResNet-18, its momentum copy, the heads and the group features; model.state_dict().
+        "lightly-smog": ({**prefixed(as_children_sequential(sd), "backbone."),
+                          **head("projection_head.layers."), **head("prediction_head.layers.", (8, 16, 8)),
+                          **prefixed(as_children_sequential(ema), "backbone_momentum."),
+                          **head("projection_head_momentum.layers."),
+                          "smog.group_features": torch.randn(300, 8)}, sd),
+        # lightly's Lightning SMoG example (examples/pytorch_lightning/smog.py): the same module around a
+        # ResNetGenerator('resnet-18'), saved by Lightning.
+        "lightly-smog-resnet-generator": ({**lightning, "state_dict": {
+            **prefixed(as_resnet_generator_sequential(small_sd), "backbone."), **head("projection_head.layers."),
+            **prefixed(as_resnet_generator_sequential(small_ema), "backbone_momentum.")}}, small_sd),
+        # SeLa v1 (yukimasano/self-label) training checkpoint of models/resnetv1.py under DataParallel:
+        # features = Sequential(conv, bn, relu, maxpool, layer1-4, avgpool), one top_layer per head, labels L.
+        "selav1": ({"epoch": 280, "arch": "resnetv1", "optimizer": optimizer, "L": torch.zeros(10, 100),
+                    "state_dict": {**prefixed(as_children_sequential(sd), "module.features."),
+                                   **{f"module.top_layer{i}.{p}": torch.randn(30, 512) if p == "weight"
+                                      else torch.zeros(30) for i in range(10) for p in ("weight", "bias")}}}, sd),
+        # SeLa v1's Aug++ releases (resnet50-10x3k_pp.pth): torchvision names with a 3000-way fc, labels L
+        "selav1-aug++": ({"state_dict": with_classifier(sd, 3000), "L": torch.zeros(10, 100)}, sd),
+    }
+
+
+@pytest.fixture(scope="module")
+def small_reference():
+    """A small-image-stem ResNet-18 (3x3 conv1, no max-pool) with non-default weights."""
+    torch.manual_seed(2)
+    backbone = model.build_backbone("resnet18", small_image_stem=True)
+    return perturbed(backbone.state_dict(), 3)
+
+
+@pytest.fixture(scope="module")
+def seed_systems(reference, small_reference):
+    return seed_system_layouts(reference, small_reference)
+
+
+def features_and_knn(backbone):
+    """Features of 32 fixed 16-pixel images and the k-NN accuracies of the last 8 against the first 24."""
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(32, 3, 16, 16, generator=generator), torch.randint(0, 4, (32,), generator=generator)
+    with torch.no_grad():
+        feats = backbone.eval()(images)  # (32, 512)
+    return feats, knn.knn_classify(feats[:24], labels[:24], feats[24:], labels[24:], nb_knn=(1, 5))
+
+
+@pytest.fixture(scope="module")
+def plain_file_results(reference, small_reference, tmp_path_factory):
+    """{stem: (conv1 kernel, features, k-NN)} of each reference saved as a plain torchvision state dict."""
+    results = {}
+    for stem, weights in (("imagenet", reference), ("small", small_reference)):
+        path = str(tmp_path_factory.mktemp("plain") / "plain.pth")
+        torch.save(weights, path)
+        backbone = features.load_backbone(path, "resnet18")
+        results[stem] = (backbone.conv1.kernel_size, *features_and_knn(backbone))
+    return results
+
+
+@pytest.mark.parametrize("system", ["coke", "solo-learn", "lightning", "lightly-smog", "lightly-smog-resnet-generator",
+                                    "selav1", "selav1-aug++"])
+def test_a_seed_system_or_library_checkpoint_gives_the_knn_of_the_plain_torchvision_file(
+        tmp_path, small_reference, seed_systems, plain_file_results, system, capsys):
+    """With the default flags (--model_format auto, --checkpoint_key teacher) every tensor, every
+    feature and every k-NN accuracy equal those of the same weights saved as a torchvision state
+    dict (the small-image stem for lightly's ResNetGenerator, whose conv1 is 3x3); the online
+    network is read, not the momentum copy that sits beside it."""
+    checkpoint, weights = seed_systems[system]
+    torch.save(checkpoint, tmp_path / f"{system}.pth")
+    loaded = features.load_backbone(str(tmp_path / f"{system}.pth"), "resnet18")
+    assert capsys.readouterr().out.startswith(f"loaded {len(weights)}/{len(weights)} backbone tensors")
+    assert all(torch.equal(value, weights[key]) for key, value in loaded.state_dict().items())
+    kernel, plain_features, plain_knn = plain_file_results["small" if weights is small_reference else "imagenet"]
+    assert loaded.conv1.kernel_size == kernel == ((3, 3) if weights is small_reference else (7, 7))
+    loaded_features, loaded_knn = features_and_knn(loaded)
+    assert torch.equal(loaded_features, plain_features) and loaded_knn == plain_knn
+
+
+def test_the_loader_says_which_backbone_it_took_and_which_it_left(tmp_path, seed_systems, capsys):
+    """solo-learn's file: the online backbone is taken and named, its momentum copy named as left."""
+    torch.save(seed_systems["solo-learn"][0], tmp_path / "solo.pth")
+    features.load_backbone(str(tmp_path / "solo.pth"), "resnet18")
+    out = capsys.readouterr().out
+    assert f"loaded 120/120 backbone tensors of {tmp_path / 'solo.pth'} from 'state_dict.backbone.*'" in out
+    assert "not taken: 'state_dict.momentum_backbone.*' (a momentum copy); --checkpoint_key picks another" in out
+
+
+@pytest.mark.parametrize("key", ["momentum_backbone", "state_dict.momentum_backbone", "state_dict.momentum_backbone.*"])
+def test_checkpoint_key_picks_the_momentum_copy_by_entry_or_prefix(tmp_path, reference, seed_systems, key):
+    """--checkpoint_key momentum_backbone (one entry of the path) or the path itself reads the EMA
+    backbone: every tensor is the momentum copy's (perturbed(reference, 1)), none the online one's."""
+    torch.save(seed_systems["solo-learn"][0], tmp_path / "solo.pth")
+    loaded = features.load_backbone(str(tmp_path / "solo.pth"), "resnet18", checkpoint_key=key).state_dict()
+    ema = perturbed(reference, 1)
+    assert all(torch.equal(value, ema[k]) for k, value in loaded.items())
+
+
+def test_an_online_encoder_is_never_mixed_with_its_momentum_encoder(tmp_path, reference):
+    """MoCo-v3's code base with the encoder named `encoder` (CoKe's name): {'state_dict':
+    {'module.encoder.*', 'module.momentum_encoder.*'}} with different weights; the momentum copy is
+    the complete one and the online encoder lacks layer4: the online encoder is refused as partial
+    (not completed with the momentum encoder's layer4), and with --allow_partial_load its tensors
+    alone are loaded (layer4 left random), not one of the momentum encoder's."""
+    online = {k: v for k, v in reference.items() if not k.startswith("layer4.")}
+    torch.save({"state_dict": {**prefixed(online, "module.encoder."),
+                               **prefixed(perturbed(reference, 1), "module.momentum_encoder.")}}, tmp_path / "m.pth")
+    with pytest.raises(DataError, match="fills 95 of the 120 tensors of a resnet18 from 'state_dict.module.encoder.*'"):
+        features.load_backbone(str(tmp_path / "m.pth"), "resnet18")
+    torch.manual_seed(5)
+    loaded = features.load_backbone(str(tmp_path / "m.pth"), "resnet18", allow_partial=True).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in online.items())
+    ema = perturbed(reference, 1)
+    assert not any(torch.equal(loaded[k], ema[k]) for k in reference if k.startswith("layer4.") and k.endswith("weight"))
+
+
+@pytest.mark.parametrize("copy", ["momentum_encoder", "encoder_k", "momentum_backbone", "backbone_momentum",
+                                  "model_ema", "target_encoder"])
+def test_a_momentum_copy_is_taken_only_when_named(tmp_path, reference, copy):
+    """{'online': R18, copy: other weights}: the path's words (momentum, ema, target, k) mark the copy,
+    so the default reads 'online'; --checkpoint_key with the copy's name reads the copy."""
+    other = perturbed(reference, 6)
+    torch.save({"online": reference, copy: other}, tmp_path / "m.pth")
+    for key, expected in (("teacher", reference), (copy, other)):
+        loaded = features.load_backbone(str(tmp_path / "m.pth"), "resnet18", checkpoint_key=key).state_dict()
+        assert all(torch.equal(value, expected[k]) for k, value in loaded.items()), key
+
+
+def test_the_most_complete_of_two_backbones_is_taken(tmp_path, reference, capsys):
+    """A file with the full ResNet-18 under 'encoder' and a copy without layer4 under 'backbone' (a
+    truncated export): all 120 tensors of 'encoder' load, not 90 of 'backbone'."""
+    partial = {k: v for k, v in perturbed(reference, 7).items() if not k.startswith("layer4.")}
+    torch.save({"backbone": partial, "encoder": reference}, tmp_path / "two.pth")
+    loaded = features.load_backbone(str(tmp_path / "two.pth"), "resnet18").state_dict()
+    assert all(torch.equal(value, reference[k]) for k, value in loaded.items())
+    assert "loaded 120/120 backbone tensors" in capsys.readouterr().out
+    assert len(partial) == 90
+
+
+def test_two_different_backbones_and_no_rule_to_choose_are_refused_in_one_line(tmp_path, reference):
+    """{'model_a': R18, 'model_b': other R18 weights}: neither is a teacher or a momentum copy, so the
+    loader refuses, naming both and the flag; --checkpoint_key model_b then reads model_b."""
+    path = tmp_path / "two.pth"
+    other = perturbed(reference, 4)
+    torch.save({"model_a": reference, "model_b": other}, path)
+    with pytest.raises(DataError) as error:
+        features.load_backbone(str(path), "resnet18")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "holds 2 different resnet18 backbones" in message and "'model_a.*', 'model_b.*'" in message
+    assert "--checkpoint_key" in message
+    loaded = features.load_backbone(str(path), "resnet18", checkpoint_key="model_b").state_dict()
+    assert all(torch.equal(value, other[k]) for k, value in loaded.items())
+
+
+def test_a_checkpoint_key_that_names_no_backbone_is_an_error_listing_them(tmp_path, reference):
+    path = tmp_path / "moco.pth"
+    torch.save(layouts(reference)["mocov3"], path)
+    with pytest.raises(DataError, match=r"--checkpoint_key student names none of the resnet18 backbones in .*: "
+                                        r"'state_dict.module.base_encoder.\*', 'state_dict.module.momentum_encoder.\*'"):
+        features.load_backbone(str(path), "resnet18", checkpoint_key="student")
+
+
+def preact_resnet_keys(prefix, widths=(8, 16, 32, 64), expansion=4):
+    """The state dict of SeLa v1's PreActResNet (models/resnetv2.py, the ICLR release) with one block
+    per stage and 1/8 of its widths: features = Sequential(conv 7x7, max-pool, 4 stages, pool); each
+    PreActBottleneck holds bn1 (its input's channels), conv1, bn2, conv2, bn3, conv3 and a
+    conv-only shortcut."""
+    def bn(name, c):
+        return {f"{name}.weight": torch.ones(c), f"{name}.bias": torch.zeros(c), f"{name}.running_mean": torch.zeros(c),
+                f"{name}.running_var": torch.ones(c), f"{name}.num_batches_tracked": torch.tensor(0)}
+    keys, in_planes = {f"{prefix}0.weight": torch.randn(widths[0], 3, 7, 7)}, widths[0]
+    for stage, planes in enumerate(widths):
+        block = f"{prefix}{stage + 2}.0"
+        keys.update({**bn(f"{block}.bn1", in_planes), f"{block}.conv1.weight": torch.randn(planes, in_planes, 1, 1),
+                     **bn(f"{block}.bn2", planes), f"{block}.conv2.weight": torch.randn(planes, planes, 3, 3),
+                     **bn(f"{block}.bn3", planes), f"{block}.conv3.weight": torch.randn(expansion * planes, planes, 1, 1),
+                     f"{block}.shortcut.0.weight": torch.randn(expansion * planes, in_planes, 1, 1)})
+        in_planes = expansion * planes
+    return keys
+
+
+def test_a_pre_activation_resnet_is_refused_saying_why(tmp_path):
+    """SeLa v1's pre-activation ResNet: its second stage's first bn1 (features.3.0.bn1) has 32 channels,
+    the input of a conv1 that gives 16; one line names that key and says no torchvision ResNet computes it."""
+    path = tmp_path / "resnet-10x3k.pth"
+    torch.save({**preact_resnet_keys("features."), **{f"top_layer{i}.weight": torch.randn(30, 256) for i in range(10)}},
+               path)
+    with pytest.raises(DataError, match=r"holds a pre-activation ResNet \(features.3.0.bn1.weight normalises its block's "
+                                        r"input.*SeLa v1's models/resnetv2.py.*no torchvision ResNet computes"):
+        features.load_backbone(str(path), "resnet18")
+
+
+def test_a_vit_with_a_batchnorm_projector_is_not_a_resnet(tmp_path):
+    """A ViT (DINO's key names) whose projector's Linear and BatchNorm sit at Sequential indices 0 and 1
+    (names a 'conv1' and a 'bn1' could be read from): still no ResNet-18 in it, said in one line."""
+    vit = {"cls_token": torch.zeros(1, 1, 8), "pos_embed": torch.zeros(1, 5, 8),
+           "patch_embed.proj.weight": torch.zeros(8, 3, 16, 16), "blocks.0.norm1.weight": torch.ones(8),
+           "blocks.0.attn.qkv.weight": torch.zeros(24, 8), "norm.weight": torch.ones(8)}
+    path = tmp_path / "vit.pth"
+    torch.save({"teacher": {**prefixed(vit, "backbone."), **head("head.projector.", (8, 64, 8))}}, path)
+    with pytest.raises(DataError) as error:
+        features.load_backbone(str(path), "resnet18")
+    assert str(error.value).startswith(f"no resnet18 backbone weight found in {path}") and "\n" not in str(error.value)
 
 
 # ---------------------------------------------------------------- extraction and cache --------------

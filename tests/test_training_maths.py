@@ -90,6 +90,15 @@ def test_cosine_schedule_values_at_known_steps():
     assert np.all(np.diff(schedule[8:]) < 0) and schedule[-1] > 0.2
 
 
+def test_a_warm_up_longer_than_the_run_is_cut_where_the_run_ends():
+    """2 epochs x 5 steps with 3 warm-up epochs (the CPU recipe's warm-up, --epochs 2): 10 values, one
+    per step (pretrain.py counts an epoch's steps from the schedule's length), on the 15-point ramp
+    from 0 to 1 that the longer run would have: step 9 is at 9 / 14."""
+    schedule = optim.cosine_schedule(1.0, 0.0, epochs=2, steps_per_epoch=5, warmup_epochs=3)
+    assert len(schedule) == 10
+    assert schedule[9] == pytest.approx(9 / 14) and np.all(np.diff(schedule) > 0)
+
+
 def test_teacher_momentum_schedule_rises_from_m_to_one():
     """The teacher's momentum: m at step 0, rising to 1 by a half cosine, as in the paper and DINO.
     Like DINO's, the last of the 500 steps is 1 - 0.005 (1 + cos(pi 499 / 500)), 1e-7 short of 1."""
