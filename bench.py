@@ -81,14 +81,15 @@ import torch
 import torchvision.transforms as transforms_v1
 from PIL import Image, ImageFilter
 
+import cli
 import data
 import loss
 import model
 import optim
 import pretrain
-import cli
 import run_folder
 from cli import DataError, auto_flag, bool_flag, renamed
+from precision import autocast_dtype, autocast_for, gradient_scaler
 from run_folder import write_json
 
 MIB = 2 ** 20
@@ -442,7 +443,7 @@ def bench_augmentation(args):
 # ============ 3. the training step ============
 
 def bench_step(args):
-    precision = pretrain.autocast_dtype(args, args.device)  # --use_fp16 / --use_bf16, as pretrain.py reads them
+    precision = autocast_dtype(args, args.device)  # --use_fp16 / --use_bf16, as pretrain.py reads them
     sizes = {key: getattr(args, key) for key in STEP_PRESETS["paper"]}
     result = measure_step(sizes, args.device, precision, args.seed, args.warmup, args.repeats)
     result["config"]["preset"] = args.step_preset
@@ -466,8 +467,8 @@ def measure_step(sizes, device, precision, seed, warmup, repeats, light=False):
     pretrain.start_teacher(student, teacher)
     optimizer = optim.build_optimizer("lars", student)
     flags = argparse.Namespace(use_fp16=precision == torch.float16, use_bf16=precision == torch.bfloat16)
-    scaler = pretrain.gradient_scaler(flags, device)
-    autocast = pretrain.autocast_for(flags, device)
+    scaler = gradient_scaler(flags, device)
+    autocast = autocast_for(flags, device)
     batch, n_local = sizes["batch_size_per_gpu"], sizes["local_crops_number"]
     global_size, local_size = sizes["global_crops_size"], sizes["local_crops_size"]
     views = ([torch.randn(batch, 3, global_size, global_size, device=device)] * 2
@@ -584,8 +585,8 @@ def bench_cpu_recipe(args):
         student, teacher = student.to(device, memory_format=memory_format), teacher.to(device, memory_format=memory_format)
         pretrain.start_teacher(student, teacher)
         optimizer = optim.build_optimizer(recipe.optimizer, student)
-        scaler = pretrain.gradient_scaler(recipe, device)  # float32 on a CPU, fp16 on CUDA, as pretrain.py
-        autocast = pretrain.autocast_for(recipe, device)
+        scaler = gradient_scaler(recipe, device)  # float32 on a CPU, fp16 on CUDA, as pretrain.py
+        autocast = autocast_for(recipe, device)
         waiting, total = [], []
         for step in range(args.warmup + args.recipe_steps):
             synchronize(device)

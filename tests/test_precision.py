@@ -14,6 +14,7 @@ import torch
 import loss
 import optim
 import pretrain
+from precision import autocast_dtype, autocast_for, gradient_scaler
 from model import CARPHead, MultiCropWrapper, SmallCNN
 from train_stats import TrainStats
 
@@ -59,8 +60,8 @@ def test_use_fp16_auto_is_fp16_on_a_gpu_and_float32_on_a_cpu():
                 ("--use_fp16", "true", "--use_bf16", "true"): (torch.bfloat16, torch.bfloat16)}
     for flags, (on_cuda, on_cpu) in expected.items():
         _, args = pretrain.get_args(list(flags))
-        assert (pretrain.autocast_dtype(args, cuda), pretrain.autocast_dtype(args, cpu)) == (on_cuda, on_cpu), flags
-        assert pretrain.gradient_scaler(args, cpu).is_enabled() == (on_cpu == torch.float16)
+        assert (autocast_dtype(args, cuda), autocast_dtype(args, cpu)) == (on_cuda, on_cpu), flags
+        assert gradient_scaler(args, cpu).is_enabled() == (on_cpu == torch.float16)
     assert pretrain.get_args([])[1].use_fp16 == "auto"
 
 
@@ -78,9 +79,9 @@ def test_a_step_in_fp16_or_bf16_has_the_float32_loss_at_the_paper_sizes(device, 
     results = {}
     for precision in (None, dtype):
         args = argparse.Namespace(**PRECISION_FLAGS[precision])
-        scaler = pretrain.gradient_scaler(args, device)
+        scaler = gradient_scaler(args, device)
         logits, total, consistency, uniformity = pretrain.forward_backward(
-            student, teacher, views, partition, pretrain.autocast_for(args, device), scaler)
+            student, teacher, views, partition, autocast_for(args, device), scaler)
         assert logits.dtype == (precision or torch.float32) and total.dtype == torch.float32
         scaler.unscale_(torch.optim.SGD(student.parameters(), lr=0.0))  # the true gradients, as optimizer_step
         assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
@@ -102,7 +103,7 @@ def test_an_overflowed_fp16_step_is_skipped_and_left_out_of_the_grad_norm(device
     student, teacher = networks(64, device)
     args = argparse.Namespace(use_fp16=True, use_bf16=False, out_dim=64, partition_size=16,
                               gradient_accumulation_steps=1, batch_size_per_gpu=8)
-    scaler = pretrain.gradient_scaler(args, device)
+    scaler = gradient_scaler(args, device)
     optimizer = optim.build_optimizer("lars", student)
     stats = TrainStats(args, 1, device, show_progress=False)
     stats.start_epoch(0, 2)
@@ -110,7 +111,7 @@ def test_an_overflowed_fp16_step_is_skipped_and_left_out_of_the_grad_norm(device
     for step in range(2):
         partition = loss.partition_for_step(64, 16, seed=0, step=step).to(device)
         logits, total, consistency, uniformity = pretrain.forward_backward(
-            student, teacher, random_views(8, device, seed=step), partition, pretrain.autocast_for(args, device), scaler)
+            student, teacher, random_views(8, device, seed=step), partition, autocast_for(args, device), scaler)
         stats.add_forward(step, total, consistency, uniformity, logits)
         if step == 1:
             student.head.mlp[0].weight.grad[0, 0] = float("inf")  # an overflow in one gradient
