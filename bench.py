@@ -464,7 +464,7 @@ def measure_step(sizes, device, precision, seed, warmup, repeats, light=False):
     student, teacher = carp_network(), carp_network()
     student = student.to(device, memory_format=memory_format)
     teacher = teacher.to(device, memory_format=memory_format)
-    pretrain.start_teacher(student, teacher)
+    model.start_teacher(student, teacher)
     optimizer = optim.build_optimizer("lars", student)
     flags = argparse.Namespace(use_fp16=precision == torch.float16, use_bf16=precision == torch.bfloat16)
     scaler = gradient_scaler(flags, device)
@@ -583,7 +583,7 @@ def bench_cpu_recipe(args):
         torch.manual_seed(args.seed)
         student, teacher = pretrain.carp_network(recipe), pretrain.carp_network(recipe)
         student, teacher = student.to(device, memory_format=memory_format), teacher.to(device, memory_format=memory_format)
-        pretrain.start_teacher(student, teacher)
+        model.start_teacher(student, teacher)
         optimizer = optim.build_optimizer(recipe.optimizer, student)
         scaler = gradient_scaler(recipe, device)  # float32 on a CPU, fp16 on CUDA, as pretrain.py
         autocast = autocast_for(recipe, device)
@@ -1078,7 +1078,7 @@ def print_results(results):
     if "objective" in results:
         r = results["objective"]
         s = r["sizes"]
-        print(f"\nobjective: random partition + block softmax + carp_loss, forward and backward "
+        print(f"\nobjective: loss.carp_loss (ours) against loss.carp_objective (the plain definition: baseline), forward and backward "
               f"(V={s['V']}, V_t=2, B={s['B']}, K={s['K']}, N_B={s['N_B']}, float32, {m['device']})")
         print(f"  {'':10} {'time (ms)':>10} {'peak (MiB)':>11}")
         print(f"  {'baseline':10} {r['baseline_ms']:10.1f} {r['baseline_peak_mib']:11.1f}")

@@ -156,6 +156,14 @@ class MultiCropWrapper(nn.Module):
         return logits.view(len(views), views[0].shape[0], -1)  # (V, B, K)
 
 
+def start_teacher(student, teacher):
+    """The teacher starts as a copy of the student and never takes a gradient (it follows the
+    student by EMA only, update_teacher)."""
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+
+
 @torch.no_grad()
 def update_teacher(student, teacher, momentum):
     """EMA of the weights: xi <- m * xi + (1 - m) * theta, over all parameters (not BN buffers:

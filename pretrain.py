@@ -33,7 +33,8 @@ from data import (DATASET_NAMES, BatchedMultiCrop, EpochSampler, MultiCropAugmen
 from distributed import destroy, init_distributed, is_initialized, is_main_process
 from knn import KnnMonitor
 from loss import carp_loss, partition_for_step
-from model import SMALL_CNN, CARPHead, MultiCropWrapper, build_backbone, check_arch, update_teacher, use_small_image_stem
+from model import (SMALL_CNN, CARPHead, MultiCropWrapper, build_backbone, check_arch, start_teacher, update_teacher,
+                   use_small_image_stem)
 from optim import build_optimizer, cosine_schedule, scaled_lr
 from precision import PRECISION_NAMES, autocast_dtype, autocast_for, gradient_scaler
 from run_folder import JsonLog, flags_digest, run_settings, write_json
@@ -430,14 +431,6 @@ def carp_network(args):
     head = CARPHead(backbone.embed_dim, args.out_dim, args.use_bn_in_head, args.norm_last_layer,
                     hidden_dim=args.hidden_dim, bottleneck_dim=args.bottleneck_dim)
     return MultiCropWrapper(backbone, head)
-
-
-def start_teacher(student, teacher):
-    """The teacher starts as a copy of the student and never takes a gradient (it follows the
-    student by EMA only, model.update_teacher)."""
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad = False
 
 
 def student_and_teacher(args, device, memory_format, world_size):

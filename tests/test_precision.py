@@ -13,6 +13,7 @@ import torch
 
 import loss
 import optim
+import model
 import pretrain
 from precision import autocast_dtype, autocast_for, gradient_scaler
 from model import CARPHead, MultiCropWrapper, SmallCNN
@@ -39,7 +40,7 @@ def networks(n_prototypes, device, logit_scale=1.0):
     memory_format = pretrain.preferred_memory_format("small_cnn", device)  # channels_last, as pretrain.py
     student = network().to(device, memory_format=memory_format)
     teacher = network().to(device, memory_format=memory_format)
-    pretrain.start_teacher(student, teacher)
+    model.start_teacher(student, teacher)
     return student, teacher
 
 

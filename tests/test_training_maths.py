@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import optim
+import model
 import pretrain
 from model import CARPHead, MultiCropWrapper, SmallCNN
 
@@ -119,7 +120,7 @@ def test_learning_rate_scales_linearly_with_batch_processes_and_accumulation(bat
 def tiny_student_and_teacher():
     torch.manual_seed(0)
     student, teacher = nn.Linear(3, 2), nn.Linear(3, 2)
-    pretrain.start_teacher(student, teacher)
+    model.start_teacher(student, teacher)
     return student, teacher
 
 
