@@ -272,8 +272,8 @@ def main(argv=None):
             log({"epoch_summary": True, **epoch_stats})
             if rank == 0:
                 print(json.dumps(epoch_stats))
-            checkpoint.save((epoch + 1) * steps_per_epoch, keep_copy=(epoch + 1) % max(args.saveckp_freq, 1) == 0
-                            and args.saveckp_freq > 0)
+            checkpoint.save((epoch + 1) * steps_per_epoch,
+                            keep_copy=args.saveckp_freq > 0 and (epoch + 1) % args.saveckp_freq == 0)
             if epoch + 1 < args.epochs:
                 stop_if_asked(stop, checkpoint, log)
     except KeyboardInterrupt:
