@@ -381,8 +381,11 @@ def test_ctrl_c_prints_where_it_stopped_and_what_the_checkpoint_holds(tmp_path):
     """SIGINT (Ctrl-C) during epoch 2 or later: exit code 130 and one line instead of a traceback,
     naming the step and the epochs checkpoint.pth holds, which is what the intact file holds."""
     out = tmp_path / "run"
+    # As a terminal would: Ctrl-C's default handling, also when the tests run in a background job
+    # (where the shell starts commands with SIGINT ignored).
     process = subprocess.Popen([sys.executable, "pretrain.py", *TINY, "--epochs", "500", "--output_dir", str(out)],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "checkpoint.pth").exists() and time.time() < deadline:
         time.sleep(0.1)
