@@ -71,7 +71,8 @@ def stop_if_asked(stop, checkpoint, log):
 
 
 # Flags that shape the schedules: a resume with another value follows another schedule from there on.
-SCHEDULE_ARGS = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher")
+SCHEDULE_ARGS = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher",
+                 "momentum_teacher_end")
 # Flags that define the networks and the optimizer state: a resume with another value cannot load them.
 RESUME_ARGS = ("arch", "small_image_stem", "out_dim", "hidden_dim", "bottleneck_dim", "use_bn_in_head", "optimizer")
 RESUME_DEFAULTS = {"hidden_dim": 2048, "bottleneck_dim": 256}  # what checkpoints from before these flags used

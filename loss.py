@@ -33,7 +33,7 @@ objective asks two things of these assignments:
                  NOTE(authors' code): they call this term "entropy" (so did our logs before); it is
                  log N_B minus the entropy of pbar_b, which our logs report as `block_entropy`.
 
-    loss = L_c + L_H
+    loss = L_c + L_H        (pretrain.py's --uniformity_weight lambda gives L_c + lambda L_H, an ablation)
 
 Why blocks: a batch cannot estimate a uniform use of 65536 prototypes, but it can of 512; a fresh
 random partition at every step turns the prototypes into many small random assignment tasks. With

@@ -64,6 +64,9 @@ EXAMPLES = ("examples:\n"
            + "\n".join(f"  {name}: {flags or '(the defaults: the paper)'}" for name, flags in RECIPES.items()))
 NOT_TRAINING = ("output_dir", "num_workers", "log_every", "knn_every", "nb_knn", "saveckp_freq",
                 "checkpoint_every_steps", "download", "recipe")
+# The ablation flags (README, *What each part buys*), at the method's values. Left out of the name of
+# a default --output_dir while at these values, so runs named before the flags existed keep their folder.
+METHOD_VALUES = {"fixed_partition": False, "uniformity_weight": 1.0, "momentum_teacher_end": 1.0}
 
 
 def get_args(argv=None):
@@ -85,6 +88,12 @@ def get_args(argv=None):
     g.add_argument("--partition_size", type=int, default=512,
                    help="N_B, prototypes per block of the random partition; should divide out_dim. N_B = out_dim "
                         "gives one block (CARL)")
+    g.add_argument("--fixed_partition", type=bool_flag, default=False,
+                   help="an ablation: draw the partition into blocks once and keep it for the whole run (true); "
+                        "false = a fresh random partition at every step (the method)")
+    g.add_argument("--uniformity_weight", type=float, default=1.0,
+                   help="lambda in loss = L_c + lambda L_H: the weight of the uniformity term (the paper's 1). "
+                        "An ablation: 0 trains on consistency alone")
     g.add_argument("--hidden_dim", type=int, default=2048, help="width of the projector's hidden layers (paper 2048)")
     g.add_argument("--bottleneck_dim", type=int, default=256,
                    help="dimension of z, the projector's output that the prototypes score (paper 256)")
@@ -94,6 +103,10 @@ def get_args(argv=None):
     g.add_argument("--momentum_teacher", type=float, default=0.99,
                    help="EMA momentum of the teacher at the start; it rises to 1 with a cosine schedule. "
                         "Use a smaller value (e.g. 0.9-0.99) for short runs and small batches")
+    g.add_argument("--momentum_teacher_end", type=float, default=1.0,
+                   help="EMA momentum of the teacher at the end of the cosine schedule (the paper's 1). An ablation: "
+                        "--momentum_teacher 0 --momentum_teacher_end 0 makes the teacher a copy of the student "
+                        "after every step (no EMA), a stop-gradient on the student's own global views")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100,
@@ -146,8 +159,10 @@ def get_args(argv=None):
 
 
 def training_flags(args):
-    """The flags that decide what a run learns (all but NOT_TRAINING)."""
-    return {k: v for k, v in vars(args).items() if k not in NOT_TRAINING}
+    """The flags that decide what a run learns (all but NOT_TRAINING, and the ablation flags at the
+    method's values)."""
+    return {k: v for k, v in vars(args).items()
+            if k not in NOT_TRAINING and not (k in METHOD_VALUES and v == METHOD_VALUES[k])}
 
 
 def add_data_and_run_args(parser):
@@ -235,7 +250,7 @@ def main(argv=None):
     base_lr = scaled_lr(args.lr, args.batch_size_per_gpu, world_size, args.gradient_accumulation_steps)
     schedules = (cosine_schedule(base_lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs),  # lr
                  cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch),  # wd
-                 cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch))  # teacher momentum
+                 cosine_schedule(args.momentum_teacher, args.momentum_teacher_end, args.epochs, steps_per_epoch))  # teacher momentum
     if rank == 0:
         print(f"effective batch {args.batch_size_per_gpu * world_size * args.gradient_accumulation_steps}, "
               f"peak learning rate {base_lr:.4g}, {PRECISION_NAMES[precision]}")
@@ -307,13 +322,15 @@ def train_one_epoch(args, epoch, first_step, student, teacher, optimizer, scaler
         # 1. the views of every image of the batch: 2 global + M local, on the training device
         views = make_views(batch, seeds)
         # 2. a fresh random partition of the K prototypes into blocks, the same on every process
-        partition = partition_for_step(args.out_dim, args.partition_size, args.seed, step * accumulation + micro_step)
+        # (--fixed_partition, an ablation: the partition of the first step, kept)
+        partition = partition_for_step(args.out_dim, args.partition_size, args.seed,
+                                       0 if args.fixed_partition else step * accumulation + micro_step)
         # 3. teacher on the global views, student on all views, the CARP loss and its backward. DDP
         # averages the gradients over processes only on the last forward pass of an optimizer step.
         with student.no_sync() if ddp and not last_micro_step else contextlib.nullcontext():
             student_logits, loss, consistency, uniformity = forward_backward(
                 student, teacher, views, partition.to(views[0].device), autocast_for(args, views[0].device),
-                scaler, accumulation)
+                scaler, accumulation, args.uniformity_weight)
         stats.add_forward(step, loss, consistency, uniformity, student_logits, bad_images)
         if not last_micro_step:
             continue
@@ -331,16 +348,17 @@ def train_one_epoch(args, epoch, first_step, student, teacher, optimizer, scaler
     return stats.end_epoch()
 
 
-def forward_backward(student, teacher, views, partition, autocast, scaler, accumulation_steps=1):
+def forward_backward(student, teacher, views, partition, autocast, scaler, accumulation_steps=1, uniformity_weight=1.0):
     """One forward pass of both networks, the CARP loss and its backward; the one code path of every
     forward pass (DDP's no_sync, when needed, is the caller's). Returns the student logits (V, B, K)
-    and the loss terms, for the statistics the caller logs."""
+    and the loss terms, for the statistics the caller logs. uniformity_weight: lambda of
+    --uniformity_weight (the method's 1)."""
     with autocast:
         with torch.no_grad():
             teacher_logits = teacher(views[:2])  # (2, B, K): the teacher sees the global views
         student_logits = student(views)  # (V, B, K): the student sees them all
     consistency, uniformity = carp_loss(student_logits, teacher_logits, partition)  # float32, outside autocast
-    loss = consistency + uniformity
+    loss = consistency + uniformity_weight * uniformity
     scaler.scale(loss / accumulation_steps).backward()
     return student_logits, loss, consistency, uniformity
 

@@ -25,9 +25,9 @@ class NonFiniteLoss(UserError):
 class TrainStats:
     """Statistics of one pretraining run, reset at every log line and every epoch.
 
-    Log keys (log.jsonl): loss = consistency + uniformity (the two terms of loss.py; the authors'
-    logs call the uniformity term "entropy"), prototypes_used (prototypes that were some view's
-    argmax so far in the epoch), block_entropy = log N_B - uniformity (the mean entropy of a
+    Log keys (log.jsonl): loss = consistency + uniformity (the two terms of loss.py; uniformity times
+    --uniformity_weight when that is not 1; the authors' logs call the uniformity term "entropy"),
+    prototypes_used (prototypes that were some view's argmax so far in the epoch), block_entropy = log N_B - uniformity (the mean entropy of a
     block's batch marginal), grad_norm (the norm of all the student's gradients together, the
     steps the fp16 scaler skipped left out), images_per_s, and bad_images where --skip_bad_images
     left unreadable images out. state_dict() / load_state_dict(): a checkpoint written in the

@@ -1,0 +1,116 @@
+"""The ablation flags of pretrain.py (README, *What each part buys*): each one changes what the run
+computes, and at its default the run is the method's."""
+import json
+
+import pytest
+import torch
+
+import loss
+import pretrain
+from test_pretrain import TINY
+
+ABLATION_FLAGS = ("fixed_partition", "uniformity_weight", "momentum_teacher_end")
+
+
+def run(tmp_path, *extra):
+    pretrain.main(TINY + ["--output_dir", str(tmp_path), "--epochs", "1"] + list(extra))
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    return checkpoint, [r for r in records if "step" in r]
+
+
+def record_partitions(monkeypatch):
+    """Every partition the training loop hands to the loss, in order."""
+    seen = []
+
+    def recording_loss(student_logits, teacher_logits, partition):
+        seen.append(partition.clone())
+        return loss.carp_loss(student_logits, teacher_logits, partition)
+    monkeypatch.setattr(pretrain, "carp_loss", recording_loss)
+    return seen
+
+
+def test_fixed_partition_keeps_the_first_steps_partition(tmp_path, monkeypatch):
+    """--fixed_partition true: every step of the run uses the partition of step 0; by default each
+    of the 4 steps draws its own."""
+    seen = record_partitions(monkeypatch)
+    run(tmp_path / "fixed", "--fixed_partition", "true")
+    first = loss.partition_for_step(32, 8, seed=0, step=0)
+    assert len(seen) == 4 and all(torch.equal(p.cpu(), first) for p in seen)
+
+    seen.clear()
+    run(tmp_path / "random")
+    assert len(seen) == 4 and torch.equal(seen[0].cpu(), first)
+    assert all(not torch.equal(a, b) for i, a in enumerate(seen) for b in seen[i + 1:])
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_uniformity_weight_scales_the_uniformity_term_in_the_loss_and_its_gradient(weight):
+    """forward_backward with --uniformity_weight w backpropagates L_c + w L_H: the student's gradients
+    equal those of carp_objective's terms combined by hand, and differ from the method's (w = 1)."""
+    torch.manual_seed(0)
+    args = pretrain.get_args(TINY)[1]
+    pretrain.check_args(None, args)
+    student, teacher = pretrain.carp_network(args), pretrain.carp_network(args)
+    pretrain.start_teacher(student, teacher)
+    views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(4, 3, 8, 8)]
+    partition = loss.partition_for_step(32, 8, seed=0, step=0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def gradients(weight, by_hand=False):
+        student.zero_grad(set_to_none=True)
+        if by_hand:
+            consistency, uniformity = loss.carp_objective(student(views), teacher(views[:2]).detach(), partition)
+            (consistency + weight * uniformity).backward()
+        else:
+            _, total, consistency, uniformity = pretrain.forward_backward(
+                student, teacher, views, partition, torch.autocast("cpu", enabled=False), scaler,
+                uniformity_weight=weight)
+            assert total.item() == pytest.approx(consistency.item() + weight * uniformity.item(), rel=1e-6)
+        return [p.grad.clone() for p in student.parameters() if p.grad is not None]
+
+    weighted, expected, method = gradients(weight), gradients(weight, by_hand=True), gradients(1.0)
+    for got, want in zip(weighted, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(got, other, rtol=1e-3, atol=1e-7) for got, other in zip(weighted, method))
+
+
+def test_uniformity_weight_is_in_the_logged_loss(tmp_path):
+    """The log's loss is consistency + w uniformity at --uniformity_weight 0."""
+    _, steps = run(tmp_path, "--uniformity_weight", "0")
+    for r in steps:
+        assert r["loss"] == pytest.approx(r["consistency"], rel=1e-6) and r["uniformity"] > 0
+
+
+def test_no_ema_makes_the_teacher_the_student(tmp_path):
+    """--momentum_teacher 0 --momentum_teacher_end 0: after every step the teacher is a copy of the
+    student (the log's momentum is 0 throughout); by default the teacher lags (m rises 0.9 -> 1)."""
+    checkpoint, steps = run(tmp_path / "no_ema", "--momentum_teacher", "0", "--momentum_teacher_end", "0")
+    assert all(r["momentum"] == 0 for r in steps)
+    for key, value in checkpoint["student"].items():
+        if value.is_floating_point() and "running" not in key:  # BN running statistics are each network's own
+            assert torch.equal(checkpoint["teacher"][key], value), key
+
+    _, steps = run(tmp_path / "ema")
+    assert steps[0]["momentum"] >= 0.9 and steps[-1]["momentum"] > steps[0]["momentum"]
+
+
+def test_momentum_teacher_end_sets_where_the_cosine_ends(tmp_path):
+    """A constant momentum (start = end = 0.95) stays 0.95 at every step."""
+    _, steps = run(tmp_path, "--momentum_teacher", "0.95", "--momentum_teacher_end", "0.95")
+    assert [r["momentum"] for r in steps] == pytest.approx([0.95] * len(steps))
+
+
+def test_ablation_flags_default_to_the_method_and_keep_default_run_folders():
+    """At their defaults the flags are the method's (a fresh partition every step, lambda 1, m -> 1) and
+    leave the name of a default run folder as it was before they existed; changed, they name another."""
+    _, args = pretrain.get_args([])
+    assert (args.fixed_partition, args.uniformity_weight, args.momentum_teacher_end) == (False, 1.0, 1.0)
+    flags = pretrain.training_flags(args)
+    assert not set(ABLATION_FLAGS) & set(flags)
+    before = pretrain.flags_digest({k: v for k, v in vars(args).items()
+                                    if k not in pretrain.NOT_TRAINING and k not in ABLATION_FLAGS})
+    assert pretrain.flags_digest(flags) == before
+    for flag, value in (("fixed_partition", "true"), ("uniformity_weight", "0"), ("momentum_teacher_end", "0.99")):
+        _, changed = pretrain.get_args([f"--{flag}", value])
+        assert pretrain.flags_digest(pretrain.training_flags(changed)) != before, flag
