@@ -2,11 +2,15 @@
 
     python plot_log.py runs/demo                          # writes runs/demo/curves.png
     python plot_log.py runs/demo --output demo_curves.png
+    python plot_log.py runs/ablations/mnist5k/*_seed0     # several runs on one figure: compare.png in their folder
 
 RUN_DIR is the --output_dir of pretrain.py: its log.jsonl (one JSON object a line) and, when
 present, settings.json (K, N_B, dataset and arch for the labels). Panels: the loss and its two
 terms; the teacher's k-NN top-1 against the random-init and raw-pixel baselines; prototypes used;
 block entropy against its maximum log N_B; learning rate and gradient norm. Resumes are dotted lines.
+Several RUN_DIRs: one curve per run on four panels (k-NN, consistency, block entropy and prototypes
+used as fractions of their maxima, so runs with other K or N_B compare), each run labelled with its
+folder's name and the flags in which it differs from most of the others.
 Needs matplotlib (pip install matplotlib), imported only to draw: reading the log needs nothing.
 """
 import argparse
@@ -23,10 +27,13 @@ OLD_KEYS = {"entropy": "uniformity"}
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser("Plot the training curves of a CARP pretraining run")
-    parser.add_argument("run_dir", help="the --output_dir of pretrain.py, which holds log.jsonl (and settings.json)")
+    parser = argparse.ArgumentParser("Plot the training curves of a CARP pretraining run, or compare several")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="the --output_dir of pretrain.py, which holds log.jsonl (and settings.json); several "
+                             "to draw them on one figure")
     parser.add_argument("--output", default=None,
-                        help="the PNG to write; default RUN_DIR/curves.png, replaced atomically at each call")
+                        help="the PNG to write, replaced atomically at each call; default RUN_DIR/curves.png, or for "
+                             "several runs compare.png in the folder that holds them all")
     return parser.parse_args(argv)
 
 
@@ -186,9 +193,88 @@ def draw(series, flags, title, path):
     os.replace(tmp, path)
 
 
-def main(argv=None):
-    args = get_args(argv)
-    run_dir = args.run_dir
+# ============ several runs on one figure ============
+
+# Flags that never tell runs apart in a legend: where the run wrote, and how it was run.
+NOT_IN_LABELS = ("output_dir", "num_workers", "log_every", "knn_every", "saveckp_freq", "checkpoint_every_steps")
+
+
+def run_labels(run_dirs, flags_of_runs):
+    """A legend entry per run: the folder's name, then the flags in which the run differs from the value
+    most of the runs share, e.g. "block_8_seed0: --partition_size 8" (one run of many with 64)."""
+    def value(flags, key):
+        return json.dumps(flags.get(key))  # lists and None compare and count as text
+    keys = sorted({key for flags in flags_of_runs for key in flags} - set(NOT_IN_LABELS))
+    common = {}
+    for key in keys:
+        values = [value(flags, key) for flags in flags_of_runs]
+        common[key] = max(values, key=values.count)  # the first of the most frequent values
+    labels = []
+    for run_dir, flags in zip(run_dirs, flags_of_runs):
+        own = [f"--{key} {' '.join(map(str, flags[key])) if isinstance(flags.get(key), list) else flags.get(key)}"
+               for key in keys if key in flags and value(flags, key) != common[key]]
+        labels.append(os.path.basename(os.path.normpath(run_dir)) + (": " + " ".join(own) if own else ""))
+    return labels
+
+
+def fractions(series, flags):
+    """Block entropy / log N_B and prototypes used / K: how far each is from its maximum, comparable
+    across runs with other N_B and K (the raw numbers when K is unknown)."""
+    n_b = flags.get("partition_size")
+    log_n_b = math.log(n_b) if n_b else series["block_entropy"][0] + series["uniformity"][0]
+    entropy = [e / log_n_b if log_n_b > 0 else math.nan for e in series["block_entropy"]]
+    K = flags.get("out_dim")
+    used = [u / K for u in series["prototypes_used"]] if K else series["prototypes_used"]
+    return entropy, used
+
+
+def draw_runs(runs, path):
+    """One curve per (label, series, flags) on four panels, into the PNG `path`, written atomically."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotError("plot_log.py needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplot_mosaic([["knn", "consistency"], ["block", "used"]], figsize=(12, 9 + 0.2 * len(runs)),
+                                 layout="constrained")
+    pixels = set()
+    for i, (label, series, flags) in enumerate(runs):
+        style = dict(color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3], label=label)
+        # The k-NN curve starts at the random init (0 epochs trained) when the run measured it.
+        epochs, knn = [e + 1 for e in series["knn_epoch"]], list(series["knn_top1"])
+        if series["knn_top1_init"] is not None:
+            epochs, knn = [0] + epochs, [series["knn_top1_init"]] + knn
+        if series["knn_top1_pixels"] is not None:
+            pixels.add(round(series["knn_top1_pixels"], 2))
+        ax["knn"].plot(epochs, knn, marker="o", markersize=3, **style)
+        ax["consistency"].plot(series["step"], series["consistency"], **style)
+        entropy, used = fractions(series, flags)
+        ax["block"].plot(series["step"], entropy, **style)
+        ax["used"].plot(series["step"], used, **style)
+    for value in sorted(pixels):
+        ax["knn"].axhline(value, color="k", linestyle="-.", linewidth=0.8, label=f"raw pixels {value:.1f}%")
+    ax["knn"].set(xlabel="epochs trained", ylabel="k-NN top-1 (%)",
+                  title="k-NN of the teacher backbone (epoch 0: random init)")
+    ax["consistency"].set(xlabel="optimizer step", ylabel="nats", title="consistency L_c")
+    ax["block"].set(xlabel="optimizer step", ylabel="block entropy / log N_B", ylim=(0, 1.02),
+                    title="block entropy, a fraction of its maximum (collapse: towards 0)")
+    known_k = all(flags.get("out_dim") for _, _, flags in runs)
+    ax["used"].set(xlabel="optimizer step", ylabel="prototypes used / K" if known_k else "prototypes used",
+                   ylim=(0, 1.02 if known_k else None), title="prototypes that were some view's argmax in the epoch")
+    handles, labels = ax["knn"].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize="small")
+    tmp = path + ".tmp"
+    try:
+        fig.savefig(tmp, format="png", dpi=80)
+    finally:
+        plt.close(fig)
+    os.replace(tmp, path)
+
+
+def read_run(run_dir):
+    """(series, flags) of one run folder, or a PlotError saying what is missing."""
     if not os.path.isdir(run_dir):
         raise PlotError(f"{run_dir} is not a folder; give the --output_dir of a pretrain.py run")
     log_path = os.path.join(run_dir, "log.jsonl")
@@ -197,13 +283,33 @@ def main(argv=None):
     series = read_log(log_path)
     if not series["step"]:
         raise PlotError(f"{log_path} holds no training step yet; plot again after the first --log_every steps")
-    flags = read_run_flags(run_dir)
-    title = run_dir + (f": {flags.get('dataset')}, {flags.get('arch')}" if flags else "")
-    output = args.output or os.path.join(run_dir, "curves.png")
+    return series, read_run_flags(run_dir)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    runs = [(run_dir, *read_run(run_dir)) for run_dir in args.run_dirs]
+    if len(runs) == 1:
+        run_dir, series, flags = runs[0]
+        title = run_dir + (f": {flags.get('dataset')}, {flags.get('arch')}" if flags else "")
+        output = args.output or os.path.join(run_dir, "curves.png")
+    else:
+        try:  # written as the runs were given: relative stays relative
+            folder = os.path.commonpath([os.path.normpath(run_dir) for run_dir, _, _ in runs]) or "."
+        except ValueError:  # absolute and relative paths mixed
+            folder = os.path.commonpath([os.path.abspath(run_dir) for run_dir, _, _ in runs])
+        output = args.output or os.path.join(folder, "compare.png")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    draw(series, flags, title, output)
+    if len(runs) == 1:
+        draw(series, flags, title, output)
+        print(output)
+        print(summary_line(series, flags))
+        return
+    labels = run_labels([run_dir for run_dir, _, _ in runs], [flags for _, _, flags in runs])
+    draw_runs([(label, series, flags) for label, (_, series, flags) in zip(labels, runs)], output)
     print(output)
-    print(summary_line(series, flags))
+    for label, (_, series, flags) in zip(labels, runs):
+        print(f"{label}: {summary_line(series, flags)}")
 
 
 if __name__ == "__main__":

@@ -149,3 +149,34 @@ def test_a_real_pretraining_run_plots_end_to_end(tmp_path, capsys):
     path, last = capsys.readouterr().out.splitlines()
     assert path == str(tmp_path / "curves.png")
     assert last.startswith("last: step 8, loss ") and " of 32" in last
+
+
+def test_run_labels_name_each_run_by_its_folder_and_the_flags_it_does_not_share():
+    """The method's run (the flags most runs share) is labelled by its folder only; the others add what
+    differs from the majority value, lists as the command line writes them; output_dir never counts."""
+    flags = [{"partition_size": 64, "seed": 0, "global_crops_scale": [0.4, 1.0], "output_dir": "runs/a"},
+             {"partition_size": 8, "seed": 0, "global_crops_scale": [0.4, 1.0], "output_dir": "runs/b"},
+             {"partition_size": 64, "seed": 1, "global_crops_scale": [0.2, 1.0], "output_dir": "runs/c"},
+             {"partition_size": 64, "seed": 0, "global_crops_scale": [0.4, 1.0], "output_dir": "runs/d"}]
+    labels = plot_log.run_labels(["runs/method", "runs/block_8/", "runs/seed1", "runs/again"], flags)
+    assert labels == ["method", "block_8: --partition_size 8", "seed1: --global_crops_scale 0.2 1.0 --seed 1",
+                      "again"]
+
+
+def test_several_runs_draw_one_figure_in_their_common_folder(run_dir, tmp_path, capsys):
+    """Two run folders: compare.png in the folder that holds both, then one summary line per run,
+    labelled; block entropy and prototypes used are drawn as fractions of log N_B and K."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "log.jsonl").write_text((run_dir / "log.jsonl").read_text())
+    (other / "settings.json").write_text(json.dumps({"args": {"out_dim": 64, "partition_size": 8}}))
+    plot_log.main([str(run_dir), str(other)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(tmp_path / "compare.png")  # run_dir is tmp_path: the folder that holds both
+    assert (tmp_path / "compare.png").read_bytes()[:8] == PNG_SIGNATURE
+    # A tie (one run each with K 32 and 64): the first run's value counts as the common one.
+    assert lines[1].startswith(f"{run_dir.name}: last: step 8") and lines[1].endswith("of 32")
+    assert lines[2].startswith("other: --out_dim 64: last: step 8") and lines[2].endswith("of 64")
+    series, flags = plot_log.read_run(str(other))
+    entropy, used = plot_log.fractions(series, flags)
+    assert entropy == pytest.approx([(LOG_8 - 0.5) / LOG_8] * 4) and used == [20 / 64, 24 / 64, 26 / 64, 30 / 64]
