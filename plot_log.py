@@ -209,10 +209,13 @@ def run_labels(run_dirs, flags_of_runs):
     for key in keys:
         values = [value(flags, key) for flags in flags_of_runs]
         common[key] = max(values, key=values.count)  # the first of the most frequent values
+    def as_typed(v):  # as a command line writes it: true, 0, 0.4 1
+        if isinstance(v, list):
+            return " ".join(as_typed(x) for x in v)
+        return str(v).lower() if isinstance(v, bool) else format(v, "g") if isinstance(v, float) else str(v)
     labels = []
     for run_dir, flags in zip(run_dirs, flags_of_runs):
-        own = [f"--{key} {' '.join(map(str, flags[key])) if isinstance(flags.get(key), list) else flags.get(key)}"
-               for key in keys if key in flags and value(flags, key) != common[key]]
+        own = [f"--{key} {as_typed(flags[key])}" for key in keys if key in flags and value(flags, key) != common[key]]
         labels.append(os.path.basename(os.path.normpath(run_dir)) + (": " + " ".join(own) if own else ""))
     return labels
 

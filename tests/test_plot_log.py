@@ -154,13 +154,15 @@ def test_a_real_pretraining_run_plots_end_to_end(tmp_path, capsys):
 def test_run_labels_name_each_run_by_its_folder_and_the_flags_it_does_not_share():
     """The method's run (the flags most runs share) is labelled by its folder only; the others add what
     differs from the majority value, lists as the command line writes them; output_dir never counts."""
-    flags = [{"partition_size": 64, "seed": 0, "global_crops_scale": [0.4, 1.0], "output_dir": "runs/a"},
-             {"partition_size": 8, "seed": 0, "global_crops_scale": [0.4, 1.0], "output_dir": "runs/b"},
-             {"partition_size": 64, "seed": 1, "global_crops_scale": [0.2, 1.0], "output_dir": "runs/c"},
-             {"partition_size": 64, "seed": 0, "global_crops_scale": [0.4, 1.0], "output_dir": "runs/d"}]
-    labels = plot_log.run_labels(["runs/method", "runs/block_8/", "runs/seed1", "runs/again"], flags)
-    assert labels == ["method", "block_8: --partition_size 8", "seed1: --global_crops_scale 0.2 1.0 --seed 1",
-                      "again"]
+    method = {"partition_size": 64, "seed": 0, "global_crops_scale": [0.4, 1.0], "fixed_partition": False,
+              "momentum_teacher_end": 1.0, "output_dir": "runs/a"}
+    flags = [method, {**method, "partition_size": 8, "output_dir": "runs/b"},
+             {**method, "seed": 1, "global_crops_scale": [0.2, 1.0], "output_dir": "runs/c"},
+             {**method, "fixed_partition": True, "momentum_teacher_end": 0.0, "output_dir": "runs/d"},
+             {**method, "output_dir": "runs/e"}]
+    labels = plot_log.run_labels(["runs/method", "runs/block_8/", "runs/seed1", "runs/ablated", "runs/again"], flags)
+    assert labels == ["method", "block_8: --partition_size 8", "seed1: --global_crops_scale 0.2 1 --seed 1",
+                      "ablated: --fixed_partition true --momentum_teacher_end 0", "again"]
 
 
 def test_several_runs_draw_one_figure_in_their_common_folder(run_dir, tmp_path, capsys):
