@@ -1,6 +1,8 @@
 """The ablation flags of pretrain.py (README, *What each part buys*): each one changes what the run
 computes, and at its default the run is the method's."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +116,18 @@ def test_ablation_flags_default_to_the_method_and_keep_default_run_folders():
     for flag, value in (("fixed_partition", "true"), ("uniformity_weight", "0"), ("momentum_teacher_end", "0.99")):
         _, changed = pretrain.get_args([f"--{flag}", value])
         assert pretrain.flags_digest(pretrain.training_flags(changed)) != before, flag
+
+
+def test_the_readme_ablation_commands_change_only_their_rows_flags():
+    """Every `ablate DATASET ROW SEED FLAGS` line of the README parses, and its training flags differ
+    from the method row's (the demo recipe at 10 epochs) exactly in the flags the line gives."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = re.findall(r"^  ablate \$dataset (\w+) \$seed ?(.*)$", readme, flags=re.MULTILINE)
+    assert len(lines) == 10 and lines[0] == ("method", "")
+    base = ["--recipe", "cpu_small", "--dataset", "mnist5k", "--epochs", "10", "--seed", "0"]
+    method = pretrain.training_flags(pretrain.get_args(base)[1])
+    for row, flags in lines[1:]:
+        given = {flag.lstrip("-") for flag in flags.split() if flag.startswith("--")}
+        args = pretrain.training_flags(pretrain.get_args(base + flags.split())[1])
+        changed = {k for k in set(args) | set(method) if args.get(k) != method.get(k)}
+        assert changed == given, row
