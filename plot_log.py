@@ -115,14 +115,38 @@ def summary_line(series, flags):
             f"prototypes used {series['prototypes_used'][-1]}{of_k}")
 
 
-def draw(series, flags, title, path):
-    """The five panels into the PNG `path`, written atomically (a reader never sees half a file)."""
+def pyplot():
+    """matplotlib.pyplot for files only (no display, so it runs over ssh and in CI), imported here so
+    that reading a log needs no matplotlib."""
     try:
         import matplotlib
     except ImportError:
         raise PlotError("plot_log.py needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")  # files only: no display, so it runs over ssh and in CI
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_png(plt, fig, path, dpi):
+    """Write `fig` to the PNG `path` atomically (a reader never sees half a file) and close it."""
+    tmp = path + ".tmp"
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    os.replace(tmp, path)
+
+
+def max_block_entropy(series, flags):
+    """log N_B, the block entropy of a block used uniformly. block_entropy = log N_B - L_H in every
+    line, so the log itself gives it when settings.json is absent."""
+    n_b = flags.get("partition_size")
+    return math.log(n_b) if n_b else series["block_entropy"][0] + series["uniformity"][0]
+
+
+def draw(series, flags, title, path):
+    """The five panels into the PNG `path`, written atomically."""
+    plt = pyplot()
 
     fig, ax = plt.subplot_mosaic([["loss", "loss"], ["knn", "used"], ["block", "lr"]], figsize=(12, 11),
                                  layout="constrained")
@@ -154,9 +178,8 @@ def draw(series, flags, title, path):
     ax["used"].set(ylabel="prototypes used" + (f" (of {K})" if K else ""), ylim=(0, None),
                    title="prototypes that were some view's argmax (collapse: a handful)")
 
-    # block_entropy = log N_B - L_H in every line, so the log itself gives N_B when settings.json is absent.
     n_b = flags.get("partition_size")
-    log_n_b = math.log(n_b) if n_b else series["block_entropy"][0] + series["uniformity"][0]
+    log_n_b = max_block_entropy(series, flags)
     ax["block"].plot(steps, series["block_entropy"], label="mean entropy of a block's batch marginal")
     ax["block"].axhline(log_n_b, color="C7", linestyle="--",
                         label=(f"log N_B = log {n_b}" if n_b else "log N_B") + f" = {log_n_b:.2f}: the maximum")
@@ -185,12 +208,7 @@ def draw(series, flags, title, path):
             handles, labels = handles + twin_handles, labels + twin_labels
         ax[name].legend(handles, labels, fontsize="small")
 
-    tmp = path + ".tmp"
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    os.replace(tmp, path)
+    save_png(plt, fig, path, dpi=100)
 
 
 # ============ several runs on one figure ============
@@ -223,8 +241,7 @@ def run_labels(run_dirs, flags_of_runs):
 def fractions(series, flags):
     """Block entropy / log N_B and prototypes used / K: how far each is from its maximum, comparable
     across runs with other N_B and K (the raw numbers when K is unknown)."""
-    n_b = flags.get("partition_size")
-    log_n_b = math.log(n_b) if n_b else series["block_entropy"][0] + series["uniformity"][0]
+    log_n_b = max_block_entropy(series, flags)
     entropy = [e / log_n_b if log_n_b > 0 else math.nan for e in series["block_entropy"]]
     K = flags.get("out_dim")
     used = [u / K for u in series["prototypes_used"]] if K else series["prototypes_used"]
@@ -233,12 +250,7 @@ def fractions(series, flags):
 
 def draw_runs(runs, path):
     """One curve per (label, series, flags) on four panels, into the PNG `path`, written atomically."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise PlotError("plot_log.py needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplot_mosaic([["knn", "consistency"], ["block", "used"]], figsize=(12, 9 + 0.2 * len(runs)),
                                  layout="constrained")
@@ -268,12 +280,7 @@ def draw_runs(runs, path):
                    ylim=(0, 1.02 if known_k else None), title="prototypes that were some view's argmax in the epoch")
     handles, labels = ax["knn"].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize="small")
-    tmp = path + ".tmp"
-    try:
-        fig.savefig(tmp, format="png", dpi=80)
-    finally:
-        plt.close(fig)
-    os.replace(tmp, path)
+    save_png(plt, fig, path, dpi=80)
 
 
 def read_run(run_dir):
@@ -289,29 +296,33 @@ def read_run(run_dir):
     return series, read_run_flags(run_dir)
 
 
+def default_output(run_dirs):
+    """RUN_DIR/curves.png for one run; compare.png in the folder that holds several, written as the
+    runs were given (relative stays relative)."""
+    if len(run_dirs) == 1:
+        return os.path.join(run_dirs[0], "curves.png")
+    try:
+        folder = os.path.commonpath([os.path.normpath(run_dir) for run_dir in run_dirs]) or "."
+    except ValueError:  # absolute and relative paths mixed
+        folder = os.path.commonpath([os.path.abspath(run_dir) for run_dir in run_dirs])
+    return os.path.join(folder, "compare.png")
+
+
 def main(argv=None):
     args = get_args(argv)
-    runs = [(run_dir, *read_run(run_dir)) for run_dir in args.run_dirs]
-    if len(runs) == 1:
-        run_dir, series, flags = runs[0]
-        title = run_dir + (f": {flags.get('dataset')}, {flags.get('arch')}" if flags else "")
-        output = args.output or os.path.join(run_dir, "curves.png")
-    else:
-        try:  # written as the runs were given: relative stays relative
-            folder = os.path.commonpath([os.path.normpath(run_dir) for run_dir, _, _ in runs]) or "."
-        except ValueError:  # absolute and relative paths mixed
-            folder = os.path.commonpath([os.path.abspath(run_dir) for run_dir, _, _ in runs])
-        output = args.output or os.path.join(folder, "compare.png")
+    runs = [read_run(run_dir) for run_dir in args.run_dirs]
+    output = args.output or default_output(args.run_dirs)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     if len(runs) == 1:
-        draw(series, flags, title, output)
+        (series, flags), run_dir = runs[0], args.run_dirs[0]
+        draw(series, flags, run_dir + (f": {flags.get('dataset')}, {flags.get('arch')}" if flags else ""), output)
         print(output)
         print(summary_line(series, flags))
         return
-    labels = run_labels([run_dir for run_dir, _, _ in runs], [flags for _, _, flags in runs])
-    draw_runs([(label, series, flags) for label, (_, series, flags) in zip(labels, runs)], output)
+    labels = run_labels(args.run_dirs, [flags for _, flags in runs])
+    draw_runs([(label, series, flags) for label, (series, flags) in zip(labels, runs)], output)
     print(output)
-    for label, (_, series, flags) in zip(labels, runs):
+    for label, (series, flags) in zip(labels, runs):
         print(f"{label}: {summary_line(series, flags)}")
 
 

@@ -9,14 +9,14 @@ import torch
 
 import loss
 import pretrain
-from test_pretrain import TINY
+from test_pretrain import TINY, run_main
 
 ABLATION_FLAGS = ("fixed_partition", "uniformity_weight", "momentum_teacher_end")
 
 
 def run(tmp_path, *extra):
-    pretrain.main(TINY + ["--output_dir", str(tmp_path), "--epochs", "1"] + list(extra))
-    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    """One epoch of the tiny run: its checkpoint and the interval lines of its log."""
+    checkpoint = run_main(tmp_path, "--epochs", "1", *extra)
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     return checkpoint, [r for r in records if "step" in r]
 
