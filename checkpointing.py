@@ -73,6 +73,8 @@ def stop_if_asked(stop, checkpoint, log):
 # Flags that shape the schedules: a resume with another value follows another schedule from there on.
 SCHEDULE_ARGS = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher",
                  "momentum_teacher_end")
+# Flags that define the objective: a resume with another value optimizes another objective from there on.
+OBJECTIVE_ARGS = ("partition_size", "fixed_partition", "uniformity_weight", "local_crops_number")
 # Flags that define the networks and the optimizer state: a resume with another value cannot load them.
 RESUME_ARGS = ("arch", "small_image_stem", "out_dim", "hidden_dim", "bottleneck_dim", "use_bn_in_head", "optimizer")
 RESUME_DEFAULTS = {"hidden_dim": 2048, "bottleneck_dim": 256}  # what checkpoints from before these flags used
@@ -139,15 +141,25 @@ class RunCheckpoint:
         if rank < len(checkpoint["rng"]):
             set_rng_state(checkpoint["rng"][rank])
         self.step, self.extra = step, checkpoint.get("extra", {})
-        changed = [f"--{k} {getattr(self.args, k)} (was {checkpoint['args'][k]})" for k in SCHEDULE_ARGS
-                   if k in checkpoint["args"] and checkpoint["args"][k] != getattr(self.args, k)]
+        changed = self.changed_flags(checkpoint["args"], SCHEDULE_ARGS)
         if changed and is_main_process():
-            print(f"resuming with {', '.join(changed)}: the learning rate, weight decay and teacher momentum "
+            print(f"resuming with {changed}: the learning rate, weight decay and teacher momentum "
                   f"schedules are computed anew for these flags, so from step {step} on the run follows schedules "
                   f"that differ from those of its first {step} steps (with a longer --epochs the learning rate "
                   f"climbs back up the new cosine)")
+        changed = self.changed_flags(checkpoint["args"], OBJECTIVE_ARGS)
+        if changed and is_main_process():
+            print(f"resuming with {changed}: from step {step} on the run optimizes an objective other than that of its "
+                  f"first {step} steps, and its weights are those of neither run; use the checkpoint's values to "
+                  f"continue it, or another --output_dir to train with these from scratch")
         per_process_stats = checkpoint.get("stats") or []
         self.per_process_stats = per_process_stats[rank] if rank < len(per_process_stats) else None
+
+    def changed_flags(self, saved_args, names):
+        """'--flag value (was value)' for each of `names` that differs from the checkpoint's run (flags
+        newer than the checkpoint are not compared)."""
+        return ", ".join(f"--{k} {getattr(self.args, k)} (was {saved_args[k]})" for k in names
+                         if k in saved_args and saved_args[k] != getattr(self.args, k))
 
     def stats_state(self, first_step):
         """This process's statistics of the epoch so far, when the run resumes within an epoch."""

@@ -117,6 +117,21 @@ def test_resuming_with_another_epochs_says_what_it_does_to_the_schedules(tmp_pat
         in capsys.readouterr().out
 
 
+def test_resuming_with_another_objective_says_so(tmp_path, capsys):
+    """A run resumed with other objective flags (--uniformity_weight, --fixed_partition, ...) trains
+    on, and says that its weights from then on belong to neither objective; with the same flags it
+    says nothing."""
+    run = SMALL + ["--dataset", "synthetic", "--synthetic_images", "8", "--output_dir", str(tmp_path)]
+    pretrain.main(run)
+    capsys.readouterr()
+    pretrain.main(run + ["--epochs", "2", "--uniformity_weight", "0.5", "--fixed_partition", "true"])
+    out = capsys.readouterr().out
+    assert ("resuming with --fixed_partition True (was False), --uniformity_weight 0.5 (was 1.0): from step 2 on "
+            "the run optimizes an objective other than that of its first 2 steps") in out, out
+    pretrain.main(run + ["--epochs", "3", "--uniformity_weight", "0.5", "--fixed_partition", "true"])
+    assert "objective other" not in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- run folders and recipes -------
 
 def test_no_output_dir_never_writes_into_the_current_folder(tmp_path, monkeypatch):
