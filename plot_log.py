@@ -3,6 +3,7 @@
     python plot_log.py runs/demo                          # writes runs/demo/curves.png
     python plot_log.py runs/demo --output demo_curves.png
     python plot_log.py runs/ablations/mnist5k/*_seed0     # several runs on one figure: compare.png in their folder
+    python plot_log.py runs/longer/* --knn_x minutes      # k-NN against minutes of training instead of epochs
 
 RUN_DIR is the --output_dir of pretrain.py: its log.jsonl (one JSON object a line) and, when
 present, settings.json (K, N_B, dataset and arch for the labels). Panels: the loss and its two
@@ -14,6 +15,7 @@ folder's name and the flags in which it differs from most of the others.
 Needs matplotlib (pip install matplotlib), imported only to draw: reading the log needs nothing.
 """
 import argparse
+import datetime
 import json
 import math
 import os
@@ -34,6 +36,10 @@ def get_args(argv=None):
     parser.add_argument("--output", default=None,
                         help="the PNG to write, replaced atomically at each call; default RUN_DIR/curves.png, or for "
                              "several runs compare.png in the folder that holds them all")
+    parser.add_argument("--knn_x", default="epochs", choices=("epochs", "minutes"),
+                        help="the x axis of the k-NN panel: epochs trained, or minutes of wall-clock time since the "
+                             "random init's k-NN, when training starts (k-NN measurements and a resumed run's pause "
+                             "included): to compare runs of other lengths or speeds by what they cost")
     return parser.parse_args(argv)
 
 
@@ -43,7 +49,8 @@ class PlotError(cli.UserError):
 
 def read_log(path):
     """log.jsonl as plain series: {key: [...]} for each of STEP_KEYS aligned with "step"; "knn_epoch"
-    and "knn_top1" from the epoch summaries; "resume_step" and "resume_epoch" from the resume events;
+    and "knn_top1" from the epoch summaries, "knn_minutes" the minutes from the baseline's line to each
+    summary (NaN where a line has no time); "resume_step" and "resume_epoch" from the resume events;
     "knn_top1_init" and "knn_top1_pixels", the epoch -1 baseline (a number or None); "knn_off", why the
     monitor was off although asked for (None when it was not). Missing values
     (grad_norm null, or a key an older log lacks) are NaN. Unknown keys and kinds of line are ignored."""
@@ -80,10 +87,33 @@ def read_log(path):
     series["step"] = [r["step"] for r in records]
     for key in STEP_KEYS:
         series[key] = [math.nan if r.get(key) is None else r[key] for r in records]
-    knn = [(epoch, r["knn_top1"]) for epoch, r in sorted(summaries.items()) if r.get("knn_top1") is not None]
-    series["knn_epoch"], series["knn_top1"] = [e for e, _ in knn], [k for _, k in knn]
+    knn = [(epoch, r) for epoch, r in sorted(summaries.items()) if r.get("knn_top1") is not None]
+    series["knn_epoch"], series["knn_top1"] = [e for e, _ in knn], [r["knn_top1"] for _, r in knn]
+    start = read_time(baseline, path)
+    series["knn_minutes"] = [(read_time(r, path) - start) / 60 for _, r in knn]
     series["knn_top1_init"], series["knn_top1_pixels"] = baseline.get("knn_top1"), baseline.get("knn_top1_pixels")
     return series
+
+
+def read_time(record, path):
+    """The "time" of a line of the log `path` in seconds since 1970, NaN without one."""
+    if not record.get("time"):
+        return math.nan
+    try:
+        return datetime.datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except (TypeError, ValueError):
+        raise PlotError(f"{path}: the time {record['time']!r} of the line of epoch {record.get('epoch')} is not "
+                        f"YYYY-MM-DDTHH:MM:SS+ZZZZ, as pretrain.py writes it; fix or delete that line") from None
+
+
+def knn_x(series, x):
+    """The x of each k-NN measurement: "epochs" trained (the log's epochs count from 0, so the k-NN of
+    epoch e is measured after e + 1 epochs of training, which puts the random init at 0 and a resume
+    at the epoch number it logs), or "minutes" since training started."""
+    return [e + 1 for e in series["knn_epoch"]] if x == "epochs" else series["knn_minutes"]
+
+
+KNN_X_LABELS = {"epochs": "epochs trained", "minutes": "minutes of training (k-NN measurements included)"}
 
 
 def read_run_flags(run_dir):
@@ -144,8 +174,8 @@ def max_block_entropy(series, flags):
     return math.log(n_b) if n_b else series["block_entropy"][0] + series["uniformity"][0]
 
 
-def draw(series, flags, title, path):
-    """The five panels into the PNG `path`, written atomically."""
+def draw(series, flags, title, path, x="epochs"):
+    """The five panels into the PNG `path`, written atomically; `x`: the k-NN panel's axis (knn_x)."""
     plt = pyplot()
 
     fig, ax = plt.subplot_mosaic([["loss", "loss"], ["knn", "used"], ["block", "lr"]], figsize=(12, 11),
@@ -157,19 +187,18 @@ def draw(series, flags, title, path):
         ax["loss"].plot(steps, series[key], label=label)
     ax["loss"].set(ylabel="nats", title="loss (collapse: consistency falls fast while uniformity climbs)")
 
-    # The log's epochs count from 0: the k-NN of epoch e is measured after e + 1 epochs of training,
-    # which puts the random init at 0 and a resume at the epoch number it logs.
     knn = ax["knn"]
-    knn.plot([e + 1 for e in series["knn_epoch"]], series["knn_top1"], "o-", label="CARP teacher")
+    knn.plot(knn_x(series, x), series["knn_top1"], "o-", label="CARP teacher")
     for key, label, color in (("knn_top1_init", "random init", "C7"), ("knn_top1_pixels", "raw pixels", "C2")):
         if series[key] is not None:
             knn.axhline(series[key], color=color, linestyle="--", label=f"{label} {series[key]:.1f}%")
     if not series["knn_top1"] and series["knn_top1_init"] is None:
         knn.text(0.5, 0.5, f"no k-NN in this log:\n{no_knn_reason(series)}", ha="center", wrap=True,
                  transform=knn.transAxes)
-    knn.set(xlabel="epochs trained", ylabel="k-NN top-1 (%)", title="k-NN accuracy of the teacher backbone",
+    knn.set(xlabel=KNN_X_LABELS[x], ylabel="k-NN top-1 (%)", title="k-NN accuracy of the teacher backbone",
             xlim=(0, None))
-    knn.xaxis.get_major_locator().set_params(integer=True)
+    if x == "epochs":
+        knn.xaxis.get_major_locator().set_params(integer=True)
 
     K = flags.get("out_dim")
     ax["used"].plot(steps, series["prototypes_used"], label="since the start of the epoch")
@@ -197,7 +226,7 @@ def draw(series, flags, title, path):
         twin.set(yscale="log", ylabel="grad_norm")
 
     for name in ("loss", "knn", "used", "block", "lr"):
-        positions = series["resume_epoch"] if name == "knn" else series["resume_step"]
+        positions = (series["resume_epoch"] if x == "epochs" else []) if name == "knn" else series["resume_step"]
         for i, x in enumerate(positions):
             ax[name].axvline(x, color="k", linestyle=":", label="resume" if i == 0 else None)
         if name != "knn":
@@ -248,8 +277,9 @@ def fractions(series, flags):
     return entropy, used
 
 
-def draw_runs(runs, path):
-    """One curve per (label, series, flags) on four panels, into the PNG `path`, written atomically."""
+def draw_runs(runs, path, x="epochs"):
+    """One curve per (label, series, flags) on four panels, into the PNG `path`, written atomically;
+    `x`: the k-NN panel's axis (knn_x)."""
     plt = pyplot()
 
     fig, ax = plt.subplot_mosaic([["knn", "consistency"], ["block", "used"]], figsize=(12, 9 + 0.2 * len(runs)),
@@ -257,21 +287,21 @@ def draw_runs(runs, path):
     pixels = set()
     for i, (label, series, flags) in enumerate(runs):
         style = dict(color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3], label=label)
-        # The k-NN curve starts at the random init (0 epochs trained) when the run measured it.
-        epochs, knn = [e + 1 for e in series["knn_epoch"]], list(series["knn_top1"])
+        # The k-NN curve starts at the random init (0 epochs or minutes trained) when the run measured it.
+        xs, knn = list(knn_x(series, x)), list(series["knn_top1"])
         if series["knn_top1_init"] is not None:
-            epochs, knn = [0] + epochs, [series["knn_top1_init"]] + knn
+            xs, knn = [0] + xs, [series["knn_top1_init"]] + knn
         if series["knn_top1_pixels"] is not None:
             pixels.add(round(series["knn_top1_pixels"], 2))
-        ax["knn"].plot(epochs, knn, marker="o", markersize=3, **style)
+        ax["knn"].plot(xs, knn, marker="o", markersize=3, **style)
         ax["consistency"].plot(series["step"], series["consistency"], **style)
         entropy, used = fractions(series, flags)
         ax["block"].plot(series["step"], entropy, **style)
         ax["used"].plot(series["step"], used, **style)
     for value in sorted(pixels):
         ax["knn"].axhline(value, color="k", linestyle="-.", linewidth=0.8, label=f"raw pixels {value:.1f}%")
-    ax["knn"].set(xlabel="epochs trained", ylabel="k-NN top-1 (%)",
-                  title="k-NN of the teacher backbone (epoch 0: random init)")
+    ax["knn"].set(xlabel=KNN_X_LABELS[x], ylabel="k-NN top-1 (%)",
+                  title="k-NN of the teacher backbone (0: random init)")
     ax["consistency"].set(xlabel="optimizer step", ylabel="nats", title="consistency L_c")
     ax["block"].set(xlabel="optimizer step", ylabel="block entropy / log N_B", ylim=(0, 1.02),
                     title="block entropy, a fraction of its maximum (collapse: towards 0)")
@@ -311,16 +341,20 @@ def default_output(run_dirs):
 def main(argv=None):
     args = get_args(argv)
     runs = [read_run(run_dir) for run_dir in args.run_dirs]
+    for run_dir, (series, _) in zip(args.run_dirs, runs):
+        if args.knn_x == "minutes" and series["knn_top1"] and not any(map(math.isfinite, series["knn_minutes"])):
+            raise PlotError(f"{run_dir}/log.jsonl has no time on its k-NN lines: plot it with --knn_x epochs")
     output = args.output or default_output(args.run_dirs)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     if len(runs) == 1:
         (series, flags), run_dir = runs[0], args.run_dirs[0]
-        draw(series, flags, run_dir + (f": {flags.get('dataset')}, {flags.get('arch')}" if flags else ""), output)
+        draw(series, flags, run_dir + (f": {flags.get('dataset')}, {flags.get('arch')}" if flags else ""), output,
+             args.knn_x)
         print(output)
         print(summary_line(series, flags))
         return
     labels = run_labels(args.run_dirs, [flags for _, flags in runs])
-    draw_runs([(label, series, flags) for label, (series, flags) in zip(labels, runs)], output)
+    draw_runs([(label, series, flags) for label, (series, flags) in zip(labels, runs)], output, args.knn_x)
     print(output)
     for label, (series, flags) in zip(labels, runs):
         print(f"{label}: {summary_line(series, flags)}")

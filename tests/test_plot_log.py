@@ -182,3 +182,33 @@ def test_several_runs_draw_one_figure_in_their_common_folder(run_dir, tmp_path, 
     series, flags = plot_log.read_run(str(other))
     entropy, used = plot_log.fractions(series, flags)
     assert entropy == pytest.approx([(LOG_8 - 0.5) / LOG_8] * 4) and used == [20 / 64, 24 / 64, 26 / 64, 30 / 64]
+
+
+def test_knn_against_minutes_reads_the_time_of_each_line(tmp_path, run_dir, capsys):
+    """--knn_x minutes: each k-NN at the minutes from the baseline's line (training starts) to its
+    epoch summary, on one run's figure and on several runs'; a log without those times, or with a
+    time in another format, gets a one-line message."""
+    timed = tmp_path / "timed"
+    timed.mkdir()
+    records = [{"epoch": -1, "knn_top1": 10.0, "time": "2025-01-01T00:00:30+0000"}, interval(2, 0, 4.0, 20),
+               {**summary(0, 4.0, 20, 20.0), "time": "2025-01-01T00:02:00+0000"}, interval(4, 1, 3.0, 22),
+               {**summary(1, 3.0, 22, 30.0), "time": "2025-01-01T01:03:30+0100"}]  # in its own zone: 00:03:30 UTC
+    (timed / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    series, _ = plot_log.read_run(str(timed))
+    assert series["knn_minutes"] == [1.5, 3.0]
+    assert plot_log.knn_x(series, "minutes") == [1.5, 3.0] and plot_log.knn_x(series, "epochs") == [1, 2]
+    plot_log.main([str(timed), "--knn_x", "minutes"])
+    assert (timed / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+    plot_log.main([str(timed), str(timed), "--knn_x", "minutes", "--output", str(tmp_path / "both.png")])
+    assert (tmp_path / "both.png").read_bytes()[:8] == PNG_SIGNATURE
+    capsys.readouterr()
+
+    result = run_script(run_dir, "--knn_x", "minutes")  # RECORDS' summaries carry no time
+    assert result.returncode == 1 and result.stderr == (f"error: {run_dir}/log.jsonl has no time on its k-NN lines: "
+                                                         f"plot it with --knn_x epochs\n")
+    records[2]["time"] = "yesterday"
+    (timed / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = run_script(timed, "--knn_x", "epochs")
+    assert result.returncode == 1 and result.stderr.startswith(
+        f"error: {timed / 'log.jsonl'}: the time 'yesterday' of the line of epoch 0 is not YYYY-MM-DDTHH:MM:SS+ZZZZ"
+    ) and result.stderr.count("\n") == 1, result.stderr
