@@ -131,3 +131,25 @@ def test_the_readme_ablation_commands_change_only_their_rows_flags():
         args = pretrain.training_flags(pretrain.get_args(base + flags.split())[1])
         changed = {k for k in set(args) | set(method) if args.get(k) != method.get(k)}
         assert changed == given, row
+
+
+def test_the_readme_longer_runs_are_the_demo_recipe_with_only_more_epochs():
+    """The README's loop of longer runs parses for each of its epochs; each run's training flags are
+    those of the demo recipe on its dataset but for --epochs (none at 45, the demo's), and its
+    10-epoch runs are the `method` rows of the ablations (seed 0), whose numbers it reuses."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    loop = re.search(r"^for epochs in ([\d ]+); do\n(.*?)^done$", readme, flags=re.MULTILINE | re.DOTALL)
+    assert loop and loop.group(1).split() == ["10", "45", "90", "180"]
+    commands = [line.split("pretrain.py", 1)[1] for line in loop.group(2).replace("\\\n", " ").splitlines()]
+    recipes = [["--recipe", "cpu_small", "--dataset", "mnist5k"],
+               ["--recipe", "cpu_small", "--dataset", "imagefolder", "--data_path", "data/photo_patches"]]
+    assert len(commands) == 2
+    for epochs in loop.group(1).split():
+        for command, recipe in zip(commands, recipes):
+            args = pretrain.training_flags(pretrain.get_args(command.replace("${epochs}", epochs)
+                                                             .replace("$epochs", epochs).split())[1])
+            demo = pretrain.training_flags(pretrain.get_args(recipe)[1])
+            changed = {k for k in set(args) | set(demo) if args.get(k) != demo.get(k)}
+            assert changed == (set() if epochs == "45" else {"epochs"}), (epochs, command)
+            method_row = pretrain.training_flags(pretrain.get_args(recipe + ["--epochs", "10", "--seed", "0"])[1])
+            assert (args == method_row) == (epochs == "10"), (epochs, command)
