@@ -153,3 +153,20 @@ def test_the_readme_longer_runs_are_the_demo_recipe_with_only_more_epochs():
             assert changed == (set() if epochs == "45" else {"epochs"}), (epochs, command)
             method_row = pretrain.training_flags(pretrain.get_args(recipe + ["--epochs", "10", "--seed", "0"])[1])
             assert (args == method_row) == (epochs == "10"), (epochs, command)
+
+
+def test_the_readme_no_teacher_runs_at_45_epochs_change_only_the_momentum():
+    """The README's two no-teacher runs at the demo's length are the demo recipe on their datasets
+    with the teacher's momentum at 0 and nothing else changed."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
+    commands = [line.split("pretrain.py", 1)[1].split("#")[0] for line in readme.splitlines()
+                if line.startswith("python pretrain.py") and "_45_epochs_no_teacher" in line]
+    assert len(commands) == 2
+    for command in commands:
+        args = pretrain.training_flags(pretrain.get_args(command.split())[1])
+        recipe = ["--recipe", "cpu_small", "--dataset", args["dataset"]] + (
+            ["--data_path", args["data_path"]] if args.get("data_path") else [])
+        demo = pretrain.training_flags(pretrain.get_args(recipe)[1])
+        assert {k for k in set(args) | set(demo) if args.get(k) != demo.get(k)} == \
+            {"momentum_teacher", "momentum_teacher_end"}, command
+        assert args["momentum_teacher"] == args["momentum_teacher_end"] == 0
