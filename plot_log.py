@@ -227,8 +227,8 @@ def draw(series, flags, title, path, x="epochs"):
 
     for name in ("loss", "knn", "used", "block", "lr"):
         positions = (series["resume_epoch"] if x == "epochs" else []) if name == "knn" else series["resume_step"]
-        for i, x in enumerate(positions):
-            ax[name].axvline(x, color="k", linestyle=":", label="resume" if i == 0 else None)
+        for i, position in enumerate(positions):
+            ax[name].axvline(position, color="k", linestyle=":", label="resume" if i == 0 else None)
         if name != "knn":
             ax[name].set_xlabel("optimizer step")
         handles, labels = ax[name].get_legend_handles_labels()

@@ -212,3 +212,19 @@ def test_knn_against_minutes_reads_the_time_of_each_line(tmp_path, run_dir, caps
     assert result.returncode == 1 and result.stderr.startswith(
         f"error: {timed / 'log.jsonl'}: the time 'yesterday' of the line of epoch 0 is not YYYY-MM-DDTHH:MM:SS+ZZZZ"
     ) and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_resume_is_marked_on_every_panel_and_on_the_knn_panel_only_against_epochs(run_dir, monkeypatch):
+    """The resume of RECORDS is a dotted line on each of the five panels, the k-NN panel included
+    (at the epoch it logs); against minutes the k-NN panel has none (the log gives no minute for it)."""
+    dotted = {}
+
+    def count_dotted(plt, fig, path, dpi):
+        dotted[path] = [sum(line.get_linestyle() == ":" for line in ax.get_lines()) for ax in fig.axes[:5]]
+        plt.close(fig)
+
+    monkeypatch.setattr(plot_log, "save_png", count_dotted)
+    series, flags = plot_log.read_run(str(run_dir))
+    plot_log.draw(series, flags, "t", "epochs.png", "epochs")
+    plot_log.draw(series, flags, "t", "minutes.png", "minutes")
+    assert dotted == {"epochs.png": [1, 1, 1, 1, 1], "minutes.png": [1, 0, 1, 1, 1]}  # loss, knn, used, block, lr
