@@ -12,6 +12,13 @@ import pretrain
 from test_pretrain import TINY, run_main
 
 ABLATION_FLAGS = ("fixed_partition", "uniformity_weight", "momentum_teacher_end")
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def changed_training_flags(argv, base_argv):
+    """The training flags (pretrain.training_flags) whose values differ between two command lines."""
+    args, base = (pretrain.training_flags(pretrain.get_args(a)[1]) for a in (argv, base_argv))
+    return {k for k in set(args) | set(base) if args.get(k) != base.get(k)}
 
 
 def run(tmp_path, *extra):
@@ -121,24 +128,19 @@ def test_ablation_flags_default_to_the_method_and_keep_default_run_folders():
 def test_the_readme_ablation_commands_change_only_their_rows_flags():
     """Every `ablate DATASET ROW SEED FLAGS` line of the README parses, and its training flags differ
     from the method row's (the demo recipe at 10 epochs) exactly in the flags the line gives."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    lines = re.findall(r"^  ablate \$dataset (\w+) \$seed ?(.*)$", readme, flags=re.MULTILINE)
+    lines = re.findall(r"^  ablate \$dataset (\w+) \$seed ?(.*)$", README.read_text(), flags=re.MULTILINE)
     assert len(lines) == 10 and lines[0] == ("method", "")
     base = ["--recipe", "cpu_small", "--dataset", "mnist5k", "--epochs", "10", "--seed", "0"]
-    method = pretrain.training_flags(pretrain.get_args(base)[1])
     for row, flags in lines[1:]:
         given = {flag.lstrip("-") for flag in flags.split() if flag.startswith("--")}
-        args = pretrain.training_flags(pretrain.get_args(base + flags.split())[1])
-        changed = {k for k in set(args) | set(method) if args.get(k) != method.get(k)}
-        assert changed == given, row
+        assert changed_training_flags(base + flags.split(), base) == given, row
 
 
 def test_the_readme_longer_runs_are_the_demo_recipe_with_only_more_epochs():
     """The README's loop of longer runs parses for each of its epochs; each run's training flags are
     those of the demo recipe on its dataset but for --epochs (none at 45, the demo's), and its
     10-epoch runs are the `method` rows of the ablations (seed 0), whose numbers it reuses."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    loop = re.search(r"^for epochs in ([\d ]+); do\n(.*?)^done$", readme, flags=re.MULTILINE | re.DOTALL)
+    loop = re.search(r"^for epochs in ([\d ]+); do\n(.*?)^done$", README.read_text(), flags=re.MULTILINE | re.DOTALL)
     assert loop and loop.group(1).split() == ["10", "45", "90", "180"]
     commands = [line.split("pretrain.py", 1)[1] for line in loop.group(2).replace("\\\n", " ").splitlines()]
     recipes = [["--recipe", "cpu_small", "--dataset", "mnist5k"],
@@ -146,27 +148,22 @@ def test_the_readme_longer_runs_are_the_demo_recipe_with_only_more_epochs():
     assert len(commands) == 2
     for epochs in loop.group(1).split():
         for command, recipe in zip(commands, recipes):
-            args = pretrain.training_flags(pretrain.get_args(command.replace("${epochs}", epochs)
-                                                             .replace("$epochs", epochs).split())[1])
-            demo = pretrain.training_flags(pretrain.get_args(recipe)[1])
-            changed = {k for k in set(args) | set(demo) if args.get(k) != demo.get(k)}
-            assert changed == (set() if epochs == "45" else {"epochs"}), (epochs, command)
-            method_row = pretrain.training_flags(pretrain.get_args(recipe + ["--epochs", "10", "--seed", "0"])[1])
-            assert (args == method_row) == (epochs == "10"), (epochs, command)
+            argv = command.replace("${epochs}", epochs).replace("$epochs", epochs).split()
+            assert changed_training_flags(argv, recipe) == (set() if epochs == "45" else {"epochs"}), (epochs, command)
+            method_row = recipe + ["--epochs", "10", "--seed", "0"]
+            assert (not changed_training_flags(argv, method_row)) == (epochs == "10"), (epochs, command)
 
 
 def test_the_readme_no_teacher_runs_at_45_epochs_change_only_the_momentum():
     """The README's two no-teacher runs at the demo's length are the demo recipe on their datasets
     with the teacher's momentum at 0 and nothing else changed."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
-    commands = [line.split("pretrain.py", 1)[1].split("#")[0] for line in readme.splitlines()
+    commands = [line.split("pretrain.py", 1)[1].split("#")[0].split()
+                for line in README.read_text().replace("\\\n", " ").splitlines()
                 if line.startswith("python pretrain.py") and "_45_epochs_no_teacher" in line]
     assert len(commands) == 2
-    for command in commands:
-        args = pretrain.training_flags(pretrain.get_args(command.split())[1])
+    for argv in commands:
+        args = pretrain.training_flags(pretrain.get_args(argv)[1])
         recipe = ["--recipe", "cpu_small", "--dataset", args["dataset"]] + (
             ["--data_path", args["data_path"]] if args.get("data_path") else [])
-        demo = pretrain.training_flags(pretrain.get_args(recipe)[1])
-        assert {k for k in set(args) | set(demo) if args.get(k) != demo.get(k)} == \
-            {"momentum_teacher", "momentum_teacher_end"}, command
+        assert changed_training_flags(argv, recipe) == {"momentum_teacher", "momentum_teacher_end"}, argv
         assert args["momentum_teacher"] == args["momentum_teacher_end"] == 0
