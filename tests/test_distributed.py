@@ -87,7 +87,7 @@ def ranks(tmp_path_factory):
             if process.is_alive():
                 process.terminate()
                 process.join(5)
-    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
 
 
 @pytest.fixture(scope="module")

@@ -131,8 +131,8 @@ def test_end_to_end_on_synthetic_is_the_protocol_on_the_dumped_features(tmp_path
                       "--output_json", str(output), "--dump_features", str(tmp_path / "f")])
     printed = capsys.readouterr().out
     assert "k=10," in printed and all(name.upper() in printed for name in kmeans_eval.METRICS)
-    train, train_labels = torch.load(tmp_path / "f" / "train_features.pth").values()
-    val, val_labels = torch.load(tmp_path / "f" / "val_features.pth").values()
+    train, train_labels = torch.load(tmp_path / "f" / "train_features.pth", weights_only=True).values()
+    val, val_labels = torch.load(tmp_path / "f" / "val_features.pth", weights_only=True).values()
     train, val = standardize(train, val)
     centroids, _, _ = spherical_kmeans(train, 10, 100, 2, torch.Generator().manual_seed(0))
     _, assignment = kmeans_eval.nearest_centroid(torch.nn.functional.normalize(val, dim=1), centroids)

@@ -113,7 +113,8 @@ def test_script_runs_end_to_end_and_writes_the_json(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     results = json.loads(out.read_text())
-    saved = [torch.load(tmp_path / "f" / f"{split}_features.pth").values() for split in ("train", "val")]
+    saved = [torch.load(tmp_path / "f" / f"{split}_features.pth", weights_only=True).values()
+             for split in ("train", "val")]
     assert results == pytest.approx(knn_classify(*saved[0], *saved[1], nb_knn=[10, 20], temperature=0.07))
     assert "top-1" in run.stdout and f"{results['top1_k20']:>7.2f}" in run.stdout
 

@@ -52,6 +52,11 @@ def views(paths, kernel):
     return torch.stack([eval_transform(SIZE, kernel)(load_image(path)).flatten() for path in paths])
 
 
+def saved_features(path):
+    """The features a --dump_features file holds."""
+    return torch.load(path, weights_only=True)["features"]
+
+
 def assert_resized_with(found, paths, kernel):
     """`found` holds the `kernel` views of `paths`, not those of the other kernel."""
     other = {"bilinear": "bicubic", "bicubic": "bilinear"}[kernel]
@@ -85,7 +90,7 @@ def test_knn_resizes_bicubic_as_dino(image_folder, tmp_path, monkeypatch):
     use_pixel_backbone(monkeypatch, features)
     knn_eval.main(FOLDER + ["--data_path", str(root), "--nb_knn", "1", "--dump_features", str(tmp_path / "f")])
     for split, paths in (("train", train), ("val", val)):
-        assert_resized_with(torch.load(tmp_path / "f" / f"{split}_features.pth")["features"], paths, "bicubic")
+        assert_resized_with(saved_features(tmp_path / "f" / f"{split}_features.pth"), paths, "bicubic")
 
 
 @pytest.mark.parametrize("flags, kernel", [([], "bilinear"), (["--resize_interpolation", "bicubic"], "bicubic")])
@@ -97,7 +102,7 @@ def test_kmeans_resizes_bilinear_as_the_authors(image_folder, tmp_path, monkeypa
     kmeans_eval.main(FOLDER + ["--data_path", str(root), "--n_init", "1", "--dump_features", str(tmp_path / "f")]
                      + flags)
     for split, paths in (("train", train), ("val", val)):
-        assert_resized_with(torch.load(tmp_path / "f" / f"{split}_features.pth")["features"], paths, kernel)
+        assert_resized_with(saved_features(tmp_path / "f" / f"{split}_features.pth"), paths, kernel)
 
 
 def test_linear_probe_val_is_bicubic_and_its_crops_bilinear(image_folder, tmp_path, monkeypatch):
@@ -148,8 +153,8 @@ def test_voc07_resizes_bilinear_as_the_authors(tmp_path, monkeypatch):
     fewshot_eval.main(["--protocol", "voc07_svm", "--pretrained_weights", "random", "--data_path",
                        str(tmp_path / "voc"), "--image_size", str(SIZE), "--num_workers", "0", "--shots", "1",
                        "--runs", "1", "--dump_features", str(tmp_path / "f")])
-    assert_resized_with(torch.load(tmp_path / "f" / "trainval_features.pth")["features"], trainval, "bilinear")
-    assert_resized_with(torch.load(tmp_path / "f" / "test_features.pth")["features"], test, "bilinear")
+    assert_resized_with(saved_features(tmp_path / "f" / "trainval_features.pth"), trainval, "bilinear")
+    assert_resized_with(saved_features(tmp_path / "f" / "test_features.pth"), test, "bilinear")
 
 
 def write_inat2018(root):
@@ -184,7 +189,7 @@ def test_inat_lowshot_val_resizes_bilinear_as_the_authors(tmp_path, monkeypatch,
             "--data_path", str(tmp_path), "--image_size", str(SIZE), "--num_workers", "0"]
     if cached:
         fewshot_eval.main(argv + ["--cached_features", "true", "--epochs", "1", "--dump_features", str(tmp_path / "f")])
-        found = {split: torch.load(tmp_path / "f" / f"{split}_features.pth")["features"] for split in paths}
+        found = {split: saved_features(tmp_path / "f" / f"{split}_features.pth") for split in paths}
         assert_resized_with(found["train"], paths["train"], "bilinear")
     else:
         found, _ = fewshot_eval.augmented_views(fewshot_eval.get_args(argv), "cpu")
