@@ -107,6 +107,19 @@ def test_partition_for_step_depends_only_on_seed_and_step():
     assert next_step.flatten().unique().numel() == 64
 
 
+def test_partitions_of_two_seeds_differ():
+    """--seed 1 draws other partitions than --seed 0 at every step (torch's CPU generator reads only
+    the low 32 bits of its seed: a seed placed above them would be lost), and --seed 0 draws the
+    permutation of a generator seeded with the step itself."""
+    for step in (0, 1, 1000):
+        seed_0 = loss.partition_for_step(64, 16, seed=0, step=step)
+        assert not torch.equal(seed_0, loss.partition_for_step(64, 16, seed=1, step=step))
+        assert torch.equal(seed_0.flatten(), torch.randperm(64, generator=torch.Generator().manual_seed(step)))
+    seed_1 = {tuple(loss.partition_for_step(64, 16, seed=1, step=s).flatten().tolist()) for s in range(50)}
+    seed_0 = {tuple(loss.partition_for_step(64, 16, seed=0, step=s).flatten().tolist()) for s in range(50)}
+    assert len(seed_1) == 50 and not seed_0 & seed_1
+
+
 def test_random_partition_is_reproducible_with_a_seeded_generator():
     """Two generators seeded with the same value give the same partition."""
     a = loss.random_partition(64, 16, generator=torch.Generator().manual_seed(5))
