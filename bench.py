@@ -881,9 +881,11 @@ def bench_precision(args, log):
 # ---- 7. the CUDA tests ----
 
 def bench_cuda_tests(args, log):
-    """`pytest -k cuda` over --cuda_tests: the tests that need a GPU (their names or ids say cuda);
-    on a CPU they all skip."""
-    command = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-k", "cuda", "-p", "no:cacheprovider", *args.cuda_tests]
+    """`pytest -k "cuda or training_device"` over --cuda_tests: the tests that need a GPU (their names
+    or ids say cuda; on a CPU they skip) and those that run on the device training picks (the GPU
+    where there is one; the CPU, and the normal test suite, without)."""
+    command = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-k", "cuda or training_device", "-p", "no:cacheprovider",
+               *args.cuda_tests]
     log(" ".join(command[1:]))
     start = time.time()
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)

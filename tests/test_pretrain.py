@@ -70,10 +70,18 @@ def test_log_has_the_losses_and_prototype_usage(tmp_path):
 
 
 def test_teacher_is_an_ema_not_a_copy_of_the_student(tmp_path):
-    """After training, the teacher (an EMA of the student, m < 1) differs from the student."""
+    """After an epoch the teacher (an EMA of the student, momentum 0.9 -> 1) has moved from where it
+    started (a copy of the student's first weights) and is not the student: a teacher that never
+    moves fails the first check, a copy of the student the second (tests/test_training_step.py
+    checks the EMA's value)."""
     checkpoint = run_main(tmp_path, "--epochs", "1")
+    parser, args = pretrain.get_args(TINY)
+    pretrain.check_args(parser, args)
+    torch.manual_seed(args.seed)
+    initial = pretrain.carp_network(args).state_dict()  # the first network drawn after the seed: the student
     key = "head.mlp.0.weight"
     assert not torch.equal(checkpoint["teacher"][key], checkpoint["student"][key])
+    assert not torch.equal(checkpoint["teacher"][key], initial[key])
 
 
 @pytest.mark.parametrize("views", [[], ["--batched_views", "true", "--arch", "small_cnn"]],
@@ -320,34 +328,41 @@ def test_torchrun_two_processes_on_cpu(tmp_path, views):
     assert len(checkpoint["rng"]) == 2 and checkpoint["step"] == 2  # 32 images / 16 per step
 
 
-# ---------------------------------------------------------------- CUDA (skipped without a GPU) ----
+# ------------------------------------------------- the GPU's code paths, on the CPU without a GPU ----
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the device pretrain.py picks
+
+
 @pytest.mark.parametrize("precision", [["--use_fp16", "true"], ["--use_bf16", "true"]], ids=["fp16", "bf16"])
-def test_cuda_mixed_precision_run_trains_and_checkpoints(tmp_path, precision):
-    """On a GPU: autocast (fp16 with the gradient scaler, or bf16) and channels_last train two
-    epochs with a finite loss, and the checkpoint (scaler state included) loads with weights_only."""
-    checkpoint = run_main(tmp_path, "--epochs", "2", *precision)
+def test_mixed_precision_on_the_training_device_trains_and_checkpoints(tmp_path, precision):
+    """Autocast (fp16 with the gradient scaler, or bf16) trains two epochs with a finite loss, on the
+    GPU where there is one, else on the CPU, in channels_last, and the checkpoint (scaler state
+    included) loads with weights_only. (The SmallCNN: fp16 ResNets are slow on a CPU, and a CPU's bf16
+    convolutions in the ResNets' contiguous layout can give NaN.)"""
+    checkpoint = run_main(tmp_path, "--epochs", "2", "--arch", "small_cnn", *precision)
     assert checkpoint["epoch"] == 2 and "scaler" in checkpoint
+    assert bool(checkpoint["scaler"]) == ("--use_fp16" in precision)  # only fp16 has a scale to keep
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_batched_views_run_on_the_gpu(tmp_path, monkeypatch):
-    """--batched_views true on a GPU: the views are drawn on the GPU (from the uint8 batch moved
-    there), and the CPU recipe's SmallCNN trains two epochs with a finite loss."""
-    devices = []
+def test_batched_views_are_drawn_on_the_training_device(tmp_path, monkeypatch):
+    """--batched_views true: the views are drawn on the training device (the GPU where there is one)
+    from the uint8 batch moved there, with the seeds of its images, and the CPU recipe's SmallCNN
+    trains two epochs with a finite loss."""
+    calls = []
 
     class RecordingViews(data.BatchedMultiCrop):
-        def __call__(self, images):
-            views = super().__call__(images)
-            devices.append((images.device.type, views[0].device.type))
+        def __call__(self, images, seeds=None):
+            views = super().__call__(images, seeds)
+            calls.append((images.device.type, views[0].device.type, images.dtype, seeds))
             return views
 
     monkeypatch.setattr(pretrain, "BatchedMultiCrop", RecordingViews)
     run_main(tmp_path, "--epochs", "2", "--batched_views", "true", "--arch", "small_cnn", "--optimizer", "adamw")
-    assert devices and set(devices) == {("cuda", "cuda")}
+    assert len(calls) == 8  # 2 epochs x 4 batches
+    assert {c[:3] for c in calls} == {(DEVICE, DEVICE, torch.uint8)}
+    assert all(c[3] is not None and len(c[3]) == 4 for c in calls)
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
 
