@@ -103,9 +103,9 @@ def precision_name(dtype):
 # Training step configurations: a small one that runs in seconds on a CPU, and the paper's.
 STEP_PRESETS = {
     "small": dict(arch="resnet18", batch_size_per_gpu=16, global_crops_size=64, local_crops_number=2,
-                  local_crops_size=32, out_dim=4096, partition_size=256),
+                  local_crops_size=32, out_dim=4096, block_size=256),
     "paper": dict(arch="resnet50", batch_size_per_gpu=64, global_crops_size=224, local_crops_number=6,
-                  local_crops_size=96, out_dim=65536, partition_size=512),
+                  local_crops_size=96, out_dim=65536, block_size=512),
 }
 
 # The sections, in the order they run; `--sections gpu` is the GPU check, every section a GPU answers.
@@ -136,9 +136,9 @@ def get_args(argv=None):
     g.add_argument("--out_dim", "--step_out_dim", type=int, default=None,
                    help="K, prototypes, in the objective and the training step. Default: the paper's 65536 in the "
                         "objective, the --step_preset's in the step" + renamed("step_out_dim"))
-    g.add_argument("--partition_size", "--step_partition_size", type=int, default=None,
-                   help="N_B, prototypes per block, as --out_dim. Default: 512 in the objective, the "
-                        "--step_preset's in the step" + renamed("step_partition_size"))
+    g.add_argument("--block_size", "--partition_size", "--step_partition_size", type=int, default=None,
+                   help="N_B, prototypes per block, as --out_dim (--partition_size: the authors' name). Default: 512 "
+                        "in the objective, the --step_preset's in the step" + renamed("step_partition_size"))
 
     g = parser.add_argument_group("augmentation (defaults: the paper's views)")
     g.add_argument("--aug_images", type=int, default=16, help="decoded images in the fixed set")
@@ -218,13 +218,13 @@ def get_args(argv=None):
     if args.step_preset == "auto":
         args.step_preset = "paper" if args.device.type == "cuda" else "small"
     # The objective's sizes (K, N_B) and the step's: the flags when given, else each section's defaults.
-    args.objective_sizes = (args.out_dim or 65536, args.partition_size or 512)
+    args.objective_sizes = (args.out_dim or 65536, args.block_size or 512)
     for key, value in STEP_PRESETS[args.step_preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for n_prototypes, block_size in (args.objective_sizes, (args.out_dim, args.partition_size)):
+    for n_prototypes, block_size in (args.objective_sizes, (args.out_dim, args.block_size)):
         if not 1 <= block_size <= n_prototypes:
-            parser.error(f"--partition_size {block_size} must be between 1 and --out_dim {n_prototypes}")
+            parser.error(f"--block_size {block_size} must be between 1 and --out_dim {n_prototypes}")
     if args.objective_views < 2 or args.objective_batch < 1:
         parser.error(f"--objective_views {args.objective_views} must be >= 2 (the teacher's global views) "
                      f"and --objective_batch {args.objective_batch} >= 1")
@@ -402,7 +402,8 @@ def decoded_images(n_images, width, height, seed):
 
 def bench_augmentation(args):
     images = decoded_images(args.aug_images, *args.aug_image_size, args.seed)
-    views = dict(local_crops_number=args.aug_local_crops_number, global_crops_size=args.aug_global_crops_size,
+    views = dict(global_crops_scale=(0.2, 1.0), local_crops_scale=(0.05, 0.2),  # the paper's
+                 local_crops_number=args.aug_local_crops_number, global_crops_size=args.aug_global_crops_size,
                  local_crops_size=args.aug_local_crops_size)
     pipelines = {"baseline": BaselineMultiCrop(**views), "ours": data.MultiCropAugmentation(**views)}
     n_views = 2 + args.aug_local_crops_number
@@ -454,18 +455,20 @@ def measure_step(sizes, device, precision, seed, warmup, repeats, light=False):
     """Time and peak memory of one training step at `sizes` (a STEP_PRESETS dict) in `precision`
     (None: float32; torch.float16: with the gradient scaler; torch.bfloat16). light=True measures the
     step alone (the largest-batch search), without the backbones, the phases and the syncs."""
-    memory_format = pretrain.preferred_memory_format(sizes["arch"], device)
+    memory_format = model.preferred_memory_format(sizes["arch"], device)
     torch.manual_seed(seed)
 
     def carp_network():
         backbone = model.build_backbone(sizes["arch"])
-        return model.MultiCropWrapper(backbone, model.CARPHead(backbone.embed_dim, sizes["out_dim"]))
+        head = model.CARPHead(backbone.embed_dim, sizes["out_dim"], use_bn=True, norm_last_layer=True,  # the paper's
+                              hidden_dim=2048, bottleneck_dim=256)
+        return model.MultiCropWrapper(backbone, head)
 
     student, teacher = carp_network(), carp_network()
     student = student.to(device, memory_format=memory_format)
     teacher = teacher.to(device, memory_format=memory_format)
     model.start_teacher(student, teacher)
-    optimizer = optim.build_optimizer("lars", student)
+    optimizer = optim.build_optimizer("lars", student, momentum=0.9, weight_decay=0.0)
     flags = argparse.Namespace(use_fp16=precision == torch.float16, use_bf16=precision == torch.bfloat16)
     scaler = gradient_scaler(flags, device)
     autocast = autocast_for(flags, device)
@@ -483,7 +486,7 @@ def measure_step(sizes, device, precision, seed, warmup, repeats, light=False):
         """One optimizer step of pretrain.train_one_epoch (no gradient accumulation, one process),
         through the same two functions."""
         mark = timer or (lambda phase: None)
-        partition = loss.partition_for_step(sizes["out_dim"], sizes["partition_size"], seed, steps_taken[0])
+        partition = loss.partition_for_step(sizes["out_dim"], sizes["block_size"], seed, steps_taken[0])
         steps_taken[0] += 1
         student_logits, total, consistency, uniformity = pretrain.forward_backward(
             student, teacher, views, partition.to(device), autocast, scaler)
@@ -511,7 +514,7 @@ def measure_step(sizes, device, precision, seed, warmup, repeats, light=False):
     n_views = 2 + n_local
     result = {
         "config": {"arch": sizes["arch"], "batch": batch, "views": f"2 x {global_size} + {n_local} x {local_size}",
-                   "K": sizes["out_dim"], "N_B": sizes["partition_size"], "precision": precision_name(precision),
+                   "K": sizes["out_dim"], "N_B": sizes["block_size"], "precision": precision_name(precision),
                    "fp16": precision == torch.float16, "channels_last": memory_format == torch.channels_last},
         "step_ms": 1000 * seconds["step"], "images_per_s": batch / seconds["step"],
         "views_per_s": n_views * batch / seconds["step"],
@@ -572,7 +575,7 @@ def bench_cpu_recipe(args):
                                             "--num_workers", "0" if batched else str(args.recipe_workers)])
         pretrain.check_args(parser, recipe)
         device = args.device
-        memory_format = pretrain.preferred_memory_format(recipe.arch, device)
+        memory_format = model.preferred_memory_format(recipe.arch, device)
         sampler, loader, make_views = pretrain.data_and_views(recipe, 0, 1, device, memory_format)
 
         def epochs():  # the loader's batches, epoch after epoch, as pretrain.py reads them
@@ -584,7 +587,7 @@ def bench_cpu_recipe(args):
         student, teacher = pretrain.carp_network(recipe), pretrain.carp_network(recipe)
         student, teacher = student.to(device, memory_format=memory_format), teacher.to(device, memory_format=memory_format)
         model.start_teacher(student, teacher)
-        optimizer = optim.build_optimizer(recipe.optimizer, student)
+        optimizer = optim.build_optimizer(recipe.optimizer, student, momentum=0.9, weight_decay=0.0)
         scaler = gradient_scaler(recipe, device)  # float32 on a CPU, fp16 on CUDA, as pretrain.py
         autocast = autocast_for(recipe, device)
         waiting, total = [], []
@@ -595,7 +598,7 @@ def bench_cpu_recipe(args):
             views = make_views(images, seeds)
             synchronize(device)
             got_views = time.perf_counter()
-            partition = loss.partition_for_step(recipe.out_dim, recipe.partition_size, recipe.seed, step)
+            partition = loss.partition_for_step(recipe.out_dim, recipe.block_size, recipe.seed, step)
             pretrain.forward_backward(student, teacher, views, partition.to(device), autocast, scaler)
             pretrain.optimizer_step(student, teacher, optimizer, scaler, recipe.lr * recipe.batch_size_per_gpu / 256,
                                     recipe.weight_decay, recipe.momentum_teacher)
@@ -616,7 +619,8 @@ def bench_view_seeding(args, recipe):
     """What seeding every image's views by (seed, epoch, index) costs, against drawing them from one
     generator: the batched views' random numbers for a batch of the recipe (one generator per image
     vs one draw for the batch), and a per-image generator (what each DataLoader worker does per image)."""
-    augmentation = data.BatchedMultiCrop(local_crops_number=recipe.local_crops_number)
+    augmentation = data.BatchedMultiCrop(recipe.global_crops_scale, recipe.local_crops_scale, recipe.local_crops_number,
+                                         recipe.global_crops_size, recipe.local_crops_size)
     batch = recipe.batch_size_per_gpu
     seeds = torch.tensor([data.view_seed(recipe.seed, 0, i) for i in range(batch)])
     runs = {"per_image_seeds": lambda: augmentation.draws(batch, seeds, args.device),
@@ -635,12 +639,12 @@ def bench_checkpoint(args):
     momentum buffers, as pretrain.py saves them): its size, and the time of one write as pretrain.py
     makes it (run_folder.save_checkpoint: torch.save to a temporary file, fsync, rename, fsync of the
     folder), the median of --repeats writes into --checkpoint_dir."""
-    parser, recipe = pretrain.get_args(["--arch", args.arch, "--out_dim", str(args.out_dim), "--partition_size",
-                                        str(args.partition_size), "--global_crops_size", str(args.global_crops_size)])
+    parser, recipe = pretrain.get_args(["--arch", args.arch, "--out_dim", str(args.out_dim), "--block_size",
+                                        str(args.block_size), "--global_crops_size", str(args.global_crops_size)])
     pretrain.check_args(parser, recipe)
     torch.manual_seed(args.seed)
     student, teacher = pretrain.carp_network(recipe), pretrain.carp_network(recipe)
-    optimizer = optim.build_optimizer("lars", student)
+    optimizer = optim.build_optimizer("lars", student, momentum=0.9, weight_decay=0.0)
     for group in optimizer.param_groups:  # the momentum buffers LARS holds after its first step
         for p in group["params"]:
             optimizer.state[p]["mu"] = torch.zeros_like(p)
@@ -672,7 +676,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Sizes of the dry run: the SmallCNN on 16 / 8-pixel views, a few images: seconds on a CPU.
 DRY_STEP = dict(arch="small_cnn", batch_size_per_gpu=4, global_crops_size=16, local_crops_number=2,
-                local_crops_size=8, out_dim=256, partition_size=16)
+                local_crops_size=8, out_dim=256, block_size=16)
 DRY_MAX_BATCH = 8  # the largest-batch search of the dry run: one try
 # The views of the data-pipeline sections: the paper's, from decoded photo-sized images, and the demo's.
 VIEW_SIZES = {
@@ -692,11 +696,11 @@ DRY_VIEW_SIZES = {
 LEARNING_RECIPES = {
     "cpu_recipe": pretrain.CPU_RECIPE,
     "resnet18_small_stem": "--arch resnet18 --small_image_stem true --global_crops_size 32 --local_crops_size 16 "
-                           "--local_crops_number 4 --out_dim 4096 --partition_size 256 --batch_size_per_gpu 256 "
+                           "--local_crops_number 4 --out_dim 4096 --block_size 256 --batch_size_per_gpu 256 "
                            "--epochs 40 --knn_every 5",
 }
 # What the dry run adds to every pretrain.py run (the last value of a flag wins).
-DRY_PRETRAIN = ("--arch small_cnn --hidden_dim 64 --bottleneck_dim 32 --out_dim 256 --partition_size 16 "
+DRY_PRETRAIN = ("--arch small_cnn --hidden_dim 64 --bottleneck_dim 32 --out_dim 256 --block_size 16 "
                 "--global_crops_size 16 --local_crops_size 8 --local_crops_number 2 --batch_size_per_gpu 8 "
                 "--num_workers 0 --knn_every 1 --epochs 2")
 PRECISION_FLAGS = {"float32": ["--use_fp16", "false"], "fp16": ["--use_fp16", "true"], "bf16": ["--use_bf16", "true"]}
@@ -988,22 +992,21 @@ class ImageList(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform else image), 0
 
 
-def view_flags(sizes, batched):
-    """The view flags of pretrain.py for `sizes` (a VIEW_SIZES entry), the paper's crop scales."""
-    return argparse.Namespace(global_crops_scale=(0.2, 1.0), local_crops_scale=(0.05, 0.2),
-                              global_crops_size=sizes["global_crops_size"], local_crops_size=sizes["local_crops_size"],
-                              local_crops_number=sizes["local_crops_number"], batched_views=batched)
+def view_flags(sizes):
+    """pretrain.py's crop flags for `sizes` (a VIEW_SIZES entry), the paper's crop scales, in
+    data.pretraining_views' order."""
+    return ((0.2, 1.0), (0.05, 0.2), sizes["local_crops_number"], sizes["global_crops_size"], sizes["local_crops_size"])
 
 
 def views_throughput(sizes, batched, n_batches, workers, device, seed):
-    """Images and views per second of pretrain.py's views (pretrain.views_pipeline) through a
+    """Images and views per second of pretrain.py's views (data.pretraining_views) through a
     DataLoader with `workers` processes onto `device`: per image in the workers (batched=False, the
     views then moved to the device) or per batch on the device (batched=True, from uint8 images of the
     views' size made by the workers). Also make_views alone per batch (moving the views, or drawing
     them) and its host-device synchronisations."""
     images = decoded_images(sizes["images"], *sizes["image_size"], seed)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    augmentation, transform, make_views = pretrain.views_pipeline(view_flags(sizes, batched), device, memory_format)
+    augmentation, transform, make_views = data.pretraining_views(view_flags(sizes), batched, device, memory_format)
     batch = sizes["batch"]
     # pretrain.py's dataset of (views or image, view seed, bad) items, read in epoch 0's order.
     dataset = data.PretrainingImages(ImageList(images, transform, (n_batches + 1) * batch), seed, augmentation)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from cli import DataError, Stopped
 from distributed import all_gather_object, is_initialized, is_main_process
-from run_folder import check_resume_flags, read_run_checkpoint, rng_state, save_checkpoint, set_rng_state
+from run_folder import check_resume_flags, current_names, read_run_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -74,7 +74,7 @@ def stop_if_asked(stop, checkpoint, log):
 SCHEDULE_ARGS = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher",
                  "momentum_teacher_end")
 # Flags that define the objective: a resume with another value optimizes another objective from there on.
-OBJECTIVE_ARGS = ("partition_size", "fixed_partition", "uniformity_weight", "local_crops_number")
+OBJECTIVE_ARGS = ("block_size", "fixed_partition", "uniformity_weight", "local_crops_number")
 # Flags that define the networks and the optimizer state: a resume with another value cannot load them.
 RESUME_ARGS = ("arch", "small_image_stem", "out_dim", "hidden_dim", "bottleneck_dim", "use_bn_in_head", "optimizer")
 RESUME_DEFAULTS = {"hidden_dim": 2048, "bottleneck_dim": 256}  # what checkpoints from before these flags used
@@ -115,6 +115,7 @@ class RunCheckpoint:
                       f"earlier checkpointNNNN.pth of this folder to {self.path} to resume from that epoch")
         checkpoint = read_run_checkpoint(self.path, ("student", "teacher", "optimizer", "scaler", "epoch", "rng",
                                                      "args"), "pretrain.py", what_to_do)
+        checkpoint["args"] = current_names(checkpoint["args"])
         check_resume_flags(self.path, checkpoint["args"], self.args, RESUME_ARGS, RESUME_DEFAULTS)
         # Checkpoints from before step checkpoints hold whole epochs only; a step within an epoch means
         # the same only with the same steps per epoch (data, batch, accumulation and processes).

@@ -230,8 +230,8 @@ class MultiCropAugmentation:
     PretrainingImages); returns a list of 2 + M normalised float tensors (3, H, W), global views first.
     """
 
-    def __init__(self, global_crops_scale=(0.2, 1.0), local_crops_scale=(0.05, 0.2), local_crops_number=6,
-                 global_crops_size=224, local_crops_size=96):
+    def __init__(self, global_crops_scale, local_crops_scale, local_crops_number, global_crops_size, local_crops_size):
+        # The five are pretrain.py's flags of the same names (the paper: (0.2, 1), (0.05, 0.2), 6, 224, 96).
         # (crop size, crop area range, blur probability, solarisation probability) of each kind of view
         self.global_view1 = (global_crops_size, tuple(global_crops_scale), 1.0, 0.0)
         self.global_view2 = (global_crops_size, tuple(global_crops_scale), 0.1, 0.2)
@@ -312,8 +312,8 @@ class BatchedMultiCrop:
     PHOTOMETRIC_DRAWS = 13  # jitter or not, 4 jitter factors, 4 keys of its order, grey, blur, sigma, solarise
     DRAWS_PER_VIEW = CROP_DRAWS + PHOTOMETRIC_DRAWS
 
-    def __init__(self, global_crops_scale=(0.2, 1.0), local_crops_scale=(0.05, 0.2), local_crops_number=6,
-                 global_crops_size=224, local_crops_size=96):
+    def __init__(self, global_crops_scale, local_crops_scale, local_crops_number, global_crops_size, local_crops_size):
+        # The five are pretrain.py's flags of the same names, as for MultiCropAugmentation.
         # (view size, crop area range) of each kind of view
         self.global_view = (global_crops_size, tuple(global_crops_scale))
         self.local_view = (local_crops_size, tuple(local_crops_scale))
@@ -408,6 +408,28 @@ class BatchedMultiCrop:
             out += list(views(self.local_view, 2, self.local_crops_number, torch.full((n_local,), 0.5, device=device),
                               torch.zeros(n_local, device=device)).split(batch))  # M x (B, 3, size, size)
         return out
+
+
+def pretraining_views(crops, batched, device, memory_format=torch.contiguous_format):
+    """How pretrain.py makes its views, from `crops` (its flags --global_crops_scale,
+    --local_crops_scale, --local_crops_number, --global_crops_size, --local_crops_size): (the per-image
+    augmentation for PretrainingImages or None, the dataset's transform, make_views). make_views
+    turns what the DataLoader yields (and the images' view seeds) into the list of 2 + M views on
+    `device`, global views first."""
+    if batched:  # --batched_views true
+        # The loader yields uint8 images of one size; the views of the whole batch are drawn on the device.
+        augmentation = BatchedMultiCrop(*crops)
+
+        @torch.no_grad()
+        def make_views(images, seeds):
+            views = augmentation(images.to(device, non_blocking=True), seeds)
+            return [v.contiguous(memory_format=memory_format) for v in views]
+        return None, fixed_size_uint8(crops[3]), make_views
+
+    # The DataLoader workers draw the views of every image (the paper's pipeline).
+    def make_views(views, seeds):
+        return [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
+    return MultiCropAugmentation(*crops), None, make_views
 
 
 def fixed_size_uint8(size):

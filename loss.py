@@ -3,7 +3,7 @@
 Notation (the paper's, arXiv:2310.12692), and the flag that sets each size:
 
     K    prototypes                                        --out_dim (paper 65536)
-    N_B  prototypes per block                              --partition_size (paper 512; the authors' name)
+    N_B  prototypes per block                              --block_size (paper 512; the authors' --partition_size)
     N_P  blocks of a partition, N_P = K // N_B             (paper 128)
     V    student views per image: 2 global + M local       --local_crops_number M (paper 6, so V = 8)
     V_t  teacher views per image: the 2 global views
@@ -13,7 +13,8 @@ One word per concept, here and in every file:
     view       an augmented crop of an image (data.py); the student sees all V, the teacher the 2 global
     prototype  one of the K rows c_k of the head's last layer; a view's logit for it is <c_k / ||c_k||, z>
     block      a group of N_B prototypes (`block_size` = N_B and `n_blocks` = N_P in the code)
-    partition  a random split of the K prototypes into N_P disjoint blocks, drawn anew at every step
+    partition  a random split of the K prototypes into N_P disjoint blocks, drawn anew for every forward
+               pass: every optimizer step, and every micro-step of one under gradient accumulation
     student    the network trained by gradient; teacher: its exponential moving average (model.py)
 
 Inside every block b a view is softly assigned to one of the block's prototypes, with a softmax over
@@ -30,13 +31,14 @@ objective asks two things of these assignments:
                      = mean over b of KL(pbar_b || uniform(N_B))
                  pbar_b is the block's assignment averaged over every view (student and teacher) of
                  every image of the global batch: 0 when all prototypes of a block are used equally.
-                 NOTE(authors' code): they call this term "entropy" (so did our logs before); it is
-                 log N_B minus the entropy of pbar_b, which our logs report as `block_entropy`.
+                 NOTE(authors' code): they call this term "entropy"; it is log N_B minus the entropy
+                 of pbar_b, which pretrain.py's log reports as `block_entropy` (a run that collapses
+                 shows it falling: train_stats.COLLAPSE_THRESHOLD).
 
     loss = L_c + L_H        (pretrain.py's --uniformity_weight lambda gives L_c + lambda L_H, an ablation)
 
 Why blocks: a batch cannot estimate a uniform use of 65536 prototypes, but it can of 512; a fresh
-random partition at every step turns the prototypes into many small random assignment tasks. With
+random partition at every forward pass turns the prototypes into many small random assignment tasks. With
 N_B = K there is one block: the objective of CARL, the authors' earlier method.
 
 The file reads in that order: the partition, the block softmax, `carp_objective` (the definition,
@@ -53,9 +55,16 @@ paper's 2 + 6. The shared shift grows unless the teacher lags enough (teacher sh
 V^2 / (V^2 + 2V + 4) of the student's: 1/3 with 2 views, 0.76 with 8), which is what multi-crop
 and a slow teacher (momentum 0.99 -> 1) buy.
 
-Everything here is plain tensor code. The only collective is the sum of the block marginal over
-processes (global_mean), the identity when no process group is initialised, so the loss runs and
-tests the same in one process.
+Everything here is plain tensor code; under torchrun there are two collectives, both in global_mean,
+the identity when no process group is initialised (so the loss runs and tests the same in one
+process): the forward pass all-reduces the block sums into the global marginal pbar_b, and the
+backward pass all-reduces the gradient of pbar_b. Why the second makes the step exact: every process
+computes the same L_H from the same pbar_b, and DDP averages the parameter gradients over the W
+processes, i.e. divides their sum by W. L_c is a mean over each process's own images, so that
+average is the mean over the global batch. L_H is one term of the global batch: the gradient that
+reaches a process's assignments must be the sum over processes of dL_H / dpbar_b (W times one
+process's), so that DDP's division by W leaves it once. Together the W processes take exactly the
+gradient of one process on the concatenated batch (tests/test_distributed.py).
 """
 import math
 
@@ -76,8 +85,8 @@ def random_partition(n_prototypes, block_size, generator=None):
     """
     if not 1 <= block_size <= n_prototypes:
         raise ValueError(
-            f"--partition_size {block_size} must be between 1 and the number of prototypes "
-            f"(--out_dim {n_prototypes}); the paper uses 512 of 65536. Choose a --partition_size "
+            f"--block_size {block_size} must be between 1 and the number of prototypes "
+            f"(--out_dim {n_prototypes}); the paper uses 512 of 65536. Choose a --block_size "
             f"that divides --out_dim."
         )
     n_blocks = n_prototypes // block_size  # N_P
@@ -86,9 +95,9 @@ def random_partition(n_prototypes, block_size, generator=None):
 
 
 def partition_for_step(n_prototypes, block_size, seed, step):
-    """The partition of step `step`, identical on every process and after a resume. (pretrain.py
-    numbers its steps optimizer step x gradient accumulation + micro-step, so that every forward
-    pass draws its own partition.)
+    """The partition of forward pass `step`, identical on every process and after a resume.
+    pretrain.py numbers its forward passes optimizer step x gradient accumulation + micro-step, so
+    every forward pass draws its own partition (--fixed_partition, an ablation, keeps number 0's).
 
     NOTE(authors' code): the authors draw the permutation on rank 0 and broadcast it. A generator
     seeded from (seed, step) gives every rank the same partition with no communication, and a run
@@ -115,12 +124,15 @@ def block_softmax(logits, partition):
     return logits.float()[..., partition].softmax(dim=-1)  # (..., N_P, N_B)
 
 
-def carp_objective(student_logits, teacher_logits, partition):
+def carp_objective(student_logits, teacher_logits, partition, teacher_views=(0, 1)):
     """The two terms of the CARP objective, straight from their definitions (module docstring).
 
-    student_logits: (V, B, K) logits of every student view (2 global first, then the locals).
-    teacher_logits: (V_t, B, K) logits of the teacher's global views, V_t = 2.
-    partition:      (N_P, N_B) prototype indices of this step's blocks.
+    student_logits: (V, B, K) logits of every student view.
+    teacher_logits: (V_t, B, K) logits of the teacher's views, V_t = 2.
+    partition:      (N_P, N_B) prototype indices of this forward pass's blocks.
+    teacher_views:  which student view each teacher view is: teacher view v is the view
+                    student_logits[teacher_views[v]] (the 2 global views, which data.py puts first),
+                    the one pair (u, v) that L_c leaves out.
     Returns (consistency, uniformity), 0-dim float32 tensors; the training loss is their sum.
     Training runs carp_loss, which returns the same numbers and gradients with less memory.
     """
@@ -130,7 +142,7 @@ def carp_objective(student_logits, teacher_logits, partition):
 
     # ---- L_c: the student view u and the teacher view v, u != v, pick the same prototype of a block ----
     pair_losses = [-(p[u] * q[v]).sum(dim=-1).clamp(EPS, 1 - EPS).log().mean()  # l(u, v): mean over n and b
-                   for u in range(len(p)) for v in range(len(q)) if u != v]  # 2V - 2 pairs
+                   for u in range(len(p)) for v in range(len(q)) if u != teacher_views[v]]  # 2V - 2 pairs
     consistency = torch.stack(pair_losses).mean()  # L_c
 
     # ---- L_H: every prototype of a block used equally over the global batch ----
@@ -216,7 +228,7 @@ class _BlockAssignments(torch.autograd.Function):
         return grad, None, None
 
 
-def carp_loss(student_logits, teacher_logits, partition):
+def carp_loss(student_logits, teacher_logits, partition, teacher_views=(0, 1)):
     """carp_objective's (consistency, uniformity), computed through _BlockAssignments.
 
     Same inputs and outputs as carp_objective. Computed in float32 whatever the input dtype
@@ -236,9 +248,9 @@ def carp_loss(student_logits, teacher_logits, partition):
         # agreement[u, v, n, b] = sum_k p_b(z_n^u)_k q_b(w_n^v)_k, the probability that the two views
         # pick the same prototype of block b.
         nll = -agreement.clamp(EPS, 1 - EPS).log().mean(dim=(2, 3))  # (V, V_t): l(u, v)
-        # Pairs u != v: global view 0 meets teacher view 1 and vice versa, every local view meets
-        # both teacher views, 2V - 2 pairs in all.
-        same_view = torch.eye(n_views, n_teacher_views, dtype=torch.bool, device=nll.device)  # (V, V_t)
+        # Pairs of different views: global view 0 meets teacher view 1 and vice versa, every local view
+        # meets both teacher views, 2V - 2 pairs in all.
+        same_view = torch.tensor([[u == t for t in teacher_views] for u in range(n_views)], device=nll.device)  # (V, V_t)
         consistency = nll[~same_view].mean()  # L_c
 
         # ---- L_H: every prototype of a block used equally over the global batch ----------------------

@@ -57,6 +57,15 @@ class SmallCNN(nn.Module):
         return self.stages(x).mean(dim=(2, 3))  # (B, 256)
 
 
+def preferred_memory_format(arch, device):
+    """The memory layout pretrain.py gives the networks and views: channels_last on CUDA (tensor
+    cores want it) and for the SmallCNN on a CPU, where oneDNN's convolutions run faster that way;
+    the ResNets keep the default layout on a CPU, where channels_last did not pay."""
+    if device.type == "cuda" or arch == SMALL_CNN:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def check_arch(arch):
     """Raise a ValueError naming the choices when `arch` is not a backbone build_backbone knows."""
     if arch not in ARCHS:
@@ -64,7 +73,7 @@ def check_arch(arch):
                          f"ResNet: {', '.join(RESNET_ARCHS)}")
 
 
-def build_backbone(arch="resnet50", small_image_stem=False, zero_init_residual=True):
+def build_backbone(arch, small_image_stem=False, zero_init_residual=True):
     """A torchvision ResNet without its classifier, or the SmallCNN: (B, 3, H, W) -> pooled features (B, D).
 
     small_image_stem: for 32x32-pixel data (CIFAR), replace the 7x7 stride-2 conv + max-pool,
@@ -88,17 +97,20 @@ def build_backbone(arch="resnet50", small_image_stem=False, zero_init_residual=T
 
 
 class CARPHead(nn.Module):
-    """Projector g (an MLP) followed by the K prototypes (n_prototypes, the flag --out_dim).
+    """Projector g (an MLP) followed by the K prototypes. The sizes are pretrain.py's flags (paper
+    values in brackets): n_prototypes K --out_dim (65536), hidden_dim --hidden_dim (2048),
+    bottleneck_dim --bottleneck_dim (256), use_bn --use_bn_in_head (true), norm_last_layer
+    --norm_last_layer (true).
 
     mlp:        Linear(D, 2048) -> BN -> GELU -> Linear(2048, 2048) -> BN -> GELU -> Linear(2048, 256)
     last_layer: weight-normalised Linear(256, K, bias=False); row k is prototype c_k, and with the
-                norm g fixed to 1 the logit of prototype k is s_k(z) = <c_k / ||c_k||, z>.
+                norm g fixed to 1 the logit of prototype k is s_k(z) = <c_k / ||c_k||, z>. With
+                norm_last_layer false g is learned too (its own norm per prototype).
     NOTE(paper): unlike DINO, z is NOT L2-normalised before the prototypes and there is no
     temperature: the loss takes a softmax of these raw logits inside each block.
     """
 
-    def __init__(self, in_dim, n_prototypes=65536, use_bn=True, norm_last_layer=True, nlayers=3,
-                 hidden_dim=2048, bottleneck_dim=256):
+    def __init__(self, in_dim, n_prototypes, use_bn, norm_last_layer, hidden_dim, bottleneck_dim, nlayers=3):
         super().__init__()
         layers = []
         dims = [in_dim] + [hidden_dim] * (nlayers - 1)
@@ -113,7 +125,8 @@ class CARPHead(nn.Module):
         self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, n_prototypes, bias=False))
         self.last_layer.parametrizations.weight.original0.data.fill_(1)
         if norm_last_layer:
-            # Fixed norm 1: only the prototype directions are learned.
+            # Fixed norm 1: only the prototype directions are learned (g takes no gradient and is in
+            # no optimizer group).
             self.last_layer.parametrizations.weight.original0.requires_grad = False
 
     @staticmethod
@@ -158,7 +171,8 @@ class MultiCropWrapper(nn.Module):
 
 def start_teacher(student, teacher):
     """The teacher starts as a copy of the student and never takes a gradient (it follows the
-    student by EMA only, update_teacher)."""
+    student by EMA only, update_teacher). Like the student it stays in train() mode: its BatchNorm
+    layers normalise with the statistics of the batch it sees, the 2 global views."""
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
@@ -168,7 +182,12 @@ def start_teacher(student, teacher):
 def update_teacher(student, teacher, momentum):
     """EMA of the weights: xi <- m * xi + (1 - m) * theta, over all parameters (not BN buffers:
     the teacher's BatchNorm keeps its own running statistics, as in DINO). m = 1 leaves the
-    teacher unchanged, m = 0 copies the student."""
+    teacher unchanged, m = 0 copies the student.
+
+    pretrain.py calls it once per optimizer step, just after the student's update (not after every
+    micro-step of gradient accumulation), with m from a cosine schedule that starts at
+    --momentum_teacher and approaches --momentum_teacher_end (the paper's 0.99 -> 1; optim.cosine_schedule
+    says how close the last step comes)."""
     teacher_params = list(teacher.parameters())
     student_params = [p.detach() for p in student.parameters()]
     torch._foreach_mul_(teacher_params, momentum)

@@ -13,8 +13,9 @@ class LARS(torch.optim.Optimizer):
 
     For every weight tensor w with gradient g: d = g + wd * w, then d is rescaled by the trust ratio
     eta * ||w|| / ||d||, so that every layer moves by about the same fraction of its norm.
-    Parameter groups with `lars_exclude=True` (biases, BatchNorm, the prototype norm) get plain
-    momentum SGD with no weight decay and no rescaling. NOTE(paper): trust coefficient 0.001.
+    Parameter groups with `lars_exclude=True` (param_groups: biases and BatchNorm parameters, and
+    the prototype norm g when it is learned) get plain momentum SGD with no weight decay and no
+    rescaling. NOTE(paper): trust coefficient 0.001, momentum 0.9.
     """
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
@@ -41,8 +42,10 @@ class LARS(torch.optim.Optimizer):
 
 
 def param_groups(model):
-    """Weights get weight decay and LARS adaptation; biases, norm parameters and the prototype norm
-    g of the weight-normalised layer do not."""
+    """[{weights}, {the rest: weight_decay 0, lars_exclude}]: convolution and linear weights (the
+    prototype directions among them) get weight decay and LARS adaptation; biases, BatchNorm
+    parameters and the prototype norm g of the weight-normalised layer get neither. (With the
+    paper's --norm_last_layer true, g is frozen at 1: it takes no gradient and is in neither group.)"""
     regularized, not_regularized = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -61,8 +64,12 @@ def scaled_lr(lr, batch_size_per_gpu, world_size, accumulation_steps):
 
 def cosine_schedule(base_value, final_value, epochs, steps_per_epoch, warmup_epochs=0, start_warmup_value=0.0):
     """One value per optimizer step (epochs x steps_per_epoch values): linear warm-up, then a half
-    cosine from base_value to final_value. A warm-up longer than the run is cut where the run ends
-    (the values ramp as they would; the cosine never starts)."""
+    cosine from base_value towards final_value. A warm-up longer than the run is cut where the run
+    ends (the values ramp as they would; the cosine never starts).
+
+    As DINO's, the cosine's T steps never reach final_value: the last is (base_value - final_value)
+    (1 - cos(pi / T)) / 2, about (base_value - final_value) (pi / T)^2 / 4, short of it. For the teacher
+    momentum 0.99 -> 1 that is 1 - 1.3e-8 after the CPU demo's 1,395 steps; the EMA never stops."""
     warmup_steps = warmup_epochs * steps_per_epoch
     warmup = np.linspace(start_warmup_value, base_value, warmup_steps)
     steps = np.arange(max(0, epochs * steps_per_epoch - warmup_steps))
@@ -70,11 +77,11 @@ def cosine_schedule(base_value, final_value, epochs, steps_per_epoch, warmup_epo
     return np.concatenate([warmup, cosine])[:epochs * steps_per_epoch]
 
 
-def build_optimizer(name, model, momentum=0.9, weight_decay=0.0):
-    """'lars', 'sgd' (with momentum) or 'adamw' over param_groups(model): the weights get
-    `weight_decay` (and, with LARS, the trust-ratio adaptation), biases and norm parameters neither.
-    The learning rate starts at 0: the scripts set it (and pretraining the weight decay) at every
-    step from their schedules."""
+def build_optimizer(name, model, momentum, weight_decay):
+    """'lars', 'sgd' (with `momentum`) or 'adamw' (its default betas (0.9, 0.999) and eps 1e-8) over
+    param_groups(model): the weights get `weight_decay` (and, with LARS, the trust-ratio adaptation),
+    biases and norm parameters neither. The learning rate starts at 0: the scripts set it (and
+    pretraining the weight decay) at every step from their schedules."""
     groups = param_groups(model)  # [{weights}, {biases and norms: weight_decay 0, lars_exclude}]
     if name == "lars":
         return LARS(groups, weight_decay=weight_decay, momentum=momentum)

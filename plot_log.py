@@ -21,6 +21,8 @@ import math
 import os
 
 import cli
+from run_folder import current_names
+from train_stats import COLLAPSE_THRESHOLD
 
 # The columns of the interval lines (one every --log_every optimizer steps), read against "step".
 STEP_KEYS = ("loss", "consistency", "uniformity", "prototypes_used", "block_entropy", "lr", "grad_norm")
@@ -123,7 +125,7 @@ def read_run_flags(run_dir):
         return {}
     try:
         with open(path) as f:
-            return json.load(f).get("args", {})
+            return current_names(json.load(f).get("args", {}))
     except ValueError as e:
         raise PlotError(f"{path} is not valid JSON ({e}); delete it to plot without its labels") from None
 
@@ -170,7 +172,7 @@ def save_png(plt, fig, path, dpi):
 def max_block_entropy(series, flags):
     """log N_B, the block entropy of a block used uniformly. block_entropy = log N_B - L_H in every
     line, so the log itself gives it when settings.json is absent."""
-    n_b = flags.get("partition_size")
+    n_b = flags.get("block_size")
     return math.log(n_b) if n_b else series["block_entropy"][0] + series["uniformity"][0]
 
 
@@ -201,17 +203,19 @@ def draw(series, flags, title, path, x="epochs"):
         knn.xaxis.get_major_locator().set_params(integer=True)
 
     K = flags.get("out_dim")
-    ax["used"].plot(steps, series["prototypes_used"], label="since the start of the epoch")
+    ax["used"].plot(steps, series["prototypes_used"], label="over each log line's steps")
     if K:
         ax["used"].axhline(K, color="C7", linestyle="--", label=f"K = {K}")
     ax["used"].set(ylabel="prototypes used" + (f" (of {K})" if K else ""), ylim=(0, None),
                    title="prototypes that were some view's argmax (collapse: a handful)")
 
-    n_b = flags.get("partition_size")
+    n_b = flags.get("block_size")
     log_n_b = max_block_entropy(series, flags)
     ax["block"].plot(steps, series["block_entropy"], label="mean entropy of a block's batch marginal")
     ax["block"].axhline(log_n_b, color="C7", linestyle="--",
                         label=(f"log N_B = log {n_b}" if n_b else "log N_B") + f" = {log_n_b:.2f}: the maximum")
+    ax["block"].axhline(COLLAPSE_THRESHOLD * log_n_b, color="C3", linestyle="-.",
+                        label=f"{COLLAPSE_THRESHOLD} log N_B: below it the run warns of a collapse")
     # From 0: a healthy run is a line just under the maximum, a collapse a fall towards 0.
     ax["block"].set(ylabel="nats", title="block entropy (collapse: far below log N_B)", ylim=(0, 1.05 * log_n_b))
 
@@ -248,7 +252,7 @@ NOT_IN_LABELS = ("output_dir", "num_workers", "log_every", "knn_every", "saveckp
 
 def run_labels(run_dirs, flags_of_runs):
     """A legend entry per run: the folder's name, then the flags in which the run differs from the value
-    most of the runs share, e.g. "block_8_seed0: --partition_size 8" (one run of many with 64)."""
+    most of the runs share, e.g. "block_8_seed0: --block_size 8" (one run of many with 64)."""
     def value(flags, key):
         return json.dumps(flags.get(key))  # lists and None compare and count as text
     keys = sorted({key for flags in flags_of_runs for key in flags} - set(NOT_IN_LABELS))
@@ -303,11 +307,12 @@ def draw_runs(runs, path, x="epochs"):
     ax["knn"].set(xlabel=KNN_X_LABELS[x], ylabel="k-NN top-1 (%)",
                   title="k-NN of the teacher backbone (0: random init)")
     ax["consistency"].set(xlabel="optimizer step", ylabel="nats", title="consistency L_c")
+    ax["block"].axhline(COLLAPSE_THRESHOLD, color="C3", linestyle="-.", linewidth=0.8)
     ax["block"].set(xlabel="optimizer step", ylabel="block entropy / log N_B", ylim=(0, 1.02),
-                    title="block entropy, a fraction of its maximum (collapse: towards 0)")
+                    title=f"block entropy, a fraction of its maximum (collapse: below {COLLAPSE_THRESHOLD})")
     known_k = all(flags.get("out_dim") for _, _, flags in runs)
     ax["used"].set(xlabel="optimizer step", ylabel="prototypes used / K" if known_k else "prototypes used",
-                   ylim=(0, 1.02 if known_k else None), title="prototypes that were some view's argmax in the epoch")
+                   ylim=(0, 1.02 if known_k else None), title="prototypes that were some view's argmax (each log line's steps)")
     handles, labels = ax["knn"].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize="small")
     save_png(plt, fig, path, dpi=80)

@@ -28,13 +28,12 @@ import torch.nn as nn
 
 import cli
 from cli import DataError, HelpFormatter, Interrupted, auto_flag, bool_flag, renamed
-from data import (DATASET_NAMES, BatchedMultiCrop, EpochSampler, MultiCropAugmentation, PretrainingImages, build_dataset,
-                  default_num_workers, fixed_size_uint8)
+from data import DATASET_NAMES, EpochSampler, PretrainingImages, build_dataset, default_num_workers, pretraining_views
 from distributed import destroy, init_distributed, is_initialized, is_main_process
 from knn import KnnMonitor
 from loss import carp_loss, partition_for_step
-from model import (SMALL_CNN, CARPHead, MultiCropWrapper, build_backbone, check_arch, start_teacher, update_teacher,
-                   use_small_image_stem)
+from model import (CARPHead, MultiCropWrapper, build_backbone, check_arch, preferred_memory_format, start_teacher,
+                   update_teacher, use_small_image_stem)
 from optim import build_optimizer, cosine_schedule, scaled_lr
 from precision import PRECISION_NAMES, autocast_dtype, autocast_for, gradient_scaler
 from run_folder import JsonLog, flags_digest, run_settings, write_json
@@ -45,7 +44,7 @@ from train_stats import TrainStats, write_summary
 # line wins. paper: the defaults. cpu_small, the README's demo: the CPU recipe for images of at most
 # 64 pixels, found by measurement to lift the k-NN accuracy of the SmallCNN clearly in about 10
 # minutes of 2 CPU cores (README, *A CPU recipe for small images*).
-CPU_RECIPE = ("--arch small_cnn --hidden_dim 512 --bottleneck_dim 128 --out_dim 1024 --partition_size 64 "
+CPU_RECIPE = ("--arch small_cnn --hidden_dim 512 --bottleneck_dim 128 --out_dim 1024 --block_size 64 "
               "--global_crops_size 32 --global_crops_scale 0.4 1 --local_crops_number 4 --local_crops_size 16 "
               "--local_crops_scale 0.1 0.4 --batched_views true --batch_size_per_gpu 128 --optimizer adamw "
               "--lr 0.002 --min_lr 1e-6 --warmup_epochs 3 --weight_decay 0.04 --weight_decay_end 0.04 "
@@ -67,6 +66,9 @@ NOT_TRAINING = ("output_dir", "num_workers", "log_every", "knn_every", "nb_knn",
 # The ablation flags (README, *What each part buys*), at the method's values. Left out of the name of
 # a default --output_dir while at these values, so runs named before the flags existed keep their folder.
 METHOD_VALUES = {"fixed_partition": False, "uniformity_weight": 1.0, "momentum_teacher_end": 1.0}
+# Where the 2 global views are in the list of a batch's views (data.py puts them first): the teacher's
+# views, which loss.carp_loss pairs with every student view but themselves.
+GLOBAL_VIEWS = (0, 1)
 
 
 def get_args(argv=None):
@@ -85,12 +87,12 @@ def get_args(argv=None):
                    help="3x3 stride-1 first conv and no max-pool, for small images such as CIFAR's (true / "
                         "false); 'auto' turns it on when --global_crops_size is at most 64")
     g.add_argument("--out_dim", type=int, default=65536, help="K, the number of prototypes")
-    g.add_argument("--partition_size", type=int, default=512,
+    g.add_argument("--block_size", "--partition_size", type=int, default=512,
                    help="N_B, prototypes per block of the random partition; should divide out_dim. N_B = out_dim "
-                        "gives one block (CARL)")
+                        "gives one block (CARL). --partition_size is the authors' name for it, and works too")
     g.add_argument("--fixed_partition", type=bool_flag, default=False,
                    help="an ablation: draw the partition into blocks once and keep it for the whole run (true); "
-                        "false = a fresh random partition at every step (the method)")
+                        "false = a fresh random partition for every forward pass (the method)")
     g.add_argument("--uniformity_weight", type=float, default=1.0,
                    help="lambda in loss = L_c + lambda L_H: the weight of the uniformity term (the paper's 1). "
                         "An ablation: 0 trains on consistency alone")
@@ -101,8 +103,8 @@ def get_args(argv=None):
     g.add_argument("--norm_last_layer", type=bool_flag, default=True,
                    help="fix the norm of the prototypes to 1 (the paper); false lets it be learned")
     g.add_argument("--momentum_teacher", type=float, default=0.99,
-                   help="EMA momentum of the teacher at the start; it rises to 1 with a cosine schedule. "
-                        "Use a smaller value (e.g. 0.9-0.99) for short runs and small batches")
+                   help="EMA momentum of the teacher at the first optimizer step; a cosine takes it towards "
+                        "--momentum_teacher_end (optim.cosine_schedule). Smaller (e.g. 0.9-0.99) for short runs")
     g.add_argument("--momentum_teacher_end", type=float, default=1.0,
                    help="EMA momentum of the teacher at the end of the cosine schedule (the paper's 1). An ablation: "
                         "--momentum_teacher 0 --momentum_teacher_end 0 makes the teacher a copy of the student "
@@ -121,7 +123,8 @@ def get_args(argv=None):
                         "LARS's small per-layer steps (trust coefficient 0.001) need many steps to move the weights")
     g.add_argument("--lr", type=float, default=0.45,
                    help="peak learning rate for an effective batch of 256; scaled linearly with the batch")
-    g.add_argument("--min_lr", type=float, default=0.0048, help="learning rate at the end of the cosine schedule")
+    g.add_argument("--min_lr", type=float, default=0.0048,
+                   help="learning rate at the end of the cosine schedule, as given (not scaled with the batch)")
     g.add_argument("--warmup_epochs", type=int, default=0, help="linear warm-up epochs (paper: 0)")
     g.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay at the start (cosine schedule)")
     g.add_argument("--weight_decay_end", type=float, default=1e-6, help="weight decay at the end")
@@ -138,17 +141,7 @@ def get_args(argv=None):
                    help="bf16 autocast instead of fp16 (CUDA or CPU), no gradient scaler needed (bf16 has float32's "
                         "range); true overrides --use_fp16")
 
-    g = parser.add_argument_group("multi-crop views")
-    g.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.2, 1.0), help="area range of the 2 global crops")
-    g.add_argument("--local_crops_number", type=int, default=6, help="M local views per image; 0 = 2 views only")
-    g.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.2), help="area range of the local crops")
-    g.add_argument("--global_crops_size", type=int, default=224, help="pixels of a global view (32 for CIFAR)")
-    g.add_argument("--local_crops_size", type=int, default=96, help="pixels of a local view (16 for CIFAR)")
-    g.add_argument("--batched_views", type=bool_flag, default=False,
-                   help="draw the views of a whole batch at once on the training device (data.BatchedMultiCrop) "
-                        "from images brought to --global_crops_size: the same augmentations, several times "
-                        "cheaper for small images; false = per image in the DataLoader workers (the paper's way)")
-
+    add_view_args(parser)
     add_data_and_run_args(parser)
     args = cli.parse_with_recipe(parser, argv, RECIPES)
     if args.num_workers is None:
@@ -160,9 +153,22 @@ def get_args(argv=None):
 
 def training_flags(args):
     """The flags that decide what a run learns (all but NOT_TRAINING, and the ablation flags at the
-    method's values)."""
-    return {k: v for k, v in vars(args).items()
+    method's values), N_B under its first name: the name of a default folder stays what it was."""
+    return {{"block_size": "partition_size"}.get(k, k): v for k, v in vars(args).items()
             if k not in NOT_TRAINING and not (k in METHOD_VALUES and v == METHOD_VALUES[k])}
+
+
+def add_view_args(parser):
+    g = parser.add_argument_group("multi-crop views")
+    g.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.2, 1.0), help="area range of the 2 global crops")
+    g.add_argument("--local_crops_number", type=int, default=6, help="M local views per image; 0 = 2 views only")
+    g.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.2), help="area range of the local crops")
+    g.add_argument("--global_crops_size", type=int, default=224, help="pixels of a global view (32 for CIFAR)")
+    g.add_argument("--local_crops_size", type=int, default=96, help="pixels of a local view (16 for CIFAR)")
+    g.add_argument("--batched_views", type=bool_flag, default=False,
+                   help="draw the views of a whole batch at once on the training device (data.BatchedMultiCrop) "
+                        "from images brought to --global_crops_size: the same augmentations, several times "
+                        "cheaper for small images; false = per image in the DataLoader workers (the paper's way)")
 
 
 def add_data_and_run_args(parser):
@@ -204,13 +210,13 @@ def add_data_and_run_args(parser):
 
 def check_args(parser, args):
     """Refuse settings that cannot work, with a message that says what to do instead."""
-    if args.partition_size < 1 or args.partition_size > args.out_dim:
-        parser.error(f"--partition_size {args.partition_size} must be between 1 and --out_dim {args.out_dim} "
+    if args.block_size < 1 or args.block_size > args.out_dim:
+        parser.error(f"--block_size {args.block_size} must be between 1 and --out_dim {args.out_dim} "
                      f"(paper: 512 of 65536)")
-    if args.out_dim % args.partition_size:
-        left_out = args.out_dim % args.partition_size
-        warnings.warn(f"--partition_size {args.partition_size} does not divide --out_dim {args.out_dim}: "
-                      f"{left_out} prototypes are left out of the loss at every step (a different set each step)")
+    if args.out_dim % args.block_size:
+        left_out = args.out_dim % args.block_size
+        warnings.warn(f"--block_size {args.block_size} does not divide --out_dim {args.out_dim}: "
+                      f"{left_out} prototypes are left out of the loss at every forward pass (a different set each time)")
     if args.batch_size_per_gpu < 2:
         parser.error(f"--batch_size_per_gpu {args.batch_size_per_gpu}: BatchNorm needs at least 2 images per "
                      f"process; use a larger batch (and --gradient_accumulation_steps to save memory)")
@@ -245,8 +251,11 @@ def main(argv=None):
 
     # ============ preparing optimizer and schedules ... ============
     student_module = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
-    optimizer = build_optimizer(args.optimizer, student_module)  # lr and weight decay: set at every step
+    # NOTE(paper): momentum 0.9 (LARS, SGD); the learning rate and weight decay are set at every step.
+    optimizer = build_optimizer(args.optimizer, student_module, momentum=0.9, weight_decay=0.0)
     scaler = gradient_scaler(args, device)
+    # One value per optimizer step. --lr is per 256 images, scaled by the effective batch (linear rule);
+    # --min_lr, the cosine's end, is not scaled (as DINO's). The teacher's momentum never reaches its end.
     base_lr = scaled_lr(args.lr, args.batch_size_per_gpu, world_size, args.gradient_accumulation_steps)
     schedules = (cosine_schedule(base_lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs),  # lr
                  cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch),  # wd
@@ -256,7 +265,7 @@ def main(argv=None):
               f"peak learning rate {base_lr:.4g}, {PRECISION_NAMES[precision]}")
 
     # ============ optionally resuming a run ... ============
-    stats = TrainStats(args, world_size, device, show_progress=rank == 0)
+    stats = TrainStats(args, world_size, device, show_progress=rank == 0, log=log)
     checkpoint = RunCheckpoint(os.path.join(args.output_dir, "checkpoint.pth"), args, student_module, teacher,
                                optimizer, scaler, stats, steps_per_epoch)
     if os.path.isfile(checkpoint.path):
@@ -321,9 +330,9 @@ def train_one_epoch(args, epoch, first_step, student, teacher, optimizer, scaler
 
         # 1. the views of every image of the batch: 2 global + M local, on the training device
         views = make_views(batch, seeds)
-        # 2. a fresh random partition of the K prototypes into blocks, the same on every process
-        # (--fixed_partition, an ablation: the partition of the first step, kept)
-        partition = partition_for_step(args.out_dim, args.partition_size, args.seed,
+        # 2. a fresh random partition of the K prototypes into blocks for every forward pass (each
+        # micro-step too), the same on every process (--fixed_partition, an ablation: the first, kept)
+        partition = partition_for_step(args.out_dim, args.block_size, args.seed,
                                        0 if args.fixed_partition else step * accumulation + micro_step)
         # 3. teacher on the global views, student on all views, the CARP loss and its backward. DDP
         # averages the gradients over processes only on the last forward pass of an optimizer step.
@@ -339,8 +348,8 @@ def train_one_epoch(args, epoch, first_step, student, teacher, optimizer, scaler
                                    wd_schedule[step], momentum_schedule[step], args.clip_grad)
         stats.add_optimizer_step(grad_norm)
         if (step + 1 - epoch * steps_per_epoch) % args.log_every == 0 or step == last_step:
-            log(stats.interval(epoch=epoch, lr=lr_schedule[step], wd=wd_schedule[step],
-                               momentum=momentum_schedule[step]))
+            stats.log_interval(epoch=epoch, lr=lr_schedule[step], wd=wd_schedule[step],
+                               momentum=momentum_schedule[step])  # and a warning if the run collapses
         if step < last_step:  # (the epoch's end is main's: summary, monitor, checkpoint)
             if args.checkpoint_every_steps and (step + 1) % args.checkpoint_every_steps == 0:
                 checkpoint.save(step + 1)
@@ -355,9 +364,10 @@ def forward_backward(student, teacher, views, partition, autocast, scaler, accum
     --uniformity_weight (the method's 1)."""
     with autocast:
         with torch.no_grad():
-            teacher_logits = teacher(views[:2])  # (2, B, K): the teacher sees the global views
+            teacher_logits = teacher([views[v] for v in GLOBAL_VIEWS])  # (2, B, K): the teacher sees the global views
         student_logits = student(views)  # (V, B, K): the student sees them all
-    consistency, uniformity = carp_loss(student_logits, teacher_logits, partition)  # float32, outside autocast
+    # float32, outside autocast; L_c pairs student view u with teacher view v unless u is GLOBAL_VIEWS[v]
+    consistency, uniformity = carp_loss(student_logits, teacher_logits, partition, teacher_views=GLOBAL_VIEWS)
     loss = consistency + uniformity_weight * uniformity
     scaler.scale(loss / accumulation_steps).backward()
     return student_logits, loss, consistency, uniformity
@@ -390,10 +400,12 @@ def optimizer_step(student, teacher, optimizer, scaler, lr, weight_decay, moment
 # ============ the pieces main() assembles ============
 
 def data_and_views(args, rank, world_size, device, memory_format):
-    """The training set's sampler and loader, and make_views (views_pipeline). The loader yields
+    """The training set's sampler and loader, and make_views (data.pretraining_views). The loader yields
     (images or views, seeds, bad_images): the views of image i in epoch e are drawn from a generator
     seeded with data.view_seed(--seed, e, i), wherever and whenever they are drawn."""
-    augmentation, dataset_transform, make_views = views_pipeline(args, device, memory_format)
+    crops = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
+             args.local_crops_size)
+    augmentation, dataset_transform, make_views = pretraining_views(crops, args.batched_views, device, memory_format)
     dataset = build_dataset(args.dataset, "pretrain", dataset_transform, args.data_path, args.download,
                             args.synthetic_images, args.global_crops_size)
     images = PretrainingImages(dataset, args.seed, augmentation, args.skip_bad_images)
@@ -410,37 +422,6 @@ def data_and_views(args, rank, world_size, device, memory_format):
         print(f"data: {len(dataset)} images of {args.dataset}, "
               f"{len(loader) // args.gradient_accumulation_steps} optimizer steps per epoch")
     return sampler, loader, make_views
-
-
-def views_pipeline(args, device, memory_format=torch.contiguous_format):
-    """(the per-image augmentation or None, the dataset's transform, make_views): make_views turns
-    what the DataLoader yields (and the images' view seeds) into the list of 2 + M views on the
-    device, global views first."""
-    view_args = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
-                 args.local_crops_size)
-    if args.batched_views:
-        # The loader yields uint8 images of one size; the views of the whole batch are drawn on the device.
-        augmentation = BatchedMultiCrop(*view_args)
-
-        @torch.no_grad()
-        def make_views(images, seeds):
-            views = augmentation(images.to(device, non_blocking=True), seeds)
-            return [v.contiguous(memory_format=memory_format) for v in views]
-        return None, fixed_size_uint8(args.global_crops_size), make_views
-
-    # The DataLoader workers draw the views of every image (the paper's pipeline).
-    def make_views(views, seeds):
-        return [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
-    return MultiCropAugmentation(*view_args), None, make_views
-
-
-def preferred_memory_format(arch, device):
-    """channels_last on CUDA (tensor cores want it) and for the SmallCNN on CPU, where oneDNN's
-    convolutions run faster that way; ResNets keep the default layout on CPU, where channels_last
-    did not pay (README, *Performance*)."""
-    if device.type == "cuda" or arch == SMALL_CNN:
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def carp_network(args):
@@ -469,7 +450,7 @@ def student_and_teacher(args, device, memory_format, world_size):
     start_teacher(student, teacher)
     if is_main_process():
         print(f"student and teacher: {args.arch} + CARP head, K={args.out_dim} prototypes in "
-              f"{args.out_dim // args.partition_size} blocks of {args.partition_size}, "
+              f"{args.out_dim // args.block_size} blocks of {args.block_size}, "
               f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters"
               + (f", the student in DistributedDataParallel over {world_size} process(es)" if is_initialized() else ""))
     if is_initialized():

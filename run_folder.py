@@ -98,9 +98,19 @@ def check_resume_flags(path, saved_args, args, names, defaults=None, other_chang
                         f"or another --output_dir to start a new run")
 
 
+# Flags renamed since runs first wrote them: a checkpoint's or settings.json's args are read under
+# today's names (current_names). --partition_size is the authors' name of N_B.
+RENAMED_FLAGS = {"partition_size": "block_size", "knn_k": "nb_knn"}
+
+
+def current_names(saved_args):
+    """A run's flags {name: value} with every renamed flag under its name of today."""
+    return {RENAMED_FLAGS.get(k, k): v for k, v in saved_args.items()}
+
+
 def checkpoint_args(path):
     """The flags a checkpoint was trained with (ours: a dict; the authors': an argparse.Namespace),
-    as a dict; {} for 'random' and for files without them."""
+    as a dict under today's names; {} for 'random' and for files without them."""
     if path == "random":
         return {}
     # Mapped, not read, where torch allows it: zip-format files (torch >= 1.6); older releases
@@ -108,7 +118,7 @@ def checkpoint_args(path):
     checkpoint = read_checkpoint(path, mmap=os.path.isfile(path) and zipfile.is_zipfile(path))
     saved = checkpoint.get("args", {}) if isinstance(checkpoint, dict) else {}
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
-    return saved if isinstance(saved, dict) else {}
+    return current_names(saved) if isinstance(saved, dict) else {}
 
 
 def rng_state():

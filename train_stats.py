@@ -1,12 +1,13 @@
 """What pretrain.py reports about its steps (as DINO's MetricLogger): the loss terms, the prototypes
-in use, the gradient norm and the speed for each log line and each epoch, a progress bar, where the
-run is when it stops (a NaN loss, Ctrl-C), and the run's summary.json.
+in use, the gradient norm and the speed for each log line and each epoch, a progress bar, a warning
+when the run collapses, where the run is when it stops (a NaN loss, Ctrl-C), and the run's summary.json.
 
 The statistics stay on the training device and are read only when a line is logged, so the loop
 has no host-device synchronisation per step. Under torchrun they are averaged over the processes.
 """
 import math
 import os
+import sys
 import time
 
 import torch
@@ -22,26 +23,39 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or infinite."""
 
 
+# Collapse: the views of all images assigned to the same few prototypes. It shows in the normalised
+# block entropy, H(pbar_b) / log N_B averaged over the blocks (1: every prototype of a block used
+# equally by the batch; 0: one prototype takes every view). Below this threshold a block's batch
+# marginal is as concentrated as an even use of N_B ** 0.5 of its N_B prototypes (8 of 64, 23 of 512):
+# the uniformity term has lost. The healthy CPU demo stays above 0.96; its --uniformity_weight 0
+# ablation, which collapses onto 2 to 16 of its 1,024 prototypes, falls to 0.15-0.35. pretrain.py warns
+# and logs a `collapse` event when a log line falls below it; plot_log.py draws it.
+COLLAPSE_THRESHOLD = 0.5
+
+
 class TrainStats:
     """Statistics of one pretraining run, reset at every log line and every epoch.
 
-    Log keys (log.jsonl): loss = consistency + uniformity (the two terms of loss.py; uniformity times
-    --uniformity_weight when that is not 1; the authors' logs call the uniformity term "entropy"),
-    prototypes_used (prototypes that were some view's argmax so far in the epoch), block_entropy = log N_B - uniformity (the mean entropy of a
-    block's batch marginal), grad_norm (the norm of all the student's gradients together, the
-    steps the fp16 scaler skipped left out), images_per_s, and bad_images where --skip_bad_images
-    left unreadable images out. state_dict() / load_state_dict(): a checkpoint written in the
-    middle of an epoch carries them, so a resumed run logs what an uninterrupted one would.
+    Log keys (log.jsonl), each over the line's steps (the interval since the last line, or the
+    epoch for an epoch_summary line): loss = consistency + uniformity (the two terms of loss.py;
+    uniformity times --uniformity_weight when that is not 1), prototypes_used (prototypes that were
+    some student view's argmax), block_entropy = log N_B - uniformity (the mean entropy of a block's
+    batch marginal) and normalised_block_entropy = block_entropy / log N_B (COLLAPSE_THRESHOLD),
+    grad_norm (the norm of all the student's gradients together, the steps the fp16 scaler skipped
+    left out), images_per_s, and bad_images where --skip_bad_images left unreadable images out.
+    state_dict() / load_state_dict(): a checkpoint written in the middle of an epoch carries them,
+    so a resumed run logs what an uninterrupted one would.
     """
 
-    STATE = ("sums", "epoch_sums", "used", "grad_norms", "first_bad_step", "bad_images", "n_forward")
+    STATE = ("sums", "epoch_sums", "used", "epoch_used", "grad_norms", "first_bad_step", "bad_images", "n_forward")
 
-    def __init__(self, args, world_size, device, show_progress=True):
-        self.n_prototypes, self.block_size, self.device = args.out_dim, args.partition_size, device  # K, N_B
+    def __init__(self, args, world_size, device, show_progress=True, log=None):
+        self.n_prototypes, self.block_size, self.device = args.out_dim, args.block_size, device  # K, N_B
         self.accumulation_steps = args.gradient_accumulation_steps
         self.images_per_step = args.batch_size_per_gpu * world_size * args.gradient_accumulation_steps
-        self.show_progress = show_progress
+        self.show_progress, self.log = show_progress, log or (lambda record: None)
         self.epoch, self.step, self.in_epoch = None, 0, False  # where the run is
+        self.collapsed = False  # whether the last log line was below COLLAPSE_THRESHOLD
 
     def start_epoch(self, epoch, steps_per_epoch, first_step=None, state=None):
         """Epoch `epoch` from its beginning, or from `first_step` (a global step) with the `state` of
@@ -51,6 +65,7 @@ class TrainStats:
         self.sums = torch.zeros(3, device=self.device)  # loss, consistency, uniformity over the interval's forward passes
         self.epoch_sums = torch.zeros(4, device=self.device)  # the same over the epoch, and the count of forward passes
         self.used = torch.zeros(self.n_prototypes, device=self.device)  # 1 where a prototype was some view's argmax
+        self.epoch_used = torch.zeros(self.n_prototypes, device=self.device)  # the same over the epoch
         self.grad_norms = torch.zeros(2, device=self.device)  # sum of the interval's finite gradient norms, their count
         self.first_bad_step = torch.full((), -1, device=self.device, dtype=torch.long)
         self.bad_images = torch.zeros(2, device=self.device)  # images left out in the interval, in the epoch
@@ -64,6 +79,8 @@ class TrainStats:
         return {name: getattr(self, name) for name in self.STATE}
 
     def load_state_dict(self, state):
+        if "epoch_used" not in state:  # a checkpoint from before per-interval usage: one count for both
+            state = {**state, "epoch_used": state["used"]}
         for name in self.STATE:
             value = state[name]
             setattr(self, name, value.to(self.device) if torch.is_tensor(value) else value)
@@ -78,7 +95,9 @@ class TrainStats:
         self.sums += terms
         self.epoch_sums[:3] += terms
         self.epoch_sums[3] += 1
-        self.used[student_logits.argmax(dim=-1).flatten()] = 1
+        chosen = student_logits.argmax(dim=-1).flatten()  # (V * B,): each view's prototype
+        self.used[chosen] = 1
+        self.epoch_used[chosen] = 1
         bad = ~torch.isfinite(loss.detach())
         self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), step, self.first_bad_step)
         self.n_forward += 1
@@ -95,7 +114,7 @@ class TrainStats:
         """The log line of the steps since the last one (the only host-device syncs of the loop);
         `extra` (epoch, lr, ...) is added to it. Raises NonFiniteLoss if a loss was NaN or infinite."""
         self.check_finite()
-        record = self.means(self.sums, self.n_forward, self.bad_images[0])
+        record = self.means(self.sums, self.n_forward, self.bad_images[0], self.used)
         total, count = self.grad_norms.tolist()
         elapsed = time.time() - self.last_time
         record.update(extra, step=self.step, grad_norm=total / count if count else None,
@@ -104,9 +123,30 @@ class TrainStats:
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", cons=f"{record['consistency']:.3f}",
                              unif=f"{record['uniformity']:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}")
         self.sums.zero_()
+        self.used.zero_()
         self.grad_norms.zero_()
         self.bad_images[0] = 0
         self.n_forward, self.last_time = 0, time.time()
+        return record
+
+    def log_interval(self, **extra):
+        """Log the interval's line (interval(**extra)) and, when its normalised block entropy falls
+        below COLLAPSE_THRESHOLD, a `collapse` event and a one-line warning (again only after the run
+        has risen above it)."""
+        record = self.interval(**extra)
+        self.log(record)
+        collapsed = record["normalised_block_entropy"] < COLLAPSE_THRESHOLD
+        if collapsed and not self.collapsed:
+            self.log({"event": "collapse", "step": record["step"], "epoch": record.get("epoch"),
+                      "normalised_block_entropy": record["normalised_block_entropy"],
+                      "prototypes_used": record["prototypes_used"], "threshold": COLLAPSE_THRESHOLD})
+            if self.show_progress:
+                tqdm.write(f"warning: collapse at optimizer step {record['step']}: the blocks' batch marginals have "
+                           f"{record['normalised_block_entropy']:.2f} of their maximum entropy (below "
+                           f"{COLLAPSE_THRESHOLD}) and {record['prototypes_used']} of {self.n_prototypes} prototypes "
+                           f"were used since the last log line; the views go to a few prototypes (check "
+                           f"--uniformity_weight, --lr, --momentum_teacher)", file=sys.stderr)
+        self.collapsed = collapsed
         return record
 
     def close_bar(self):
@@ -119,17 +159,19 @@ class TrainStats:
         self.bar.close()
         self.in_epoch = False
         self.check_finite()
-        return self.means(self.epoch_sums[:3], int(self.epoch_sums[3].item()), self.bad_images[1])
+        return self.means(self.epoch_sums[:3], int(self.epoch_sums[3].item()), self.bad_images[1], self.epoch_used)
 
-    def means(self, sums, n_forward, bad_images):
-        """Means over processes and forward passes, prototype usage and the images left out, as plain
-        numbers (bad_images only when some were)."""
+    def means(self, sums, n_forward, bad_images, used):
+        """Means over processes and forward passes, the prototypes `used` and the images left out, as
+        plain numbers (bad_images only when some were)."""
         sums = all_reduce(sums.clone()) / (max(n_forward, 1) * world_size())
         loss, consistency, uniformity = sums.tolist()
-        n_used = int(all_reduce(self.used.clone(), dist.ReduceOp.MAX).sum().item())
+        n_used = int(all_reduce(used.clone(), dist.ReduceOp.MAX).sum().item())
         # uniformity = log N_B - mean_b H(pbar_b), so the mean per-block entropy of the batch marginal is:
+        block_entropy = math.log(self.block_size) - uniformity
         record = dict(loss=loss, consistency=consistency, uniformity=uniformity, prototypes_used=n_used,
-                      block_entropy=math.log(self.block_size) - uniformity)
+                      block_entropy=block_entropy,
+                      normalised_block_entropy=block_entropy / math.log(self.block_size) if self.block_size > 1 else 1.0)
         n_bad = int(all_reduce(bad_images.clone()).item())
         if n_bad:
             record["bad_images"] = n_bad

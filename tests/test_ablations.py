@@ -1,6 +1,7 @@
 """The ablation flags of pretrain.py (README, *What each part buys*): each one changes what the run
 computes, and at its default the run is the method's."""
 import json
+import math
 import re
 from pathlib import Path
 
@@ -32,9 +33,9 @@ def record_partitions(monkeypatch):
     """Every partition the training loop hands to the loss, in order."""
     seen = []
 
-    def recording_loss(student_logits, teacher_logits, partition):
+    def recording_loss(student_logits, teacher_logits, partition, **kwargs):
         seen.append(partition.clone())
-        return loss.carp_loss(student_logits, teacher_logits, partition)
+        return loss.carp_loss(student_logits, teacher_logits, partition, **kwargs)
     monkeypatch.setattr(pretrain, "carp_loss", recording_loss)
     return seen
 
@@ -110,6 +111,50 @@ def test_momentum_teacher_end_sets_where_the_cosine_ends(tmp_path):
     assert [r["momentum"] for r in steps] == pytest.approx([0.95] * len(steps))
 
 
+# A run that collapses within 32 steps without the uniformity term: the SmallCNN, 64 images of 16 px
+# in batches of 16 with 2 local views, K = 64 in blocks of 16, AdamW at a high learning rate.
+COLLAPSING = ["--dataset", "synthetic", "--synthetic_images", "64", "--arch", "small_cnn", "--hidden_dim", "32",
+              "--bottleneck_dim", "16", "--global_crops_size", "16", "--local_crops_size", "8", "--local_crops_number",
+              "2", "--batched_views", "true", "--out_dim", "64", "--block_size", "16", "--batch_size_per_gpu", "16",
+              "--num_workers", "0", "--optimizer", "adamw", "--lr", "0.2", "--min_lr", "1e-6", "--weight_decay", "0.04",
+              "--weight_decay_end", "0.04", "--momentum_teacher", "0.9", "--log_every", "2", "--epochs", "8"]
+
+
+def collapse_run(tmp_path, capsys, *extra):
+    """(log lines with a step, collapse events, the warnings printed) of the COLLAPSING run."""
+    pretrain.main(COLLAPSING + ["--output_dir", str(tmp_path), *extra])
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning: collapse" in line]
+    return [r for r in records if "step" in r and "loss" in r], [r for r in records if r.get("event") == "collapse"], warnings
+
+
+def test_a_run_without_the_uniformity_term_warns_once_that_it_collapses(tmp_path, capsys):
+    """--uniformity_weight 0: the normalised block entropy falls below train_stats.COLLAPSE_THRESHOLD
+    (0.5); the first log line below it is followed by one `collapse` event and one warning line naming
+    the step, and the run goes on (no second warning while it stays below)."""
+    lines, events, warnings = collapse_run(tmp_path, capsys, "--uniformity_weight", "0")
+    fractions = [r["normalised_block_entropy"] for r in lines]
+    assert fractions[0] > 0.9 and min(fractions) < 0.3  # starts spread, ends on a few prototypes
+    first = next(i for i, f in enumerate(fractions) if f < 0.5)
+    assert len(events) == 1 and events[0]["step"] == lines[first]["step"] and events[0]["threshold"] == 0.5
+    assert len(warnings) == 1 and f"at optimizer step {lines[first]['step']}:" in warnings[0]
+    for r in lines:  # block_entropy / log N_B, N_B = 16
+        assert r["normalised_block_entropy"] == pytest.approx(r["block_entropy"] / math.log(16))
+
+
+@pytest.mark.parametrize("extra", [[], "PAPER"], ids=["the method", "the paper's objective and optimizer"])
+def test_the_method_does_not_warn_of_a_collapse(tmp_path, capsys, extra):
+    """The same run with the uniformity term (the method), and with the paper's recipe in place of the
+    small run's (LARS at lr 0.45, K = 65536 in blocks of 512, teacher momentum 0.99), keeps its
+    blocks' marginals near uniform (above 0.9 of their maximum entropy) and never warns."""
+    if extra == "PAPER":
+        extra = ["--optimizer", "lars", "--lr", "0.45", "--min_lr", "0.0048", "--weight_decay", "1e-6",
+                 "--weight_decay_end", "1e-6", "--momentum_teacher", "0.99", "--out_dim", "65536", "--block_size", "512"]
+    lines, events, warnings = collapse_run(tmp_path, capsys, *extra)
+    assert min(r["normalised_block_entropy"] for r in lines) > 0.9
+    assert events == [] and warnings == []
+
+
 def test_ablation_flags_default_to_the_method_and_keep_default_run_folders():
     """At their defaults the flags are the method's (a fresh partition every step, lambda 1, m -> 1) and
     leave the name of a default run folder as it was before they existed; changed, they name another."""
@@ -117,9 +162,11 @@ def test_ablation_flags_default_to_the_method_and_keep_default_run_folders():
     assert (args.fixed_partition, args.uniformity_weight, args.momentum_teacher_end) == (False, 1.0, 1.0)
     flags = pretrain.training_flags(args)
     assert not set(ABLATION_FLAGS) & set(flags)
-    before = pretrain.flags_digest({k: v for k, v in vars(args).items()
-                                    if k not in pretrain.NOT_TRAINING and k not in ABLATION_FLAGS})
-    assert pretrain.flags_digest(flags) == before
+    # The default folders' names since before the ablation flags and the --block_size rename:
+    before = "7bd19953"
+    assert args.output_dir == f"runs/imagefolder_resnet50_{before}" and pretrain.flags_digest(flags) == before
+    demo = pretrain.get_args(["--recipe", "cpu_small", "--dataset", "mnist5k"])[1]
+    assert demo.output_dir == "runs/mnist5k_small_cnn_43f67548"
     for flag, value in (("fixed_partition", "true"), ("uniformity_weight", "0"), ("momentum_teacher_end", "0.99")):
         _, changed = pretrain.get_args([f"--{flag}", value])
         assert pretrain.flags_digest(pretrain.training_flags(changed)) != before, flag

@@ -82,7 +82,8 @@ def test_augmentations_match_the_authors_pipeline_seeded_alike():
     blurs and solarisation, so they give 2 + 3 views of the same shapes, each differing only by
     resampling and rounding: measured at most 4.4/255 per pixel on average over a view here, while a
     solarisation or a grayscale drawn differently changes a view by 11/255 or more."""
-    views = dict(global_crops_size=64, local_crops_size=32, local_crops_number=3)
+    views = dict(global_crops_scale=(0.2, 1.0), local_crops_scale=(0.05, 0.2), global_crops_size=64, local_crops_size=32,
+                 local_crops_number=3)
     baseline, ours = bench.BaselineMultiCrop(**views), data.MultiCropAugmentation(**views)
     std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
     for i, image in enumerate(bench.decoded_images(8, 96, 72, seed=0)):
@@ -101,7 +102,7 @@ def test_tiny_benchmark_writes_every_number(tmp_path):
     """bench.main with tiny sizes runs the three sections and writes their numbers to --output_json."""
     out = tmp_path / "bench.json"
     bench.main(["--warmup", "0", "--repeats", "1", "--device", "cpu", "--threads", "1", "--output_json", str(out),
-                "--objective_views", "4", "--objective_batch", "8", "--out_dim", "256", "--partition_size", "16",
+                "--objective_views", "4", "--objective_batch", "8", "--out_dim", "256", "--block_size", "16",
                 "--aug_images", "2", "--aug_image_size", "40", "30", "--aug_global_crops_size", "32",
                 "--aug_local_crops_size", "16", "--aug_local_crops_number", "2",
                 "--batch_size_per_gpu", "2", "--global_crops_size", "16", "--local_crops_number", "1",

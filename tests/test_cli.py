@@ -28,8 +28,11 @@ def test_bool_flag_takes_true_and_false_and_names_anything_else():
     (lambda argv: retrieval_eval.get_args(["--pretrained_weights", "random", "--data_path", "d", *argv]), "--imsize",
      "image_size", 96),
     (lambda argv: bench.get_args(argv), "--step_out_dim", "out_dim", 2048),
-    (lambda argv: bench.get_args(argv), "--step_partition_size", "partition_size", 128),
-], ids=["pretrain --knn_k", "retrieval --imsize", "bench --step_out_dim", "bench --step_partition_size"])
+    (lambda argv: bench.get_args(argv), "--step_partition_size", "block_size", 128),
+    (lambda argv: pretrain.get_args(argv)[1], "--partition_size", "block_size", 64),
+    (lambda argv: bench.get_args(argv), "--partition_size", "block_size", 32),
+], ids=["pretrain --knn_k", "retrieval --imsize", "bench --step_out_dim", "bench --step_partition_size",
+        "pretrain --partition_size", "bench --partition_size"])
 def test_a_renamed_flag_still_sets_the_new_one(get_args, old, new, value):
     """Flags renamed for one word per concept keep their old name for one release."""
     assert getattr(get_args([old, str(value)]), new) == value

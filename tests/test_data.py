@@ -93,7 +93,7 @@ def test_synthetic_classes_carried_by_shape_not_pixels():
 
 def test_multicrop_gives_two_global_then_local_views():
     """2 global views (3, 32, 32) first, then local_crops_number local views (3, 16, 16), float32."""
-    augment = MultiCropAugmentation(global_crops_size=32, local_crops_size=16, local_crops_number=3)
+    augment = MultiCropAugmentation((0.2, 1.0), (0.05, 0.2), local_crops_number=3, global_crops_size=32, local_crops_size=16)
     views = augment(SyntheticImages("train", n_images=1, image_size=40)[0][0])
     assert len(views) == 2 + 3
     assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
@@ -102,7 +102,7 @@ def test_multicrop_gives_two_global_then_local_views():
 
 def test_multicrop_without_local_views_gives_two_views():
     """local_crops_number=0: only the 2 global views."""
-    augment = MultiCropAugmentation(global_crops_size=32, local_crops_size=16, local_crops_number=0)
+    augment = MultiCropAugmentation((0.2, 1.0), (0.05, 0.2), local_crops_number=0, global_crops_size=32, local_crops_size=16)
     views = augment(SyntheticImages("train", n_images=1)[0][0])
     assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2
 
@@ -490,10 +490,10 @@ def test_mnist5k_file_not_sorted_by_label_is_refused(tmp_path, monkeypatch):
 def test_batched_views_have_the_shapes_of_multicrop():
     """2 global views (B, 3, 32, 32) then local_crops_number local views (B, 3, 16, 16), float32."""
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
-    views = BatchedMultiCrop(local_crops_number=3, global_crops_size=32, local_crops_size=16)(images)
+    views = BatchedMultiCrop((0.2, 1.0), (0.05, 0.2), local_crops_number=3, global_crops_size=32, local_crops_size=16)(images)
     assert [tuple(v.shape) for v in views] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 3
     assert all(v.dtype == torch.float32 for v in views)
-    assert len(BatchedMultiCrop(local_crops_number=0, global_crops_size=32)(images)) == 2
+    assert len(BatchedMultiCrop((0.2, 1.0), (0.05, 0.2), 0, global_crops_size=32, local_crops_size=16)(images)) == 2
 
 
 def test_batched_crop_of_the_whole_image_is_the_image_or_its_mirror():

@@ -37,7 +37,7 @@ def checkpoint(tmp_path_factory):
     torch.set_num_threads(1)
     pretrain.main(["--dataset", "synthetic", "--synthetic_images", "40", "--arch", "small_cnn",
                    "--global_crops_size", "24", "--local_crops_size", "12", "--local_crops_number", "1",
-                   "--out_dim", "32", "--partition_size", "8", "--hidden_dim", "32", "--bottleneck_dim", "16",
+                   "--out_dim", "32", "--block_size", "8", "--hidden_dim", "32", "--bottleneck_dim", "16",
                    "--batch_size_per_gpu", "8", "--num_workers", "0", "--epochs", "1", "--knn_every", "1",
                    "--output_dir", str(out)])
     return out / "checkpoint.pth"

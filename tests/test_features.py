@@ -542,7 +542,7 @@ def test_a_small_cnn_checkpoint_round_trips_through_every_evaluation_script(tmp_
     run = tmp_path / "run"
     pretrain.main(["--dataset", "synthetic", "--synthetic_images", "16", "--arch", "small_cnn", "--global_crops_size",
                    "16", "--local_crops_size", "8", "--local_crops_number", "1", "--batched_views", "true",
-                   "--out_dim", "32", "--partition_size", "8", "--hidden_dim", "16", "--bottleneck_dim", "8",
+                   "--out_dim", "32", "--block_size", "8", "--hidden_dim", "16", "--bottleneck_dim", "8",
                    "--batch_size_per_gpu", "4", "--num_workers", "0", "--epochs", "1", "--output_dir", str(run)])
     path = str(run / "checkpoint.pth")
     if layout != "current":

@@ -87,11 +87,11 @@ def test_partition_drops_the_remainder_when_nb_does_not_divide_k():
     assert partition.min() >= 0 and partition.max() < 50
 
 
-@pytest.mark.parametrize("partition_size", [0, 65])
-def test_partition_size_outside_1_to_k_raises(partition_size):
-    """N_B must be in [1, K]: 0 and K + 1 = 65 are rejected with a message naming partition_size."""
-    with pytest.raises(ValueError, match="partition_size"):
-        loss.random_partition(64, partition_size)
+@pytest.mark.parametrize("block_size", [0, 65])
+def test_block_size_outside_1_to_k_raises(block_size):
+    """N_B must be in [1, K]: 0 and K + 1 = 65 are rejected with a message naming --block_size."""
+    with pytest.raises(ValueError, match="--block_size"):
+        loss.random_partition(64, block_size)
 
 
 def test_partition_for_step_depends_only_on_seed_and_step():
@@ -362,6 +362,21 @@ def test_global_mean_is_a_plain_mean_without_a_process_group():
     assert not (dist.is_available() and dist.is_initialized())
     x = torch.tensor([3.0, 6.0, 9.0])
     torch.testing.assert_close(loss.global_mean(x, 3), torch.tensor([1.0, 2.0, 3.0]))
+
+
+@pytest.mark.parametrize("objective", [loss.carp_objective, loss.carp_loss], ids=["objective", "loss"])
+def test_teacher_views_name_the_pair_left_out(objective):
+    """teacher_views says which student view each teacher view is: the teacher's logits given in the
+    other order with teacher_views=(1, 0) are the same objective; with (0, 1) kept they pair each
+    global view with itself (a different, lower L_c when the teacher is the student)."""
+    student, teacher, partition = random_case(n_views=4, batch_size=3, n_prototypes=16, partition_size=4)
+    expected = objective(student, teacher, partition)
+    swapped = objective(student, teacher[[1, 0]], partition, teacher_views=(1, 0))
+    assert [t.item() for t in swapped] == pytest.approx([t.item() for t in expected], abs=1e-6)
+    itself = student[:2]  # the teacher equal to the student on the global views
+    pairs_of_different_views = objective(student, itself, partition)[0]
+    pairs_with_itself = objective(student, itself[[1, 0]], partition)[0]  # teacher view 0 is student view 1
+    assert pairs_with_itself.item() < pairs_of_different_views.item()
 
 
 def test_loss_and_gradient_on_the_training_device_equal_the_cpu_ones():

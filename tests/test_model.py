@@ -16,9 +16,10 @@ K = 64  # prototypes
 
 # ---------------------------------------------------------------- helpers -------------------------
 
-def tiny_head(in_dim=32, **kwargs):
+def tiny_head(in_dim=32, use_bn=True, norm_last_layer=True):
     """Projector in_dim -> 48 -> 48 -> 16, then K = 64 prototypes."""
-    return model.CARPHead(in_dim=in_dim, n_prototypes=K, hidden_dim=48, bottleneck_dim=16, **kwargs)
+    return model.CARPHead(in_dim=in_dim, n_prototypes=K, use_bn=use_bn, norm_last_layer=norm_last_layer,
+                          hidden_dim=48, bottleneck_dim=16)
 
 
 def tiny_wrapper():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import plot_log
+import train_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -136,7 +137,7 @@ def test_a_real_pretraining_run_plots_end_to_end(tmp_path, capsys):
 
     pretrain.main(["--dataset", "synthetic", "--synthetic_images", "16", "--arch", "resnet18",
                    "--global_crops_size", "16", "--local_crops_size", "8", "--local_crops_number", "1",
-                   "--out_dim", "32", "--partition_size", "8", "--batch_size_per_gpu", "4", "--num_workers", "0",
+                   "--out_dim", "32", "--block_size", "8", "--batch_size_per_gpu", "4", "--num_workers", "0",
                    "--momentum_teacher", "0.9", "--log_every", "2", "--epochs", "2", "--knn_every", "1",
                    "--output_dir", str(tmp_path)])
     series = plot_log.read_log(tmp_path / "log.jsonl")
@@ -154,14 +155,14 @@ def test_a_real_pretraining_run_plots_end_to_end(tmp_path, capsys):
 def test_run_labels_name_each_run_by_its_folder_and_the_flags_it_does_not_share():
     """The method's run (the flags most runs share) is labelled by its folder only; the others add what
     differs from the majority value, lists as the command line writes them; output_dir never counts."""
-    method = {"partition_size": 64, "seed": 0, "global_crops_scale": [0.4, 1.0], "fixed_partition": False,
+    method = {"block_size": 64, "seed": 0, "global_crops_scale": [0.4, 1.0], "fixed_partition": False,
               "momentum_teacher_end": 1.0, "output_dir": "runs/a"}
-    flags = [method, {**method, "partition_size": 8, "output_dir": "runs/b"},
+    flags = [method, {**method, "block_size": 8, "output_dir": "runs/b"},
              {**method, "seed": 1, "global_crops_scale": [0.2, 1.0], "output_dir": "runs/c"},
              {**method, "fixed_partition": True, "momentum_teacher_end": 0.0, "output_dir": "runs/d"},
              {**method, "output_dir": "runs/e"}]
     labels = plot_log.run_labels(["runs/method", "runs/block_8/", "runs/seed1", "runs/ablated", "runs/again"], flags)
-    assert labels == ["method", "block_8: --partition_size 8", "seed1: --global_crops_scale 0.2 1 --seed 1",
+    assert labels == ["method", "block_8: --block_size 8", "seed1: --global_crops_scale 0.2 1 --seed 1",
                       "ablated: --fixed_partition true --momentum_teacher_end 0", "again"]
 
 
@@ -171,7 +172,7 @@ def test_several_runs_draw_one_figure_in_their_common_folder(run_dir, tmp_path, 
     other = tmp_path / "other"
     other.mkdir()
     (other / "log.jsonl").write_text((run_dir / "log.jsonl").read_text())
-    (other / "settings.json").write_text(json.dumps({"args": {"out_dim": 64, "partition_size": 8}}))
+    (other / "settings.json").write_text(json.dumps({"args": {"out_dim": 64, "block_size": 8}}))
     plot_log.main([str(run_dir), str(other)])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == str(tmp_path / "compare.png")  # run_dir is tmp_path: the folder that holds both
@@ -212,6 +213,24 @@ def test_knn_against_minutes_reads_the_time_of_each_line(tmp_path, run_dir, caps
     assert result.returncode == 1 and result.stderr.startswith(
         f"error: {timed / 'log.jsonl'}: the time 'yesterday' of the line of epoch 0 is not YYYY-MM-DDTHH:MM:SS+ZZZZ"
     ) and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_the_collapse_threshold_is_drawn_where_the_run_warns(run_dir, tmp_path, monkeypatch):
+    """The block entropy panels draw train_stats.COLLAPSE_THRESHOLD, below which pretrain.py warns: at
+    0.5 log 8 = 1.04 nats on one run's figure, at 0.5 on the comparison's fractions."""
+    levels = {}
+
+    def threshold_lines(plt, fig, path, dpi):
+        block = next(ax for ax in fig.axes if "block entropy" in ax.get_title())
+        levels[path] = [line.get_ydata()[0] for line in block.get_lines() if line.get_linestyle() == "-."]
+        plt.close(fig)
+
+    monkeypatch.setattr(plot_log, "save_png", threshold_lines)
+    series, flags = plot_log.read_run(str(run_dir))
+    plot_log.draw(series, flags, "t", "one.png")
+    plot_log.draw_runs([("a", series, flags), ("b", series, flags)], "compare.png")
+    assert levels["one.png"] == pytest.approx([0.5 * LOG_8]) and levels["compare.png"] == pytest.approx([0.5])
+    assert train_stats.COLLAPSE_THRESHOLD == 0.5
 
 
 def test_a_resume_is_marked_on_every_panel_and_on_the_knn_panel_only_against_epochs(run_dir, monkeypatch):

@@ -32,12 +32,12 @@ def networks(n_prototypes, device, logit_scale=1.0):
     torch.manual_seed(0)
 
     def network():
-        head = CARPHead(256, n_prototypes, hidden_dim=64, bottleneck_dim=32)
+        head = CARPHead(256, n_prototypes, use_bn=True, norm_last_layer=True, hidden_dim=64, bottleneck_dim=32)
         with torch.no_grad():
             head.mlp[-1].weight.mul_(logit_scale)
         return MultiCropWrapper(SmallCNN(), head)
 
-    memory_format = pretrain.preferred_memory_format("small_cnn", device)  # channels_last, as pretrain.py
+    memory_format = model.preferred_memory_format("small_cnn", device)  # channels_last, as pretrain.py
     student = network().to(device, memory_format=memory_format)
     teacher = network().to(device, memory_format=memory_format)
     model.start_teacher(student, teacher)
@@ -102,10 +102,10 @@ def test_an_overflowed_fp16_step_is_skipped_and_left_out_of_the_grad_norm(device
     good step before it)."""
     device = torch.device(device)
     student, teacher = networks(64, device)
-    args = argparse.Namespace(use_fp16=True, use_bf16=False, out_dim=64, partition_size=16,
+    args = argparse.Namespace(use_fp16=True, use_bf16=False, out_dim=64, block_size=16,
                               gradient_accumulation_steps=1, batch_size_per_gpu=8)
     scaler = gradient_scaler(args, device)
-    optimizer = optim.build_optimizer("lars", student)
+    optimizer = optim.build_optimizer("lars", student, momentum=0.9, weight_decay=0.0)
     stats = TrainStats(args, 1, device, show_progress=False)
     stats.start_epoch(0, 2)
     norms, weights = [], []
@@ -135,7 +135,7 @@ def test_an_overflowed_fp16_step_is_skipped_and_left_out_of_the_grad_norm(device
 # A short pretrain.py run: the SmallCNN on synthetic images, 16 / 8-pixel views drawn per batch,
 # K = 256 in blocks of 16, 200 images in 10 steps of 20 (5 when resumed below: 100 images).
 SHORT_RUN = ["--dataset", "synthetic", "--synthetic_images", "200", "--arch", "small_cnn", "--hidden_dim", "64",
-             "--bottleneck_dim", "32", "--out_dim", "256", "--partition_size", "16", "--global_crops_size", "16",
+             "--bottleneck_dim", "32", "--out_dim", "256", "--block_size", "16", "--global_crops_size", "16",
              "--local_crops_number", "2", "--local_crops_size", "8", "--batched_views", "true",
              "--batch_size_per_gpu", "20", "--optimizer", "adamw", "--lr", "0.004", "--momentum_teacher", "0.9",
              "--num_workers", "0", "--log_every", "1"]

@@ -61,8 +61,8 @@ def test_lars_leaves_a_zero_weight_to_a_trust_ratio_of_one():
 def test_param_groups_exclude_biases_norms_and_the_prototype_norm():
     """Weight decay and LARS for conv, linear and prototype-direction weights only; biases, BatchNorm
     parameters and the prototype norm g of the weight-normalised layer go to the excluded group."""
-    model = MultiCropWrapper(SmallCNN(), CARPHead(256, n_prototypes=16, hidden_dim=32, bottleneck_dim=8,
-                                                  norm_last_layer=False))
+    model = MultiCropWrapper(SmallCNN(), CARPHead(256, n_prototypes=16, use_bn=True, norm_last_layer=False,
+                                                  hidden_dim=32, bottleneck_dim=8))
     regularized, excluded = optim.param_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
     regularized = {names[id(p)] for p in regularized["params"]}

@@ -14,6 +14,7 @@ first step's momentum or learning rate, one partition for both micro-steps or un
 gives other numbers.
 """
 import copy
+import json
 import math
 
 import pytest
@@ -81,14 +82,22 @@ def reference_loss(student_logits, teacher_logits, partition):
     return torch.stack(pairs).mean(), uniformity
 
 
+def block_entropy(student_logits, teacher_logits, partition):
+    """The mean over blocks of the entropy of a block's batch marginal (every student and teacher view)."""
+    p_bar = torch.cat([student_logits, teacher_logits])[..., partition].softmax(-1).mean(dim=(0, 1))  # (N_P, N_B)
+    return -(p_bar * p_bar.log()).sum(-1).mean().item()
+
+
 def network(head_flags):
-    return MultiCropWrapper(SmallCNN(), CARPHead(256, K, hidden_dim=16, bottleneck_dim=8, **head_flags))
+    return MultiCropWrapper(SmallCNN(), CARPHead(256, K, use_bn=True, norm_last_layer=head_flags.get("norm_last_layer", True),
+                                                 hidden_dim=16, bottleneck_dim=8))
 
 
-def reference_forward_backward(before, step, steps_per_epoch, accumulation, clip_grad, batched, head_flags):
+def reference_forward_backward(before, step, steps_per_epoch, accumulation, clip_grad, batched, head_flags, seen=None):
     """The forward passes of optimizer step `step` from the run's state `before` (student, teacher
     and optimizer state dicts) and their gradient. Returns (the views and the loss terms of each
-    forward pass, the gradient to apply by parameter name, the student and the teacher networks)."""
+    forward pass, the gradient to apply by parameter name, the student and the teacher networks);
+    each forward pass's mean block entropy and its student views' argmax prototypes are in `seen`."""
     student, teacher = network(head_flags), network(head_flags)
     student.load_state_dict(before["student"])
     teacher.load_state_dict(before["teacher"])
@@ -105,8 +114,11 @@ def reference_forward_backward(before, step, steps_per_epoch, accumulation, clip
         with torch.no_grad():
             teacher_logits = teacher(views[:2])  # (2, B, K): the teacher sees the 2 global views
         student_logits = student(views)  # (V, B, K)
-        consistency, uniformity = reference_loss(student_logits, teacher_logits,
-                                                 reference_partition(step * accumulation + micro_step))
+        partition = reference_partition(step * accumulation + micro_step)
+        consistency, uniformity = reference_loss(student_logits, teacher_logits, partition)
+        if seen is not None:
+            seen.append((block_entropy(student_logits.detach(), teacher_logits, partition),
+                         set(student_logits.argmax(-1).flatten().tolist())))
         ((consistency + uniformity) / accumulation).backward()
         terms.append((consistency + uniformity, consistency, uniformity))
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
@@ -162,7 +174,7 @@ def reference_update(before, grads, student, teacher, step, steps_per_epoch, acc
 
 # ---------------------------------------------------------------- what the real loop does ----------
 
-def recorded_run(tmp_path, monkeypatch, optimizer, accumulation, clip_grad, batched, head_flags):
+def recorded_run(tmp_path, monkeypatch, optimizer, accumulation, clip_grad, batched, head_flags, *extra):
     """Run pretrain.main with a checkpoint after every optimizer step, recording the run's state
     after every step, the views and loss terms of every forward pass and the gradients each
     optimizer step applied."""
@@ -188,8 +200,8 @@ def recorded_run(tmp_path, monkeypatch, optimizer, accumulation, clip_grad, batc
 
     build_optimizer = pretrain.build_optimizer
 
-    def recording_optimizer(name, model):
-        built = build_optimizer(name, model)
+    def recording_optimizer(name, model, *args, **kwargs):
+        built = build_optimizer(name, model, *args, **kwargs)
         names = {id(p): n for n, p in model.named_parameters()}
         step = built.step
 
@@ -208,14 +220,14 @@ def recorded_run(tmp_path, monkeypatch, optimizer, accumulation, clip_grad, batc
     flags = ["--dataset", "synthetic", "--synthetic_images", str(IMAGES), "--arch", "small_cnn",
              "--global_crops_size", str(SIZE), "--local_crops_size", str(LOCAL_SIZE), "--local_crops_number", str(M),
              "--global_crops_scale", "0.4", "1", "--local_crops_scale", "0.1", "0.4",
-             "--out_dim", str(K), "--partition_size", str(N_B), "--hidden_dim", "16", "--bottleneck_dim", "8",
+             "--out_dim", str(K), "--block_size", str(N_B), "--hidden_dim", "16", "--bottleneck_dim", "8",
              "--batch_size_per_gpu", str(BATCH), "--gradient_accumulation_steps", str(accumulation),
              "--optimizer", optimizer, "--clip_grad", str(clip_grad), "--batched_views", str(batched).lower(),
              "--norm_last_layer", str(head_flags.get("norm_last_layer", True)).lower(),
              "--use_fp16", "false", "--epochs", str(EPOCHS), "--seed", str(SEED), "--num_workers", "0",
              "--checkpoint_every_steps", "1", "--output_dir", str(tmp_path)]
     flags += [x for k, v in FLAGS.items() for x in (f"--{k}", str(v))]
-    pretrain.main(flags)
+    pretrain.main(flags + list(extra))
     return states, views, terms, grads
 
 
@@ -269,3 +281,27 @@ def test_a_training_step_is_the_reference_step(tmp_path, monkeypatch, optimizer,
         for key, value in optimizer_state[i].items():
             torch.testing.assert_close(torch.as_tensor(saved[key]).float(), torch.as_tensor(value).float(),
                                        rtol=1e-4, atol=1e-7, msg=f"optimizer {key} of parameter {i}")
+
+
+def test_a_log_line_reports_the_steps_since_the_last_one(tmp_path, monkeypatch):
+    """With --log_every 2, the line logged after step 7 (epoch 1) reports steps 6 and 7: the means of
+    the reference's L_c, L_H and loss over their forward passes, the prototypes that were some
+    student view's argmax in them (not since the epoch began), the mean entropy of a block's batch
+    marginal and its fraction of log N_B, and the learning rate, weight decay and teacher momentum of
+    step 7."""
+    states, _, _, _ = recorded_run(tmp_path, monkeypatch, "adamw", 1, 0.0, True, {}, "--log_every", "2")
+    line = next(r for r in map(json.loads, open(tmp_path / "log.jsonl")) if r.get("step") == 8 and "loss" in r)
+    seen, terms = [], []
+    for step in (6, 7):
+        terms += reference_forward_backward(states[step], step, 4, 1, 0.0, True, {}, seen)[1]
+    expected = [sum(t[i].item() for t in terms) / 2 for i in range(3)]  # loss, consistency, uniformity
+    assert [line["loss"], line["consistency"], line["uniformity"]] == pytest.approx(expected, rel=1e-5)
+    assert line["prototypes_used"] == len(seen[0][1] | seen[1][1])
+    entropy = (seen[0][0] + seen[1][0]) / 2
+    assert line["block_entropy"] == pytest.approx(entropy, rel=1e-4)
+    assert line["normalised_block_entropy"] == pytest.approx(entropy / math.log(N_B), rel=1e-4)
+    total = EPOCHS * 4
+    assert line["lr"] == pytest.approx(cosine(FLAGS["lr"] * BATCH / 256, FLAGS["min_lr"], total, 4, 7))
+    assert line["wd"] == pytest.approx(cosine(FLAGS["weight_decay"], FLAGS["weight_decay_end"], total, 0, 7))
+    assert line["momentum"] == pytest.approx(cosine(FLAGS["momentum_teacher"], FLAGS["momentum_teacher_end"], total, 0, 7))
+    assert line["epoch"] == 1

@@ -21,7 +21,7 @@ from cli import DataError
 ROOT = Path(__file__).resolve().parents[1]
 # A SmallCNN on 16-pixel views, K = 32 prototypes in 4 blocks of 8, batches of 4: seconds a run.
 SMALL = ["--arch", "small_cnn", "--global_crops_size", "16", "--local_crops_size", "8", "--local_crops_number", "1",
-         "--out_dim", "32", "--partition_size", "8", "--hidden_dim", "16", "--bottleneck_dim", "8",
+         "--out_dim", "32", "--block_size", "8", "--hidden_dim", "16", "--bottleneck_dim", "8",
          "--batch_size_per_gpu", "4", "--num_workers", "0", "--epochs", "1"]
 
 
