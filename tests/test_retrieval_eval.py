@@ -116,10 +116,11 @@ class Recorder(torch.nn.Module):
 
     def __init__(self, backbone):
         super().__init__()
-        self.backbone, self.calls = backbone, []
+        self.backbone, self.calls, self.inputs = backbone, [], []
 
     def forward(self, images):
         self.calls.append(tuple(images.shape))
+        self.inputs.append(images)
         return self.backbone(images)
 
 
@@ -137,8 +138,9 @@ def test_thumbnail_keeps_aspect_and_the_query_box_is_cropped_first(tmp_path):
 
 def test_multiscale_features_are_the_average_of_three_scales(tmp_path):
     """--multiscale runs the 32x24 image at scales 1, 1/sqrt(2) and 1/2 (32x24, 22x16, 16x12 pixels:
-    floor of the scaled sizes; bilinear resizing by the scale factor, as DINO) and returns the mean of
-    the three pooled features."""
+    floor of the scaled sizes) and returns the mean of the three pooled features. The views are
+    bilinear, as DINO's: at exactly half size (align_corners False) every output pixel samples the
+    point midway between 2 x 2 input pixels, so the 1/2 view is the image's 2 x 2 block means."""
     pattern(1).save(tmp_path / "a.jpg")
     torch.manual_seed(0)
     backbone = Recorder(build_backbone("resnet18")).eval()
@@ -146,11 +148,14 @@ def test_multiscale_features_are_the_average_of_three_scales(tmp_path):
     multiscale = R.extract_multiscale_features(backbone, dataset, num_workers=0, scales=R.MULTISCALE, progress=False)
     assert [shape[-2:] for shape in backbone.calls] == [(24, 32), (16, 22), (12, 16)]
     image = dataset[0][0][None]  # (1, 3, 24, 32)
+    full, _, half = backbone.inputs
+    assert torch.equal(full, image)
+    block_means = image.unfold(2, 2, 2).unfold(3, 2, 2).mean(dim=(-2, -1))  # (1, 3, 12, 16)
+    assert torch.allclose(half, block_means, atol=1e-6)
     with torch.no_grad():
-        expected = sum(backbone.backbone(torch.nn.functional.interpolate(image, scale_factor=s, mode="bilinear"))
-                       for s in (1, 2 ** -0.5, 0.5)) / 3
+        expected = sum(backbone.backbone(view) for view in backbone.inputs) / 3
     assert multiscale.shape == (1, 512)
-    assert torch.allclose(multiscale, expected, rtol=1e-3, atol=1e-5)
+    assert torch.allclose(multiscale, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(multiscale, backbone.backbone(image).detach(), rtol=1e-2)
 
 
