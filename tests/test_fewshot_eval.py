@@ -386,6 +386,29 @@ def test_authors_svms_share_one_pool_and_a_fixed_cost(monkeypatch):
     assert all(X.shape == (18, 32) for _, X, _ in fits[6:])
 
 
+@pytest.mark.parametrize("negatives, rows", [("sampled", [20, 20, 25, 25]), ("all", [25, 25, 25, 25])], ids=["sampled", "all"])
+def test_voc_negatives_flag_sets_the_goyal_training_sets(tmp_path, monkeypatch, negatives, rows):
+    """--voc_protocol goyal --shots 1 --runs 1 on 25 trainval images: an aeroplane in image 0, a
+    bicycle in image 1, nothing in the 23 others. Each class's 1-shot SVM trains on its positive and
+    --voc_negatives 'sampled': (20 - 1) x 1 = 19 of its 24 negatives, 20 rows; 'all': the 24, 25
+    rows. The full-data SVMs take all 25 images either way."""
+    labels = np.stack([voc_row(aeroplane=1), voc_row(bicycle=1)] + [voc_row()] * 23)
+    features = np.random.default_rng(0).normal(size=(25, 8))
+    save_split_features(tmp_path / "f", {"trainval": (features, labels), "test": (features, labels)})
+    fits = []
+
+    class RecordingSVC(fewshot_eval.LinearSVC):
+        def fit(self, X, y):
+            fits.append(len(y))
+            return super().fit(X, y)
+
+    monkeypatch.setattr(fewshot_eval, "LinearSVC", RecordingSVC)
+    fewshot_eval.main(["--protocol", "voc07_svm", "--pretrained_weights", "random", "--load_features",
+                       str(tmp_path / "f"), "--voc_protocol", "goyal", "--voc_negatives", negatives, "--shots", "1",
+                       "--runs", "1"])
+    assert fits == rows
+
+
 # ============ k-shot draws ============
 
 def test_kshot_draws_are_seeded_and_have_k_per_class():
@@ -410,6 +433,28 @@ def test_top5_is_a_hit_at_rank_5_and_a_miss_at_rank_6():
     logits, labels = torch.tensor([[6.0, 5, 4, 3, 2, 1, 0]] * 4), torch.tensor([0, 1, 4, 5])
     assert fewshot_eval.topk_accuracy(torch.eye(7), torch.zeros(7), logits, labels) == [25.0, 75.0]
     assert fewshot_eval.topk_accuracy(torch.eye(7), torch.zeros(7), logits, labels, chunk_size=3) == [25.0, 75.0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_seed_flag_draws_the_kshot_images(tmp_path, monkeypatch, seed):
+    """nshot_logreg --shots 1 --runs 2 --seed S on 4 images of each of 2 classes: the logistic
+    regression of run r trains on the images sample_kshot draws with draw_rng(S, 1, r), one per
+    class; seeds 0 and 1 draw other images."""
+    train = (torch.eye(8), torch.tensor([0, 1] * 4))
+    save_split_features(tmp_path / "f", {"train": train, "val": (torch.eye(8)[:2], torch.tensor([0, 1]))})
+    trained_on, fit_logreg = [], fewshot_eval.fit_logreg
+
+    def recording_fit_logreg(features, labels, *args):
+        trained_on.append(features.argmax(dim=1).tolist())  # row i of the identity is image i
+        return fit_logreg(features, labels, *args)
+
+    monkeypatch.setattr(fewshot_eval, "fit_logreg", recording_fit_logreg)
+    fewshot_eval.main(["--protocol", "nshot_logreg", "--pretrained_weights", "random", "--load_features",
+                       str(tmp_path / "f"), "--shots", "1", "--runs", "2", "--seed", str(seed)])
+    draws = [sample_kshot(train[1].numpy(), 1, fewshot_eval.draw_rng(seed, 1, run))[0].tolist() for run in (0, 1)]
+    assert trained_on == draws and all(len(images) == 2 for images in draws)
+    assert draws != [sample_kshot(train[1].numpy(), 1, fewshot_eval.draw_rng(1 - seed, 1, run))[0].tolist()
+                     for run in (0, 1)]
 
 
 def test_lr_steps_down_at_the_milestones():
