@@ -386,7 +386,8 @@ def test_authors_svms_share_one_pool_and_a_fixed_cost(monkeypatch):
     assert all(X.shape == (18, 32) for _, X, _ in fits[6:])
 
 
-@pytest.mark.parametrize("negatives, rows", [("sampled", [20, 20, 25, 25]), ("all", [25, 25, 25, 25])], ids=["sampled", "all"])
+@pytest.mark.parametrize("negatives, rows", [("sampled", [20, 20, 25, 25]), ("all", [25, 25, 25, 25])],
+                         ids=["sampled", "all"])
 def test_voc_negatives_flag_sets_the_goyal_training_sets(tmp_path, monkeypatch, negatives, rows):
     """--voc_protocol goyal --shots 1 --runs 1 on 25 trainval images: an aeroplane in image 0, a
     bicycle in image 1, nothing in the 23 others. Each class's 1-shot SVM trains on its positive and
@@ -766,7 +767,7 @@ def svm_full_aps(folder, cost):
         (saved["features"].double().numpy(), saved["labels"].numpy()) for saved in
         (torch.load(folder / f"{split}_features.pth", weights_only=True) for split in ("trainval", "test")))
     train, test = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (train, test))
-    train_labels, test_labels = np.where(train_labels == 0, -1, train_labels), np.where(test_labels == 0, -1, test_labels)
+    train_labels, test_labels = (np.where(labels == 0, -1, labels) for labels in (train_labels, test_labels))
     aps = {}
     for c, name in enumerate(VOC_CLASSES):
         if len(set(train_labels[:, c])) == 2 and (test_labels[:, c] == 1).any():

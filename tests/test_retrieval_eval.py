@@ -544,9 +544,9 @@ def test_revisited_map_and_precision_at_k_by_hand(tmp_path, monkeypatch):
     write_revisited(tmp_path, "roxford5k", images, gnd, ["q0", "q1"])
     monkeypatch.setattr(R, "frozen_backbone", lambda args, device: MeanColour())
     results = R.main(RANDOM + ["--dataset", "roxford5k", "--data_path", str(tmp_path)])
-    expected = {"map_medium": 100 * (19 / 30 + 1 / 4) / 2, "mp@1": 50.0, "mp@5": 35.0, "mp@10": 100 * (1 / 3 + 1 / 2) / 2,
-                "map_hard": 10.0, "mp@1_hard": 0.0, "mp@5_hard": 20.0, "mp@10_hard": 20.0,
-                "skipped_medium": 0, "skipped_hard": 1}
+    expected = {"map_medium": 100 * (19 / 30 + 1 / 4) / 2, "mp@1": 50.0, "mp@5": 35.0,
+                "mp@10": 100 * (1 / 3 + 1 / 2) / 2, "skipped_medium": 0,
+                "map_hard": 10.0, "mp@1_hard": 0.0, "mp@5_hard": 20.0, "mp@10_hard": 20.0, "skipped_hard": 1}
     assert {key: results[key] for key in expected} == pytest.approx(expected)
 
 
@@ -560,8 +560,8 @@ def test_crop_query_bbox_crops_the_query_before_its_feature(tmp_path, monkeypatc
     query.paste(Image.new("RGB", (16, 24), colour_at(0)), (0, 0))
     images = {"red": Image.new("RGB", (32, 24), colour_at(0)), "mix": Image.new("RGB", (32, 24), colour_at(45)),
               "greenish": Image.new("RGB", (32, 24), colour_at(80)), "query": query}
-    write_revisited(tmp_path, "rparis6k", images, [{"bbx": [0.0, 0.0, 16.0, 24.0], "easy": [0], "hard": [], "junk": []}],
-                    ["query"])
+    gnd = [{"bbx": [0.0, 0.0, 16.0, 24.0], "easy": [0], "hard": [], "junk": []}]  # the box: the left half
+    write_revisited(tmp_path, "rparis6k", images, gnd, ["query"])
     monkeypatch.setattr(R, "frozen_backbone", lambda args, device: MeanColour())
     argv = RANDOM + ["--dataset", "rparis6k", "--data_path", str(tmp_path)]
     full, cropped = R.main(argv), R.main(argv + ["--crop_query_bbox", "true"])
@@ -609,6 +609,7 @@ def test_copydays_whitening_flag_changes_the_ranking_by_hand(tmp_path, monkeypat
         raw = R.main(argv)
     with pytest.warns(UserWarning, match="not found"):
         whitened = R.main(argv + ["--whitening_path", str(tmp_path / "whitening")])
-    assert (raw["map_strong"], raw["map_original"], raw["whitening"]) == (pytest.approx(25.0), pytest.approx(100.0), 0.0)
+    assert (raw["map_strong"], raw["map_original"], raw["whitening"]) == (
+        pytest.approx(25.0), pytest.approx(100.0), 0.0)
     assert (whitened["map_strong"], whitened["map_original"], whitened["whitening"]) == (
         pytest.approx(100.0), pytest.approx(100.0), 1.0)
