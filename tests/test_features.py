@@ -486,6 +486,27 @@ def test_dump_then_load_features_round_trips(tmp_path):
         features.frozen_features(args, "cpu", splits=("val",))
 
 
+@pytest.mark.parametrize("image_size", [12, 20])
+def test_image_size_flag_is_the_size_the_backbone_sees(monkeypatch, image_size):
+    """--image_size N: every image of both splits reaches the backbone as an N x N centre crop (the
+    short side resized to N / 0.875 first), 10 train and 2 val synthetic images here."""
+    parser = features.add_eval_args(argparse.ArgumentParser())
+    args = features.follow_checkpoint(parser.parse_args(
+        ["--pretrained_weights", "random", "--dataset", "synthetic", "--synthetic_images", "10",
+         "--image_size", str(image_size), "--num_workers", "0", "--batch_size_per_gpu", "4"]))
+    shapes = []
+
+    class Recording(Constant):
+        def forward(self, x):
+            shapes.append(tuple(x.shape[1:]))
+            return super().forward(x)
+
+    monkeypatch.setattr(features, "backbone_from_args", lambda args: Recording())
+    out = features.frozen_features(args, "cpu")
+    assert (len(out["train"][0]), len(out["val"][0])) == (10, 2)
+    assert set(shapes) == {(3, image_size, image_size)} and len(shapes) == 3 + 1  # batches of 4: 4 4 2, then 2
+
+
 def test_weights_of_another_architecture_are_an_error_naming_the_shapes(tmp_path, reference):
     """A ResNet-18 file read as a small-stem ResNet-18: conv1 is 7x7 in the file, 3x3 in the model."""
     path = str(tmp_path / "r18.pth")

@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
+from sklearn.svm import LinearSVC
 
 import fewshot_eval
 from data import VOC_CLASSES, DataError, inat2018_datasets, train_transform, voc07_dataset
@@ -26,13 +27,15 @@ from fewshot_eval import (difficult_as_negative, fit_logreg, kshot_classifiers, 
 
 def write_voc(root, split, images):
     """VOCdevkit/VOC2007 in torchvision's VOCDetection layout. images: {id: [(class, difficult), ...]};
-    each image is a 24x20 JPEG whose colour encodes its first class."""
+    each image is a flat 24x20 JPEG whose red and green encode its first class and whose blue its
+    position in the split, so that no two images of a split are alike."""
     voc = root / "VOCdevkit" / "VOC2007"
     for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (voc / folder).mkdir(parents=True, exist_ok=True)
-    for image_id, objects in images.items():
+    for position, (image_id, objects) in enumerate(images.items()):
         level = 40 + 9 * VOC_CLASSES.index(objects[0][0]) if objects and objects[0][0] in VOC_CLASSES else 0
-        Image.new("RGB", (24, 20), (level, 255 - level, level)).save(voc / "JPEGImages" / f"{image_id}.jpg")
+        blue = 20 * (position % 12 + 1)
+        Image.new("RGB", (24, 20), (level, 255 - level, blue)).save(voc / "JPEGImages" / f"{image_id}.jpg")
         xml_objects = "".join(
             f"<object><name>{name}</name><pose>Left</pose><truncated>0</truncated><difficult>{difficult}</difficult>"
             f"<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>10</xmax><ymax>10</ymax></bndbox></object>"
@@ -305,6 +308,60 @@ def test_voc07_svm_difficult_test_image_lowers_the_authors_map_only():
     assert authors["ap_full_aeroplane"] == pytest.approx(50.0) and authors["ap_full_boat"] == pytest.approx(100.0)
 
 
+def save_split_features(folder, splits):
+    """{split: (features, labels)} in the --dump_features layout."""
+    folder.mkdir()
+    for split, (feats, labels) in splits.items():
+        torch.save({"features": torch.as_tensor(feats), "labels": torch.as_tensor(labels)},
+                   folder / f"{split}_features.pth")
+
+
+def three_level_voc():
+    """Trainval: image 0 (feature e0) holds an aeroplane, image 1 (e1) a bicycle. The aeroplane SVM
+    (C = 0.5, weight 2 on its positive e0, 1 on its negative e1, liblinear's bias as a constant
+    feature 1) solves its 2-variable dual exactly: alpha = (8/13, 7/13), bias 8/13 - 7/13 = 1/13, so it
+    scores e0 9/13, a new direction e2 (no weight on it) 1/13, e1 -6/13; the bicycle SVM the same with
+    e0 and e1 swapped. Test: A = e0 (aeroplane), F = e2 (bicycle), B = e1 (aeroplane)."""
+    train = (np.eye(3)[[0, 1]], np.stack([voc_row(aeroplane=1), voc_row(bicycle=1)]))
+    test = (np.eye(3)[[0, 2, 1]], np.stack([voc_row(aeroplane=1), voc_row(bicycle=1), voc_row(aeroplane=1)]))
+    return {"trainval": train, "test": test}
+
+
+@pytest.mark.parametrize("voc_ap, expected", [("area", 100 * (5 / 6 + 1 / 2) / 2),
+                                              ("11point", 100 * (28 / 33 + 1 / 2) / 2)], ids=["area", "11point"])
+def test_voc07_svm_map_of_every_k_and_runs_by_hand(tmp_path, voc_ap, expected):
+    """fewshot_eval.py --protocol voc07_svm on three_level_voc's saved features. Aeroplane ranks the
+    test images A (+), F (-), B (+): area AP (1 + 2/3) / 2 = 5/6, 11-point AP (6 x 1 + 5 x 2/3) / 11
+    = 28/33; bicycle ranks B (-), F (+), A (-): AP 1/2 either way. The 18 other classes have no
+    trainval positive: no SVM, left out. mAP 66.67 (area) or 67.42 (11-point) for the full data and
+    for k = 1 and 2 (one positive per class: every draw is the whole trainval), in each of the 3
+    runs: mean 66.67, std 0."""
+    save_split_features(tmp_path / "f", three_level_voc())
+    results = fewshot_eval.main(["--protocol", "voc07_svm", "--pretrained_weights", "random", "--load_features",
+                                 str(tmp_path / "f"), "--shots", "1", "2", "--runs", "3", "--voc_ap", voc_ap])
+    assert results["map_full"] == pytest.approx(expected)
+    assert results["ap_full_aeroplane"] == pytest.approx(100 * (5 / 6 if voc_ap == "area" else 28 / 33))
+    assert results["ap_full_bicycle"] == pytest.approx(50.0) and math.isnan(results["ap_full_bird"])
+    for k in (1, 2):
+        assert results[f"map_k{k}_runs"] == pytest.approx([expected] * 3)
+        assert results[f"map_k{k}_mean"] == pytest.approx(expected) and results[f"map_k{k}_std"] == 0.0
+    assert {key for key in results if key.startswith("map_k")} == {
+        f"map_k{k}_{stat}" for k in (1, 2) for stat in ("mean", "std", "runs")}
+
+
+def test_voc07_svm_max_iter_reaches_liblinear(tmp_path, capsys):
+    """--svm_max_iter 1 stops every SVM of three_level_voc after one pass of liblinear, before its
+    tolerance is met: the 2 SVMs of each of the 2 runs of k = 1 and the 2 full-data SVMs, 6 in all,
+    are reported; at the default 2000 iterations all converge."""
+    save_split_features(tmp_path / "f", three_level_voc())
+    argv = ["--protocol", "voc07_svm", "--pretrained_weights", "random", "--load_features", str(tmp_path / "f"),
+            "--shots", "1", "--runs", "2"]
+    fewshot_eval.main(argv + ["--svm_max_iter", "1"])
+    assert "6 SVMs did not converge in --svm_max_iter 1 iterations" in capsys.readouterr().out
+    fewshot_eval.main(argv)
+    assert "did not converge" not in capsys.readouterr().out
+
+
 def test_authors_svms_share_one_pool_and_a_fixed_cost(monkeypatch):
     """Every LinearSVC fit, recorded: C = 0.5 each time (no cross-validation: one fit per class and
     draw); in a draw the 3 SVMs (aeroplane, boat, car: the classes with positives) train on the same
@@ -329,6 +386,30 @@ def test_authors_svms_share_one_pool_and_a_fixed_cost(monkeypatch):
     assert all(X.shape == (18, 32) for _, X, _ in fits[6:])
 
 
+@pytest.mark.parametrize("negatives, rows", [("sampled", [20, 20, 25, 25]), ("all", [25, 25, 25, 25])],
+                         ids=["sampled", "all"])
+def test_voc_negatives_flag_sets_the_goyal_training_sets(tmp_path, monkeypatch, negatives, rows):
+    """--voc_protocol goyal --shots 1 --runs 1 on 25 trainval images: an aeroplane in image 0, a
+    bicycle in image 1, nothing in the 23 others. Each class's 1-shot SVM trains on its positive and
+    --voc_negatives 'sampled': (20 - 1) x 1 = 19 of its 24 negatives, 20 rows; 'all': the 24, 25
+    rows. The full-data SVMs take all 25 images either way."""
+    labels = np.stack([voc_row(aeroplane=1), voc_row(bicycle=1)] + [voc_row()] * 23)
+    features = np.random.default_rng(0).normal(size=(25, 8))
+    save_split_features(tmp_path / "f", {"trainval": (features, labels), "test": (features, labels)})
+    fits = []
+
+    class RecordingSVC(fewshot_eval.LinearSVC):
+        def fit(self, X, y):
+            fits.append(len(y))
+            return super().fit(X, y)
+
+    monkeypatch.setattr(fewshot_eval, "LinearSVC", RecordingSVC)
+    fewshot_eval.main(["--protocol", "voc07_svm", "--pretrained_weights", "random", "--load_features",
+                       str(tmp_path / "f"), "--voc_protocol", "goyal", "--voc_negatives", negatives, "--shots", "1",
+                       "--runs", "1"])
+    assert fits == rows
+
+
 # ============ k-shot draws ============
 
 def test_kshot_draws_are_seeded_and_have_k_per_class():
@@ -343,6 +424,38 @@ def test_kshot_draws_are_seeded_and_have_k_per_class():
     np.testing.assert_array_equal(kept, again)
     other_runs = [sample_kshot(labels, 3, fewshot_eval.draw_rng(0, 3, run))[0] for run in range(1, 4)]
     assert any(not np.array_equal(kept, other) for other in other_runs)
+
+
+def test_top5_is_a_hit_at_rank_5_and_a_miss_at_rank_6():
+    """Identity classifier (weight I, bias 0), so the features are the logits: 4 val images scoring
+    the 7 classes 6, 5, ..., 0, labelled 0, 1, 4 and 5, rank their class 1st, 2nd, 5th and 6th:
+    top-1 1/4 = 25 %, top-5 3/4 = 75 % (a top-2 or top-4 would give 50 %, a top-6 100 %), also in
+    chunks of 3 images."""
+    logits, labels = torch.tensor([[6.0, 5, 4, 3, 2, 1, 0]] * 4), torch.tensor([0, 1, 4, 5])
+    assert fewshot_eval.topk_accuracy(torch.eye(7), torch.zeros(7), logits, labels) == [25.0, 75.0]
+    assert fewshot_eval.topk_accuracy(torch.eye(7), torch.zeros(7), logits, labels, chunk_size=3) == [25.0, 75.0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_seed_flag_draws_the_kshot_images(tmp_path, monkeypatch, seed):
+    """nshot_logreg --shots 1 --runs 2 --seed S on 4 images of each of 2 classes: the logistic
+    regression of run r trains on the images sample_kshot draws with draw_rng(S, 1, r), one per
+    class; seeds 0 and 1 draw other images."""
+    train = (torch.eye(8), torch.tensor([0, 1] * 4))
+    save_split_features(tmp_path / "f", {"train": train, "val": (torch.eye(8)[:2], torch.tensor([0, 1]))})
+    trained_on, fit_logreg = [], fewshot_eval.fit_logreg
+
+    def recording_fit_logreg(features, labels, *args):
+        trained_on.append(features.argmax(dim=1).tolist())  # row i of the identity is image i
+        return fit_logreg(features, labels, *args)
+
+    monkeypatch.setattr(fewshot_eval, "fit_logreg", recording_fit_logreg)
+    fewshot_eval.main(["--protocol", "nshot_logreg", "--pretrained_weights", "random", "--load_features",
+                       str(tmp_path / "f"), "--shots", "1", "--runs", "2", "--seed", str(seed)])
+    draws = [sample_kshot(train[1].numpy(), 1, fewshot_eval.draw_rng(seed, 1, run))[0].tolist() for run in (0, 1)]
+    assert trained_on == draws and all(len(images) == 2 for images in draws)
+    assert draws != [sample_kshot(train[1].numpy(), 1, fewshot_eval.draw_rng(1 - seed, 1, run))[0].tolist()
+                     for run in (0, 1)]
 
 
 def test_lr_steps_down_at_the_milestones():
@@ -418,6 +531,62 @@ def test_logreg_matches_sklearn_logistic_regression():
     reference = LogisticRegression(C=0.5, tol=1e-10, max_iter=10000).fit(features.numpy(), labels.numpy())
     probabilities = torch.softmax(features @ weight.T + bias, dim=1).numpy()
     np.testing.assert_allclose(probabilities, reference.predict_proba(features.numpy()), atol=1e-4)
+
+
+@pytest.mark.parametrize("c, top1", [(0.01, 50.0), (100.0, 100.0)], ids=["C_0.01", "C_100"])
+def test_logreg_c_flag_reaches_the_logistic_regression(tmp_path, c, top1):
+    """nshot_logreg --logreg_c on saved features, k = 3 so that every train image is kept: 3 images of
+    class 0 around (1, 0.2) and 1 of class 1 at (0.3, 1); val: 2 of each. At C = 0.01 the weights
+    stay near 0 and the unpenalised bias gives class 1 its train share, p ~ 1/4, on every image: all
+    val images go to class 0, top-1 50 %; at C = 100 the classes are split: 100 %. The same as
+    sklearn's LogisticRegression(C) on the L2-normalised features."""
+    train = (torch.tensor([[1, 0.1], [1, 0.3], [1, 0.2], [0.3, 1]]), torch.tensor([0, 0, 0, 1]))
+    val = (torch.tensor([[1, 0.2], [0.9, 0.3], [0.5, 1], [0.4, 1]]), torch.tensor([0, 0, 1, 1]))
+    save_split_features(tmp_path / "f", {"train": train, "val": val})
+    results = fewshot_eval.main(["--protocol", "nshot_logreg", "--pretrained_weights", "random", "--load_features",
+                                 str(tmp_path / "f"), "--shots", "3", "--runs", "1", "--logreg_c", str(c)])
+    assert results["top1_k3_mean"] == top1
+    normalise = lambda x: (x / x.norm(dim=1, keepdim=True)).numpy()  # noqa: E731
+    reference = LogisticRegression(C=c, tol=1e-10, max_iter=10000).fit(normalise(train[0]), train[1].numpy())
+    assert 100 * (reference.predict(normalise(val[0])) == val[1].numpy()).mean() == top1
+
+
+def test_lowshot_linear_flags_give_the_sgd_steps_computed_by_hand(tmp_path, monkeypatch):
+    """--protocol lowshot_linear --cached_features true on saved features: 4 identical train images
+    x = (1, 2) of class 0 (val adds class 1: C = 2), --shots 4 (all kept), --linear_batch_size 2 (2
+    steps per epoch, every batch the same), --epochs 2, --lr 0.5 --lr_milestones 1 --lr_gamma 0.2
+    (lr 0.5 in epoch 1, 0.1 in epoch 2), --momentum 0.8, --weight_decay 0.1. From the draw's initial
+    W0 (N(0, 0.01), its generator seeded 7 here) and b0 = 0, each step by hand: p = softmax(W x + b),
+    gradients (p - e0) x^T + 0.1 W and (p - e0) + 0.1 b, v1 = g1, v = 0.8 v + g, parameters minus
+    lr x v. The classifier evaluated after each epoch is the one after steps 2 and 4."""
+    save_split_features(tmp_path / "f", {"train": (torch.tensor([[1.0, 2.0]] * 4), torch.zeros(4, dtype=torch.long)),
+                                         "val": (torch.tensor([[1.0, 2.0], [2.0, 1.0]]), torch.tensor([0, 1]))})
+    monkeypatch.setattr(fewshot_eval, "torch_seed", lambda rng: torch.Generator().manual_seed(7))
+    evaluated, topk_accuracy = [], fewshot_eval.topk_accuracy
+
+    def recording_topk_accuracy(weight, bias, *args):
+        evaluated.append((weight.double().clone(), bias.double().clone()))
+        return topk_accuracy(weight, bias, *args)
+
+    monkeypatch.setattr(fewshot_eval, "topk_accuracy", recording_topk_accuracy)
+    fewshot_eval.main(["--protocol", "lowshot_linear", "--cached_features", "true", "--pretrained_weights", "random",
+                       "--load_features", str(tmp_path / "f"), "--shots", "4", "--runs", "1", "--epochs", "2",
+                       "--linear_batch_size", "2", "--lr", "0.5", "--lr_milestones", "1", "--lr_gamma", "0.2",
+                       "--momentum", "0.8", "--weight_decay", "0.1"])
+    x, target = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)
+    W = torch.nn.init.normal_(torch.empty(2, 2), std=0.01, generator=torch.Generator().manual_seed(7)).double()
+    b = torch.zeros(2, dtype=torch.float64)
+    velocity, expected = None, []
+    for lr in (0.5, 0.5, 0.1, 0.1):
+        p = torch.softmax(W @ x + b, dim=0)  # (C,)
+        gradient = (torch.outer(p - target, x) + 0.1 * W, p - target + 0.1 * b)
+        velocity = gradient if velocity is None else tuple(0.8 * v + g for v, g in zip(velocity, gradient))
+        W, b = W - lr * velocity[0], b - lr * velocity[1]
+        expected.append((W, b))
+    assert len(evaluated) == 2
+    for (found_W, found_b), (W, b) in zip(evaluated, expected[1::2]):
+        torch.testing.assert_close(found_W, W, atol=1e-6, rtol=0)
+        torch.testing.assert_close(found_b, b, atol=1e-6, rtol=0)
 
 
 # ============ lowshot_linear: the authors' augmented views (default) and the fast mode ============
@@ -578,10 +747,42 @@ def test_batch_that_does_not_split_over_the_processes_is_refused(monkeypatch, ca
 
 # ============ end to end ============
 
+def area_ap(scores, labels):
+    """VOC AP by its definition, one positive at a time: rank by decreasing score (ties in test-set
+    order); at the j-th positive, ranked r_j, the precision is j / r_j; each positive counts the best
+    precision at its rank or below, max over i >= j of i / r_i; AP is the mean over the positives."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    precisions = []
+    for rank, i in enumerate(order, start=1):
+        if labels[i] > 0:
+            precisions.append((len(precisions) + 1) / rank)
+    return sum(max(precisions[j:]) for j in range(len(precisions))) / len(precisions)
+
+
+def svm_full_aps(folder, cost):
+    """{class: AP in %} of the authors' full-data protocol, computed here with sklearn on the saved
+    features: L2-normalised rows, difficult (0) as -1, per class with positives and negatives one
+    LinearSVC(C=cost, class weight {+1: 2, -1: 1}, squared hinge, L2), its decision values on test."""
+    (train, train_labels), (test, test_labels) = (
+        (saved["features"].double().numpy(), saved["labels"].numpy()) for saved in
+        (torch.load(folder / f"{split}_features.pth", weights_only=True) for split in ("trainval", "test")))
+    train, test = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (train, test))
+    train_labels, test_labels = (np.where(labels == 0, -1, labels) for labels in (train_labels, test_labels))
+    aps = {}
+    for c, name in enumerate(VOC_CLASSES):
+        if len(set(train_labels[:, c])) == 2 and (test_labels[:, c] == 1).any():
+            svm = LinearSVC(C=cost, class_weight={1: 2, -1: 1}, loss="squared_hinge", penalty="l2", dual=True,
+                            tol=1e-4, max_iter=2000, random_state=0).fit(train, train_labels[:, c])
+            aps[name] = 100 * area_ap(svm.decision_function(test).tolist(), test_labels[:, c])
+    return aps
+
+
 def test_voc07_svm_end_to_end_on_the_voc_layout_then_from_saved_features(tmp_path, capsys):
-    """--protocol voc07_svm on a generated VOC07 folder with a random ResNet-18: the JSON has
-    map_k{k}_mean/_std and map_full; --load_features gives the same numbers without the images,
-    and classes without positives are named as left out of the mAP."""
+    """--protocol voc07_svm on a generated VOC07 folder (6 distinct images; cat, dog and bird have
+    positives) with a random ResNet-18: the JSON has map_k{k}_mean/_std and map_full; --load_features
+    gives the same numbers without the images, and classes without positives are named as left out
+    of the mAP. The full-data APs are those of sklearn's LinearSVC computed here on the saved
+    features (svm_full_aps), and map_full their mean; --cost 2 gives those of C = 2, another mAP."""
     objects = [[("cat", 0)], [("dog", 0)], [("cat", 0), ("dog", 1)], [("dog", 0)], [("cat", 1)], [("bird", 0)]]
     write_voc(tmp_path / "voc", "trainval", {f"{i:06d}": o for i, o in enumerate(objects)})
     write_voc(tmp_path / "voc", "test", {f"{i:06d}": o for i, o in enumerate(objects[::-1], start=100)})
@@ -597,7 +798,17 @@ def test_voc07_svm_end_to_end_on_the_voc_layout_then_from_saved_features(tmp_pat
     first, second = json.load(open(tmp_path / "a.json")), json.load(open(tmp_path / "b.json"))
     assert {"map_k1_mean", "map_k1_std", "map_k2_mean", "map_k2_std", "map_full"} <= set(first)
     assert first == second
-    assert 0 <= first["map_full"] <= 100 and first["ap_full_aeroplane"] is None
+    expected = svm_full_aps(tmp_path / "f", cost=0.5)
+    assert set(expected) == {"cat", "dog", "bird"}
+    assert {name: first[f"ap_full_{name}"] for name in VOC_CLASSES} == pytest.approx(
+        {name: expected.get(name) for name in VOC_CLASSES})
+    assert first["map_full"] == pytest.approx(np.mean(list(expected.values())))
+    fewshot_eval.main(common + ["--load_features", str(tmp_path / "f"), "--cost", "2",
+                                "--output_json", str(tmp_path / "c.json")])
+    cost_2 = json.load(open(tmp_path / "c.json"))
+    expected_2 = svm_full_aps(tmp_path / "f", cost=2.0)
+    assert cost_2["map_full"] == pytest.approx(np.mean(list(expected_2.values())))
+    assert cost_2["map_full"] != pytest.approx(first["map_full"])
 
 
 class MeanColour(torch.nn.Module):

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from sklearn import metrics
-
 import data
 import kmeans_eval
 from kmeans_eval import cluster_accuracy, clustering_metrics, spherical_kmeans, standardize
@@ -79,6 +77,22 @@ def test_best_of_restarts_is_the_best_single_run():
     assert best == pytest.approx(max(singles), abs=1e-9) and best >= singles[0]
 
 
+def test_each_restart_runs_at_most_n_iter_iterations(monkeypatch):
+    """n_iter caps the iterations (centroid update, then assignment) of every restart. The 2 restarts
+    on 10 overlapping clusters need more than 5 iterations each to converge (more than 10 updates
+    in all at n_iter 100), so n_iter = 1, 3 and 5 make exactly 2, 6 and 10 centroid updates; at
+    n_iter 100 a restart stops once no assignment changes, well before 2 x 100 updates."""
+    points, _ = directions(30, 10, 3, spread=0.6, seed=1)
+    updates, update_centroids = [], kmeans_eval.update_centroids
+    monkeypatch.setattr(kmeans_eval, "update_centroids", lambda *args: (updates.append(1), update_centroids(*args))[1])
+    counts = {}
+    for n_iter in (1, 3, 5, 100):
+        updates.clear()
+        spherical_kmeans(points, 10, n_iter, 2, torch.Generator().manual_seed(0))
+        counts[n_iter] = len(updates)
+    assert (counts[1], counts[3], counts[5]) == (2, 6, 10) and 10 < counts[100] < 200
+
+
 def test_same_seed_same_clustering():
     """The same seed gives identical centroids and assignments; another seed draws other initial centroids."""
     points, _ = directions(30, 10, 3, spread=0.6, seed=2)
@@ -143,6 +157,25 @@ def entropy(*p):
     return -sum(x * math.log(x) for x in p)
 
 
+def adjusted_mutual_information(labels, pred):
+    """AMI by its formula (Vinh et al. 2010, arithmetic normalisation): (MI - E[MI]) / ((H(classes) +
+    H(clusters)) / 2 - E[MI]), E[MI] the mutual information expected when the clusters of the same
+    sizes are drawn at random (hypergeometric counts n_ij of class i and cluster j)."""
+    n = len(labels)
+    table = [[sum(1 for l, p in zip(labels, pred) if (l, p) == (c, k)) for k in sorted(set(pred))]
+             for c in sorted(set(labels))]  # (classes, clusters) counts
+    a, b = [sum(row) for row in table], [sum(column) for column in zip(*table)]
+    mutual = sum(nij / n * math.log(n * nij / (a[i] * b[j]))
+                 for i, row in enumerate(table) for j, nij in enumerate(row) if nij)
+    f = math.factorial
+    expected = sum(nij / n * math.log(n * nij / (ai * bj))
+                   * f(ai) * f(bj) * f(n - ai) * f(n - bj)
+                   / (f(n) * f(nij) * f(ai - nij) * f(bj - nij) * f(n - ai - bj + nij))
+                   for ai in a for bj in b for nij in range(max(1, ai + bj - n), min(ai, bj) + 1))
+    mean_entropy = (entropy(*(x / n for x in a)) + entropy(*(x / n for x in b))) / 2
+    return (mutual - expected) / (mean_entropy - expected)
+
+
 def save_features(folder, train, train_labels, val, val_labels):
     folder.mkdir()
     torch.save({"features": train, "labels": train_labels}, folder / "train_features.pth")
@@ -158,7 +191,8 @@ def test_main_by_hand_standardises_with_the_train_split(tmp_path, monkeypatch, c
     From that table by hand: accuracy 5/6; pairs together in the clustering 7, in the classes 6,
     in both 4 of 15, so ARI = (4 - 7 x 6 / 15) / (6.5 - 2.8) and FMS = 4 / sqrt(7 x 6); homogeneity
     1 - (4/6) H(3/4, 1/4) / H(1/2, 1/2), completeness 1 - (3/6) H(1/3, 2/3) / H(2/3, 1/3) = 1/2, their
-    harmonic mean the V-measure, equal to NMI. Without the standardisation the raw points split
+    harmonic mean the V-measure, equal to NMI; AMI by its formula (adjusted_mutual_information).
+    Without the standardisation the raw points split
     left against right (their objective 0.7453 per point beats the class split's 0.34) and the
     scores fall: the check fails."""
     x = torch.tensor([-100.0, 0.0, 100.0])
@@ -175,13 +209,62 @@ def test_main_by_hand_standardises_with_the_train_split(tmp_path, monkeypatch, c
     v_measure = 2 * homogeneity * completeness / (homogeneity + completeness)
     expected = {"acc": 500 / 6, "ari": 100 * (4 - 2.8) / (6.5 - 2.8), "fms": 100 * 4 / math.sqrt(42),
                 "homogeneity": 100 * homogeneity, "completeness": 50.0, "v_measure": 100 * v_measure,
-                "nmi": 100 * v_measure,
-                # AMI's expected mutual information is no hand computation: sklearn's, on the same table
-                "ami": 100 * metrics.adjusted_mutual_info_score(labels, [0, 0, 0, 0, 1, 1])}
+                "nmi": 100 * v_measure, "ami": 100 * adjusted_mutual_information(labels.tolist(), [0, 0, 0, 0, 1, 1])}
     assert results == pytest.approx(expected)
     monkeypatch.setattr(kmeans_eval, "standardize", lambda train, val: (train, val))
     unstandardised = kmeans_eval.main(["--pretrained_weights", "random", "--load_features", str(tmp_path / "f")])
     assert unstandardised["acc"] == pytest.approx(400 / 6) and unstandardised != pytest.approx(expected)
+
+
+def test_n_clusters_flag_sets_k_by_hand(tmp_path):
+    """Train = val: 2 points at each of 90, 210 and 330 degrees (mean 0, both standard deviations
+    sqrt(1/2): standardising only scales them), the first pair class 0, the other four class 1.
+    --n_clusters 3 gives each pair its own cluster. By hand from that table: accuracy 4/6 (one of the
+    two class-1 clusters is unmatched); homogeneity 1 (every cluster one class); completeness
+    1 - (4/6) log 2 / log 3 (class 1 split in two of 3 equal clusters), the V-measure their harmonic
+    mean, = NMI; pairs together 3 in the clustering, 1 + 6 = 7 in the classes, 3 in both of 15:
+    ARI (3 - 3 x 7 / 15) / ((3 + 7) / 2 - 3 x 7 / 15) = 4/9, FMS 3 / sqrt(3 x 7), AMI 8/13 by its
+    formula (adjusted_mutual_information). Left to the
+    2 classes, k = 2 would merge two pairs, and no cluster would hold one class only."""
+    angles = torch.tensor([90.0, 90, 210, 210, 330, 330]) * math.pi / 180
+    points = torch.stack([angles.cos(), angles.sin()], dim=1)  # (6, 2)
+    labels = torch.tensor([0, 0, 1, 1, 1, 1])
+    save_features(tmp_path / "f", points, labels, points, labels)
+    results = kmeans_eval.main(["--pretrained_weights", "random", "--load_features", str(tmp_path / "f"),
+                                "--n_clusters", "3"])
+    completeness = 1 - (4 / 6) * math.log(2) / math.log(3)
+    v_measure = 2 * completeness / (1 + completeness)
+    expected = {"acc": 400 / 6, "homogeneity": 100.0, "completeness": 100 * completeness,
+                "v_measure": 100 * v_measure, "nmi": 100 * v_measure, "ari": 400 / 9, "fms": 100 * 3 / math.sqrt(21),
+                "ami": 100 * adjusted_mutual_information(labels.tolist(), [0, 0, 1, 1, 2, 2])}
+    assert results == pytest.approx(expected) and expected["ami"] == pytest.approx(800 / 13)
+
+
+def library_protocol(folder, k, n_iter=100, n_init=10, seed=0):
+    """kmeans_eval's protocol on saved features with the library functions called directly:
+    standardise with the train split, spherical_kmeans(k, n_iter, n_init, seed), val to the nearest
+    centroid, the val scores."""
+    train, _ = torch.load(folder / "train_features.pth", weights_only=True).values()
+    val, val_labels = torch.load(folder / "val_features.pth", weights_only=True).values()
+    train, val = standardize(train, val)
+    centroids, _, _ = spherical_kmeans(train, k, n_iter, n_init, torch.Generator().manual_seed(seed))
+    _, assignment = kmeans_eval.nearest_centroid(torch.nn.functional.normalize(val, dim=1), centroids)
+    return clustering_metrics(assignment, val_labels)
+
+
+@pytest.mark.parametrize("flag, value, setting", [("--n_init", "1", {"n_init": 1}), ("--n_iter", "1", {"n_iter": 1}),
+                                                  ("--seed", "1", {"seed": 1}), ("--n_clusters", "9", {"k": 9})],
+                         ids=["n_init_1", "n_iter_1", "seed_1", "n_clusters_9"])
+def test_kmeans_flags_reach_spherical_kmeans(tmp_path, flag, value, setting):
+    """On 10 overlapping clusters of 3-d directions (many local optima), each flag gives the scores of
+    spherical_kmeans called with its value (restarts, iterations, seed, k), and not those of the
+    defaults (10 restarts, 100 iterations, seed 0, k = the 10 classes)."""
+    train, train_labels = directions(30, 10, 3, spread=0.6, seed=1)
+    val, val_labels = directions(5, 10, 3, spread=0.6, seed=2)
+    save_features(tmp_path / "f", train, train_labels, val, val_labels)
+    results = kmeans_eval.main(["--pretrained_weights", "random", "--load_features", str(tmp_path / "f"), flag, value])
+    assert results == pytest.approx(library_protocol(tmp_path / "f", **{"k": 10, **setting}))
+    assert results != pytest.approx(library_protocol(tmp_path / "f", k=10))
 
 
 def test_authors_k_on_gtsrb_is_100():

@@ -39,6 +39,11 @@ def brute_force(train_f, train_l, test_f, k, T, n_classes):
     return torch.stack(ranked)  # (M, 5)
 
 
+def unit(cos):
+    """A 2-d unit feature at cosine `cos` from the test direction (1, 0)."""
+    return [cos, math.sqrt(1 - cos ** 2)]
+
+
 def test_well_separated_classes_are_classified_perfectly():
     g = torch.Generator().manual_seed(0)
     train_f, train_l = blobs(20, 5, 16, 0.05, g)
@@ -52,8 +57,6 @@ def test_votes_are_weighted_by_exp_similarity_over_temperature():
     """One test image, 5 neighbours: 2 of class 0 at cosine 0.9, 3 of class 1 at cosine 0.5. With
     T = 0.07 the votes are 2 e^(0.9/0.07) > 3 e^(0.5/0.07): class 0 wins; with T = 10 they are
     2 e^0.09 < 3 e^0.05: class 1 wins; with k = 2 only class 0 votes. Exact top-1 of 100 or 0."""
-    def unit(cos):  # a 2-d feature at cosine `cos` from the test image (1, 0)
-        return [cos, math.sqrt(1 - cos ** 2)]
     train_f = torch.tensor([unit(0.9), unit(0.9), unit(0.5), unit(0.5), unit(0.5)])
     train_l = torch.tensor([0, 0, 1, 1, 1])
     test_f, test_l = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
@@ -71,6 +74,38 @@ def test_accuracy_is_the_share_of_test_images_classified_right():
     test_f, test_l = torch.eye(4)[[0, 1, 2, 0]], torch.tensor([0, 1, 2, 3])
     results = knn_classify(train_f, train_l, test_f, test_l, nb_knn=[1], temperature=0.07)
     assert results["top1_k1"] == 75.0 and results["top5_k1"] == 75.0
+
+
+def test_top5_is_a_hit_at_rank_5_and_a_miss_at_rank_6():
+    """7 classes, one train image each at cosine 0.9, 0.8, ..., 0.3 from the test direction, so the
+    summed votes rank the classes 0, 1, ..., 6. Four test images along that direction, labelled 0, 1,
+    4 and 5: their class ranks 1st, 2nd, 5th and 6th, so top-1 is 1/4 = 25 % and top-5 3/4 = 75 %
+    (a top-2 or top-4 would give 50 %, a top-6 100 %). k = 5 and 7 vote the same 5 best classes
+    (75 %); with k = 4 only classes 0-3 get a vote and the 5th-ranked label 4 misses: 50 %."""
+    train_f = torch.tensor([unit(0.9 - 0.1 * c) for c in range(7)])  # (7, 2)
+    train_l = torch.arange(7)
+    test_f, test_l = torch.tensor([[1.0, 0.0]] * 4), torch.tensor([0, 1, 4, 5])
+    results = knn_classify(train_f, train_l, test_f, test_l, nb_knn=[4, 5, 7], temperature=0.07)
+    assert results == pytest.approx({"top1_k4": 25.0, "top5_k4": 50.0, "top1_k5": 25.0, "top5_k5": 75.0,
+                                     "top1_k7": 25.0, "top5_k7": 75.0})
+
+
+def test_each_k_takes_exactly_its_k_nearest_neighbours():
+    """Neighbours by decreasing cosine: class 0 at 0.9, class 1 at 0.8 and 0.7, class 2 at 0.6, 0.5
+    and 0.4. With T = 100 each vote is ~1 (exp(s / T) within 1 % of 1), so the most frequent class
+    among the k nearest wins: k = 1 -> class 0, k = 3 -> class 1 (2 votes), k = 6 -> class 2 (3
+    votes); k = 2 ties 1 - 1 and class 0 wins on e^(0.9/100) > e^(0.8/100). The test image scores
+    100 % top-1 under the label of the winner and 0 % under the two others."""
+    train_f = torch.tensor([unit(c) for c in (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)])
+    train_l = torch.tensor([0, 1, 1, 2, 2, 2])
+    test_f = torch.tensor([[1.0, 0.0]])
+    winners = {}
+    for k in (1, 2, 3, 6):
+        right = [knn_classify(train_f, train_l, test_f, torch.tensor([label]), nb_knn=[k], temperature=100.0)
+                 [f"top1_k{k}"] == 100.0 for label in range(3)]
+        assert sum(right) == 1, k
+        winners[k] = right.index(True)
+    assert winners == {1: 0, 2: 0, 3: 1, 6: 2}
 
 
 def test_random_labels_give_chance_accuracy():
@@ -117,6 +152,37 @@ def test_script_runs_end_to_end_and_writes_the_json(tmp_path):
              for split in ("train", "val")]
     assert results == pytest.approx(knn_classify(*saved[0], *saved[1], nb_knn=[10, 20], temperature=0.07))
     assert "top-1" in run.stdout and f"{results['top1_k20']:>7.2f}" in run.stdout
+
+
+def save_features(folder, train, val):
+    """(features, labels) of the train and val splits in the --dump_features layout."""
+    folder.mkdir()
+    for split, (feats, labels) in (("train", train), ("val", val)):
+        torch.save({"features": feats, "labels": labels}, folder / f"{split}_features.pth")
+
+
+@pytest.mark.parametrize("flags, top1, top5", [
+    ([], {10: 200 / 3, 20: 200 / 3, 100: 200 / 3, 200: 200 / 3}, {10: 100.0, 20: 100.0, 100: 100.0, 200: 100.0}),
+    (["--temperature", "10"], {10: 100 / 3, 20: 100 / 3, 100: 100 / 3, 200: 100 / 3},
+     {10: 100.0, 20: 100.0, 100: 100.0, 200: 100.0}),
+    (["--temperature", "10", "--nb_knn", "2", "5"], {2: 200 / 3, 5: 100 / 3}, {2: 200 / 3, 5: 100.0}),
+], ids=["defaults", "temperature_10", "temperature_10_k_2_5"])
+def test_temperature_and_k_flags_reach_the_classifier(tmp_path, flags, top1, top5):
+    """knn_eval.py on saved features: 2 train images of class 0 at cosine 0.9 from the val direction,
+    3 of class 1 at cosine 0.5; val images along it labelled 0, 0, 1. T = 0.07 (default): class 0
+    wins, 2 e^(0.9/0.07) > 3 e^(0.5/0.07): top-1 2/3. --temperature 10: class 1 wins,
+    2 e^0.09 < 3 e^0.05: top-1 1/3 (every default k takes all 5 images; top-5 100 %, both classes
+    voted). --nb_knn 2 5: at k = 2 only the two class-0 images vote (top-1 and top-5 2/3, class 1
+    got no vote), at k = 5 all five (1/3 and 100 %), and only these two k are reported. The numbers
+    are knn_classify's with the same T and k."""
+    train = (torch.tensor([unit(0.9), unit(0.9), unit(0.5), unit(0.5), unit(0.5)]), torch.tensor([0, 0, 1, 1, 1]))
+    val = (torch.tensor([[1.0, 0.0]] * 3), torch.tensor([0, 0, 1]))
+    save_features(tmp_path / "f", train, val)
+    results = knn_eval.main(["--pretrained_weights", "random", "--load_features", str(tmp_path / "f"), *flags])
+    expected = {**{f"top1_k{k}": v for k, v in top1.items()}, **{f"top5_k{k}": v for k, v in top5.items()}}
+    assert results == pytest.approx(expected)
+    args = knn_eval.get_args(["--pretrained_weights", "random", *flags])
+    assert results == pytest.approx(knn_classify(*train, *val, nb_knn=args.nb_knn, temperature=args.temperature))
 
 
 def test_defaults_are_dinos_k_list_and_temperature():

@@ -76,6 +76,106 @@ def test_probe_separates_gaussian_blobs(tmp_path, optimizer, batch_size, epochs,
     assert "nn.Linear(16, 4)" in capsys.readouterr().out
 
 
+def test_top5_is_a_hit_at_rank_5_and_a_miss_at_rank_6():
+    """An identity nn.Linear(7, 7), so the features are the logits: 4 val images scoring the classes
+    6, 5, 4, ..., 0, labelled 0, 1, 4 and 5, rank their class 1st, 2nd, 5th and 6th. Top-1 1/4 = 25 %,
+    top-5 3/4 = 75 % (a top-2 or top-4 would give 50 %, a top-6 100 %), also over chunks of 3 images."""
+    linear = torch.nn.Linear(7, 7)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(7))
+        linear.bias.zero_()
+    logits = torch.tensor([[6.0, 5, 4, 3, 2, 1, 0]] * 4)  # (4, 7)
+    assert linear_eval.evaluate(linear, logits, torch.tensor([0, 1, 4, 5]), "cpu") == [25.0, 75.0]
+    assert linear_eval.evaluate(linear, logits, torch.tensor([0, 1, 4, 5]), "cpu", chunk_size=3) == [25.0, 75.0]
+
+
+# 8 train features (D = 3) of 7 classes, and their labels; class 0 has two images.
+HAND_FEATURES = torch.tensor([[1.0, 0, 2], [0, 1, 1], [2, 1, 0], [1, 2, 1], [0, 2, 2], [2, 0, 1], [1, 1, 2], [2, 2, 0]])
+HAND_LABELS = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0])
+
+
+def save_hand_features(folder):
+    """HAND_FEATURES as the train split; val: the same 8 images, plus the first one labelled 1."""
+    folder.mkdir()
+    val = (torch.cat([HAND_FEATURES, HAND_FEATURES[:1]]), torch.cat([HAND_LABELS, torch.tensor([1])]))
+    for split, (feats, labels) in (("train", (HAND_FEATURES, HAND_LABELS)), ("val", val)):
+        torch.save({"features": feats, "labels": labels}, features.features_file(str(folder), split))
+    return val
+
+
+def cross_entropy_gradients(weight, bias, x, labels):
+    """Gradients of the mean cross-entropy of softmax(x W^T + b): ((P - Y)^T x / n, mean of P - Y)."""
+    probabilities = torch.softmax(x @ weight.T + bias, dim=1)  # (n, C)
+    error = probabilities - torch.eye(weight.shape[0], dtype=x.dtype)[labels]  # (n, C): P - Y
+    return error.T @ x / len(x), error.mean(dim=0)
+
+
+def test_sgd_flags_give_the_steps_computed_by_hand(tmp_path):
+    """--optimizer sgd --lr 25.6 --momentum 0.5 --weight_decay 0.1 --epochs 2 --batch_size_per_gpu 8
+    --seed 3 on the 8 cached HAND_FEATURES: one batch, so one optimizer step per epoch; the peak lr
+    is 25.6 x 8 / 256 = 0.8 (the linear scaling rule) and the cosine to 0 over the 2 steps gives 0.8
+    then 0.4. From the classifier initialised under --seed 3 (W0, b0 = 0), by hand: gradient g of the
+    mean cross-entropy plus 0.1 W for the weight (the bias is not decayed), momentum buffer v1 = g1,
+    v2 = 0.5 v1 + g2, parameter minus lr x v. The val images, ranked by that classifier, put their
+    class 1st, 5th, 2nd, 2nd, 2nd, 2nd, 2nd, 1st, 6th: top-1 2/9 = 22.2 %, top-5 8/9 = 88.9 %."""
+    val_features, val_labels = save_hand_features(tmp_path / "f")
+    results = run(tmp_path, "random", "--cached_features", "true", "--load_features", str(tmp_path / "f"),
+                  "--optimizer", "sgd", "--lr", "25.6", "--momentum", "0.5", "--weight_decay", "0.1", "--epochs", "2",
+                  "--batch_size_per_gpu", "8", "--seed", "3")
+    torch.manual_seed(3)
+    initial = linear_eval.build_linear(3, 7)
+    weight, bias = initial.weight.detach().double(), initial.bias.detach().double()
+    x = HAND_FEATURES.double()
+    velocity = None
+    for lr in (0.8, 0.4):
+        grad_weight, grad_bias = cross_entropy_gradients(weight, bias, x, HAND_LABELS)
+        gradient = (grad_weight + 0.1 * weight, grad_bias)
+        velocity = gradient if velocity is None else tuple(0.5 * v + g for v, g in zip(velocity, gradient))
+        weight, bias = weight - lr * velocity[0], bias - lr * velocity[1]
+    trained = checkpoint_weights(tmp_path)
+    torch.testing.assert_close(trained["weight"].double(), weight, atol=1e-5, rtol=0)
+    torch.testing.assert_close(trained["bias"].double(), bias, atol=1e-5, rtol=0)
+    logits = val_features.double() @ weight.T + bias  # (9, 7)
+    rank = 1 + (logits > logits.gather(1, val_labels[:, None])).sum(dim=1)  # (9,): 1 = the best class
+    assert rank.tolist() == [1, 5, 2, 2, 2, 2, 2, 1, 6]
+    assert results["top1"] == pytest.approx(200 / 9) and results["top5"] == pytest.approx(800 / 9)
+
+
+def test_lars_flags_give_the_steps_computed_by_hand(tmp_path):
+    """--optimizer lars --lr 2 --momentum 0.5 --weight_decay 0.1 --epochs 2 on the 8 cached
+    HAND_FEATURES, one batch of 8: the lr is 2 then 1 (LARS's lr is not scaled with the batch; cosine
+    over 2 steps). By hand for the weight: d = g + 0.1 W, rescaled by the trust ratio
+    0.001 ||W|| / ||d||, into the momentum buffer v1 = d1, v2 = 0.5 v1 + d2, W minus lr x v; the bias
+    takes plain momentum SGD on its gradient, without decay or rescaling."""
+    save_hand_features(tmp_path / "f")
+    with pytest.warns(UserWarning, match="LARS at lr 2 with a global batch of 8"):
+        run(tmp_path, "random", "--cached_features", "true", "--load_features", str(tmp_path / "f"),
+            "--optimizer", "lars", "--lr", "2", "--momentum", "0.5", "--weight_decay", "0.1", "--epochs", "2",
+            "--gradient_accumulation_steps", "1")
+    torch.manual_seed(0)
+    initial = linear_eval.build_linear(3, 7)
+    weight, bias = initial.weight.detach().double(), initial.bias.detach().double()
+    velocity = None
+    for lr in (2.0, 1.0):
+        grad_weight, grad_bias = cross_entropy_gradients(weight, bias, HAND_FEATURES.double(), HAND_LABELS)
+        d = grad_weight + 0.1 * weight
+        step = (0.001 * weight.norm() / d.norm() * d, grad_bias)
+        velocity = step if velocity is None else tuple(0.5 * v + s for v, s in zip(velocity, step))
+        weight, bias = weight - lr * velocity[0], bias - lr * velocity[1]
+    trained = checkpoint_weights(tmp_path)
+    torch.testing.assert_close(trained["weight"].double(), weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(trained["bias"].double(), bias, atol=1e-6, rtol=0)
+
+
+def test_val_freq_evaluates_every_nth_epoch_and_the_last(tmp_path):
+    """--epochs 5 --val_freq 2: val top-1 in the log after epochs 2, 4 and 5 only."""
+    save_blobs(tmp_path / "blobs", 10, seed=6)
+    run(tmp_path, "random", "--cached_features", "true", "--load_features", str(tmp_path / "blobs"),
+        "--optimizer", "sgd", "--epochs", "5", "--val_freq", "2")
+    log = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    assert [r["epoch"] for r in log if "top1" in r] == [2, 4, 5] and len(log) == 5
+
+
 def test_cached_mode_is_labelled_not_the_papers_protocol(tmp_path, capsys):
     """The fast mode prints that it is not the paper's protocol and marks its JSON; the full protocol does neither."""
     save_blobs(tmp_path / "blobs", 10, seed=1)

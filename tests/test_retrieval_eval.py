@@ -116,10 +116,11 @@ class Recorder(torch.nn.Module):
 
     def __init__(self, backbone):
         super().__init__()
-        self.backbone, self.calls = backbone, []
+        self.backbone, self.calls, self.inputs = backbone, [], []
 
     def forward(self, images):
         self.calls.append(tuple(images.shape))
+        self.inputs.append(images)
         return self.backbone(images)
 
 
@@ -137,8 +138,9 @@ def test_thumbnail_keeps_aspect_and_the_query_box_is_cropped_first(tmp_path):
 
 def test_multiscale_features_are_the_average_of_three_scales(tmp_path):
     """--multiscale runs the 32x24 image at scales 1, 1/sqrt(2) and 1/2 (32x24, 22x16, 16x12 pixels:
-    floor of the scaled sizes; bilinear resizing by the scale factor, as DINO) and returns the mean of
-    the three pooled features."""
+    floor of the scaled sizes) and returns the mean of the three pooled features. The views are
+    bilinear, as DINO's: at exactly half size (align_corners False) every output pixel samples the
+    point midway between 2 x 2 input pixels, so the 1/2 view is the image's 2 x 2 block means."""
     pattern(1).save(tmp_path / "a.jpg")
     torch.manual_seed(0)
     backbone = Recorder(build_backbone("resnet18")).eval()
@@ -146,11 +148,14 @@ def test_multiscale_features_are_the_average_of_three_scales(tmp_path):
     multiscale = R.extract_multiscale_features(backbone, dataset, num_workers=0, scales=R.MULTISCALE, progress=False)
     assert [shape[-2:] for shape in backbone.calls] == [(24, 32), (16, 22), (12, 16)]
     image = dataset[0][0][None]  # (1, 3, 24, 32)
+    full, _, half = backbone.inputs
+    assert torch.equal(full, image)
+    block_means = image.unfold(2, 2, 2).unfold(3, 2, 2).mean(dim=(-2, -1))  # (1, 3, 12, 16)
+    assert torch.allclose(half, block_means, atol=1e-6)
     with torch.no_grad():
-        expected = sum(backbone.backbone(torch.nn.functional.interpolate(image, scale_factor=s, mode="bilinear"))
-                       for s in (1, 2 ** -0.5, 0.5)) / 3
+        expected = sum(backbone.backbone(view) for view in backbone.inputs) / 3
     assert multiscale.shape == (1, 512)
-    assert torch.allclose(multiscale, expected, rtol=1e-3, atol=1e-5)
+    assert torch.allclose(multiscale, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(multiscale, backbone.backbone(image).detach(), rtol=1e-2)
 
 
@@ -501,3 +506,110 @@ def test_copydays_query_without_original_is_named(tmp_path):
     shutil.copy(root / "strong" / "200001.jpg", root / "strong" / "209901.jpg")
     with pytest.raises(DataError, match=r"strong/209901\.jpg has no original"):
         R.main(RANDOM + ["--dataset", "copydays", "--data_path", str(root)])
+
+
+# ============ the metrics and the flags end to end, on images whose mean colour is the feature ============
+
+def colour_at(degrees):
+    """A flat colour in the red-green plane at `degrees` from red: its mean-colour feature (MeanColour)
+    lies at that angle, so cosine similarities, and the rankings, follow the angles."""
+    return tuple(int(round(255 * v)) for v in (np.cos(np.radians(degrees)), np.sin(np.radians(degrees)), 0.0))
+
+
+def write_revisited(root, name, images, gnd, qimlist):
+    """<root>/<name>/gnd_<name>.pkl and jpg/: images {name: PIL image}; the database is every image
+    not in qimlist, in the given order."""
+    folder = root / name / "jpg"
+    folder.mkdir(parents=True)
+    for image_name, image in images.items():
+        image.save(folder / f"{image_name}.jpg", quality=95)
+    imlist = [n for n in images if n not in qimlist]
+    with open(root / name / f"gnd_{name}.pkl", "wb") as f:
+        pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f)
+
+
+def test_revisited_map_and_precision_at_k_by_hand(tmp_path, monkeypatch):
+    """Mean-colour backbone, database d0, ..., d11 at 5, 10, ..., 60 degrees; query q0 at 0 degrees
+    ranks them d0, d1, ..., d11, query q1 at 60 degrees d11, d10, ..., d0.
+    q0: junk d0, easy d1, hard d6. Medium (junk out): positives at positions 1 and 6 of d1, ..., d11:
+    AP (1 + 1)/2 x 1/2 + (1/5 + 2/6)/2 x 1/2 = 19/30; P@1 1, P@5 1/5, P@10 at its last positive 2/6.
+    Hard (easy and junk out): d6 at position 5 of d2, ..., d11: AP (0/4 + 1/5)/2 = 1/10, P@1 0, P@5 and
+    P@10 1/5. q1: easy d10 only: Medium d10 2nd: AP (0/1 + 1/2)/2 = 1/4, P@1 0, P@5 and P@10 1/2; no
+    hard image, so skipped in Hard. Means: mAP Medium 100 (19/30 + 1/4)/2 = 44.17, mP@1 50, mP@5 35,
+    mP@10 41.67; mAP Hard 10, mP@1 0, mP@5 and mP@10 20."""
+    images = {f"d{i}": Image.new("RGB", (32, 24), colour_at(5 * (i + 1))) for i in range(12)}
+    images.update(q0=Image.new("RGB", (32, 24), colour_at(0)), q1=Image.new("RGB", (32, 24), colour_at(60)))
+    box = [0.0, 0.0, 32.0, 24.0]
+    gnd = [{"bbx": box, "easy": [1], "hard": [6], "junk": [0]}, {"bbx": box, "easy": [10], "hard": [], "junk": []}]
+    write_revisited(tmp_path, "roxford5k", images, gnd, ["q0", "q1"])
+    monkeypatch.setattr(R, "frozen_backbone", lambda args, device: MeanColour())
+    results = R.main(RANDOM + ["--dataset", "roxford5k", "--data_path", str(tmp_path)])
+    expected = {"map_medium": 100 * (19 / 30 + 1 / 4) / 2, "mp@1": 50.0, "mp@5": 35.0,
+                "mp@10": 100 * (1 / 3 + 1 / 2) / 2, "skipped_medium": 0,
+                "map_hard": 10.0, "mp@1_hard": 0.0, "mp@5_hard": 20.0, "mp@10_hard": 20.0, "skipped_hard": 1}
+    assert {key: results[key] for key in expected} == pytest.approx(expected)
+
+
+def test_crop_query_bbox_crops_the_query_before_its_feature(tmp_path, monkeypatch):
+    """Query: left half red, right half green, its box the left half. Database: red (0 degrees), the
+    mix (45), green-ish (80); the query's positive is the red image. Full query (default): mean colour
+    at 45 degrees, so it ranks the mix, green-ish (35 degrees away), then red (45): AP (0/2 + 1/3)/2
+    = 1/6, P@5 at its last positive 1/3. --crop_query_bbox true: the red half alone finds red first:
+    AP 1, P@5 1."""
+    query = Image.new("RGB", (32, 24), colour_at(90))
+    query.paste(Image.new("RGB", (16, 24), colour_at(0)), (0, 0))
+    images = {"red": Image.new("RGB", (32, 24), colour_at(0)), "mix": Image.new("RGB", (32, 24), colour_at(45)),
+              "greenish": Image.new("RGB", (32, 24), colour_at(80)), "query": query}
+    gnd = [{"bbx": [0.0, 0.0, 16.0, 24.0], "easy": [0], "hard": [], "junk": []}]  # the box: the left half
+    write_revisited(tmp_path, "rparis6k", images, gnd, ["query"])
+    monkeypatch.setattr(R, "frozen_backbone", lambda args, device: MeanColour())
+    argv = RANDOM + ["--dataset", "rparis6k", "--data_path", str(tmp_path)]
+    full, cropped = R.main(argv), R.main(argv + ["--crop_query_bbox", "true"])
+    assert (full["map_medium"], full["mp@5"]) == (pytest.approx(100 / 6), pytest.approx(100 / 3))
+    assert (cropped["map_medium"], cropped["mp@5"]) == (pytest.approx(100.0), pytest.approx(100.0))
+
+
+def test_image_size_is_the_longer_side_of_the_thumbnails(tmp_path, monkeypatch):
+    """--image_size 16 --multiscale false on the generated roxford5k: the 11 images of 32x24 reach
+    the backbone as 16x12, the one of 24x32 as 12x16 (aspect kept); --image_size 24 gives 24x18 and
+    18x24."""
+    make_revisited(tmp_path)
+    recorder = Recorder(build_backbone("resnet18")).eval()
+    monkeypatch.setattr(R, "frozen_backbone", lambda args, device: recorder)
+    for image_size, sizes in ((16, {(12, 16): 11, (16, 12): 1}), (24, {(18, 24): 11, (24, 18): 1})):
+        R.main(RANDOM + ["--dataset", "roxford5k", "--data_path", str(tmp_path), "--multiscale", "false",
+                         "--image_size", str(image_size)])
+        seen = Counter()
+        for n, _, h, w in recorder.calls:
+            seen[(h, w)] += n
+        recorder.calls.clear()
+        assert dict(seen) == sizes, image_size
+
+
+def test_copydays_whitening_flag_changes_the_ranking_by_hand(tmp_path, monkeypatch):
+    """Mean-colour backbone, colours as offsets from grey (128, 128, 128). Whitening images: red
+    +-100, green +-20, blue +-20 (one channel at a time): centred at grey, standard deviations
+    57.7, 11.5, 11.5 along the axes. Originals: A = grey + (60, 20, 0), B = grey + (0, 0, 20); the
+    strong query of A is grey + (0, 20, 5). Raw, B is nearer (cosine 0.9945 against 0.981 to A, the
+    large red offset of A counts fully): A ranks 2nd, AP (0/1 + 1/2)/2 = 25 %. Whitened
+    (--whitening_path), the offsets are divided by the deviations: the query (0, 1.73, 0.43) is at
+    cosine 0.54 to A (1.04, 1.73, 0) and 0.24 to B (0, 0, 1.73): A first, AP 100 %. The originals
+    find themselves either way."""
+    root = tmp_path / "copydays"
+    grey = np.array([128, 128, 128])
+    colours = {"original/200000.png": (60, 20, 0), "original/200100.png": (0, 0, 20), "strong/200001.png": (0, 20, 5)}
+    for i, offset in enumerate([(100, 0, 0), (-100, 0, 0), (0, 20, 0), (0, -20, 0), (0, 0, 20), (0, 0, -20)]):
+        colours[f"../whitening/{i}.png"] = offset
+    for path, offset in colours.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), tuple(int(v) for v in grey + offset)).save(root / path)
+    monkeypatch.setattr(R, "frozen_backbone", lambda args, device: MeanColour())
+    argv = RANDOM + ["--dataset", "copydays", "--data_path", str(root), "--image_size", "8"]
+    with pytest.warns(UserWarning, match="not found"):  # no jpegqual / crops blocks here
+        raw = R.main(argv)
+    with pytest.warns(UserWarning, match="not found"):
+        whitened = R.main(argv + ["--whitening_path", str(tmp_path / "whitening")])
+    assert (raw["map_strong"], raw["map_original"], raw["whitening"]) == (
+        pytest.approx(25.0), pytest.approx(100.0), 0.0)
+    assert (whitened["map_strong"], whitened["map_original"], whitened["whitening"]) == (
+        pytest.approx(100.0), pytest.approx(100.0), 1.0)
