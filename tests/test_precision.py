@@ -153,8 +153,8 @@ def test_a_short_run_in_fp16_or_bf16_follows_the_float32_run(tmp_path, capsys):
     apart as float32's moved from their start (measured: 0.18 for fp16, 0.27 for bf16; AdamW's
     normalised steps turn rounding-sized gradient differences into step-sized ones where a gradient
     is near 0; a run that took no step would be 1.0). Whether fp16 and bf16 also reach
-    float32's k-NN on the digits is measured by `bench.py --sections precision` (README,
-    *Performance*): too slow on a CPU for the tests."""
+    float32's k-NN on the digits is measured by `bench.py --sections precision` (docs/performance.md,
+    *The paper's precision on a CPU*): too slow on a CPU for the tests."""
     losses, weights = {}, {}
     for name, flags in (("float32", []), ("fp16", ["--use_fp16", "true"]), ("bf16", ["--use_bf16", "true"])):
         pretrain.main(SHORT_RUN + ["--epochs", "1", "--output_dir", str(tmp_path / name), *flags])
