@@ -38,7 +38,7 @@
    45-epoch schedules) run by pretrain.py in float32, bf16 and fp16 (--use_fp16 true: the scaler
    too, slow on most CPUs), the teacher's k-NN after every epoch: does the paper's precision learn
    as float32 does?
-7-12. gpu, the GPU check (README, *Performance*): the CUDA tests (cuda_tests); the paper's step in
+7-12. gpu, the GPU check (docs/performance.md): the CUDA tests (cuda_tests); the paper's step in
    fp16 and bf16 and the largest batch that fits (paper_step); one step under torchrun, DDP around
    the student (torchrun_step); the paper's views per image through a DataLoader with a worker per
    core, against the step (data_pipeline); --batched_views true against the per-image path at the
@@ -665,7 +665,7 @@ def bench_checkpoint(args):
 # ============ the precision comparison and the GPU check: pretrain.py's own runs ============
 #
 # Section 6 runs the demo's recipe in three precisions; sections 7-12 answer what only a GPU can
-# (README, *Performance*, *The GPU check*): one command, `python bench.py --sections gpu --digits
+# (docs/performance.md, *The GPU check*): one command, `python bench.py --sections gpu --digits
 # data/digits.npz --output_dir runs/gpu_check`, writes bench.json (rewritten after every section)
 # and bench.log (what every section and the runs it started printed). A section that fails is
 # recorded as {"error": ...} and the next one runs, so that a bug costs one section, not the
@@ -691,7 +691,7 @@ DRY_VIEW_SIZES = {
     "demo": dict(global_crops_size=16, local_crops_number=2, local_crops_size=8, image_size=(16, 16),
                  batch=4, images=8),
 }
-# Learning on the digits: the demo's recipe, and the README's ResNet-18 small-stem recipe for
+# Learning on the digits: the demo's recipe, and the ResNet-18 small-stem recipe (docs/experiments.md) for
 # CIFAR-10 (*Small datasets on one GPU*) shortened to 40 epochs with the k-NN every 5.
 LEARNING_RECIPES = {
     "cpu_recipe": pretrain.CPU_RECIPE,

@@ -289,7 +289,7 @@ class BatchedMultiCrop:
 
     Same kinds of views, probabilities and ranges as MultiCropAugmentation, drawn independently for
     every image and view, but as a few tensor operations on (B, 3, H, W) instead of Python work per
-    view. For small images that is what keeps a small network fed (README, *Performance*).
+    view. For small images that is what keeps a small network fed (docs/performance.md).
     Where it differs from MultiCropAugmentation, and why that does not matter for images of at most
     64 pixels:
     - crops are resampled with grid_sample's bicubic kernel without antialiasing (RandomResizedCrop

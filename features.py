@@ -476,7 +476,7 @@ def add_eval_args(parser, resize_interpolation="bicubic"):
 def follow_checkpoint(args, follow_dataset=True):
     """Fill the data flags the user left out (None) from the flags the checkpoint was trained with,
     and say so: evaluated at another image size than it was trained on, a network measures
-    something else (README, *Evaluation*). An explicit flag always wins. follow_dataset=False: --dataset falls back to
+    something else (docs/protocols.md). An explicit flag always wins. follow_dataset=False: --dataset falls back to
     its default only. With --load_features the checkpoint is not read (the features are there)."""
     saved = {} if args.load_features else checkpoint_args(args.pretrained_weights)
     followed = follow_arch(args, saved)

@@ -16,7 +16,7 @@ classifiers, and a fast N-shot logistic regression, for any checkpoint.
     python fewshot_eval.py --protocol lowshot_linear --cached_features true --pretrained_weights random --arch resnet18 --load_features feats/random
     torchrun --nproc_per_node=8 fewshot_eval.py --protocol voc07_svm --pretrained_weights carp_r50.pth --data_path /datasets/voc
 
-Protocols (README, *Evaluation*), one per --protocol:
+Protocols (docs/protocols.md), one per --protocol:
 - voc07_svm: L2-normalised features of VOC07 trainval (train) and test; one linear SVM per class
   (C = --cost 0.5, fixed, class weight {+1: 2, -1: 1}, squared hinge, L2 penalty); per image and
   class the label is +1 if a non-difficult object of the class is in the image, 0 if only difficult
@@ -574,7 +574,7 @@ LOWSHOT_MODES = {
 # What each protocol runs when its flags are left out. voc07_svm: the authors' eval_svm_voc.py (5
 # draws of k = 1, 2, 4, 8, 16 positives per class). lowshot_linear: their eval_script.sh, which runs
 # evaluate_inat2018.py once with --k 1 (one draw; whether the paper's table used other k we could not
-# check, README *Each protocol, exactly*). Both resize with their Resize(256), torchvision's bilinear.
+# check, docs/protocols.md, *Each protocol, exactly*). Both resize with their Resize(256), torchvision's bilinear.
 # nshot_logreg is ours: the k and draws of VOC07, and the bicubic resize of DINO's k-NN.
 PROTOCOL_DEFAULTS = {
     "voc07_svm": {"shots": [1, 2, 4, 8, 16], "runs": 5, "resize_interpolation": "bilinear"},

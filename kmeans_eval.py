@@ -9,7 +9,7 @@
 (10percent.txt: google-research/simclr, imagenet_subsets/10percent.txt, 128,116 file names such as
 n01440764_10026.JPEG, one per line; the README's *Evaluation* has the command that fetches it.)
 
-Protocol (README, *Evaluation*): teacher-backbone features of the train and val
+Protocol (docs/protocols.md): teacher-backbone features of the train and val
 splits (evaluation transform: short side resized bilinear, as the authors' Resize(256), then centre
 crop), standardised with the train split's per-dimension mean and standard deviation, then spherical
 k-means on the train split with k = number of classes (GTSRB: k = 100, the authors' run, not its 43

@@ -4,7 +4,7 @@
     python knn_eval.py --pretrained_weights random --arch resnet18 --small_image_stem true --dataset synthetic --image_size 32
     torchrun --nproc_per_node=8 knn_eval.py --pretrained_weights carp_r50.pth --dataset imagefolder --data_path /imagenet
 
-Protocol (README, *Evaluation*): L2-normalised teacher-backbone features of the train split form
+Protocol (docs/protocols.md): L2-normalised teacher-backbone features of the train split form
 the memory bank; each test image takes its k most similar train images (cosine similarity s), each
 votes for its own class with weight exp(s / T), and the classes are ranked by their summed votes
 (knn.knn_classify, which pretrain.py's k-NN monitor uses too). Top-1 and top-5 for every k.

@@ -14,7 +14,7 @@
     python linear_eval.py --pretrained_weights random --arch resnet18 --dataset synthetic --image_size 32 \
         --cached_features true --dump_features runs/random_features --output_dir runs/random_linear
 
-Protocol (README, *Evaluation*): the teacher backbone is frozen and kept in eval()
+Protocol (docs/protocols.md): the teacher backbone is frozen and kept in eval()
 mode; a single nn.Linear(D, C) (weights N(0, 0.01), bias 0) is trained on the pooled features of
 augmented train images (RandomResizedCrop, bilinear as torchvision's default, + horizontal flip)
 with cross-entropy, its learning rate following a per-step cosine from the peak to 0. Val images get

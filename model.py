@@ -37,7 +37,7 @@ class SmallCNN(nn.Module):
     Each stage is one 3x3 conv + BatchNorm + ReLU, at 32, 64, 128 and 256 channels with strides 1,
     2, 2, 2 (a 32 x 32 view ends at 4 x 4), then global average pooling: 0.39 M parameters. Small
     enough that a laptop CPU runs the thousand-odd optimizer steps a CARP run needs to show what it
-    learns (README, *Quickstart*). Not a paper network: the paper's is ResNet-50.
+    learns (README, *The demo*). Not a paper network: the paper's is ResNet-50.
     """
 
     def __init__(self, widths=(32, 64, 128, 256), strides=(1, 2, 2, 2)):

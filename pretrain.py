@@ -46,7 +46,7 @@ from train_stats import TrainStats, write_summary
 # Named recipes (--recipe NAME): groups of flags a command starts from; a flag given on the command
 # line wins. paper: the defaults. cpu_small, the README's demo: the CPU recipe for images of at most
 # 64 pixels, found by measurement to lift the k-NN accuracy of the SmallCNN clearly in about 10
-# minutes of 2 CPU cores (README, *A CPU recipe for small images*).
+# minutes of 2 CPU cores (docs/experiments.md, *The CPU recipe*).
 CPU_RECIPE = ("--arch small_cnn --hidden_dim 512 --bottleneck_dim 128 --out_dim 1024 --block_size 64 "
               "--global_crops_size 32 --global_crops_scale 0.4 1 --local_crops_number 4 --local_crops_size 16 "
               "--local_crops_scale 0.1 0.4 --batched_views true --batch_size_per_gpu 128 --optimizer adamw "
@@ -66,7 +66,7 @@ EXAMPLES = ("examples:\n"
            + "\n".join(f"  {name}: {flags or '(the defaults: the paper)'}" for name, flags in RECIPES.items()))
 NOT_TRAINING = ("output_dir", "num_workers", "log_every", "knn_every", "nb_knn", "saveckp_freq",
                 "checkpoint_every_steps", "download", "recipe")
-# The ablation flags (README, *What each part buys*), at the method's values. Left out of the name of
+# The ablation flags (docs/experiments.md, *What each part buys*), at the method's values. Left out of the name of
 # a default --output_dir while at these values, so runs named before the flags existed keep their folder.
 METHOD_VALUES = {"fixed_partition": False, "uniformity_weight": 1.0, "momentum_teacher_end": 1.0}
 # Where the 2 global views are in the list of a batch's views (data.py puts them first): the teacher's
@@ -199,7 +199,7 @@ def add_data_and_run_args(parser):
     g.add_argument("--checkpoint_every_steps", type=int, default=1000,
                    help="also write checkpoint.pth every this many optimizer steps within an epoch: a kill loses at "
                         "most these steps (0 = at the end of every epoch only). At the paper's scale 1000 steps "
-                        "take minutes and a checkpoint about a second (README, *Stopping and resuming*)")
+                        "take minutes and a checkpoint about a second (docs/running.md)")
     g.add_argument("--saveckp_freq", type=int, default=20, help="also keep checkpointNNNN.pth every this many epochs")
     g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, views and partitions")
     g.add_argument("--log_every", type=int, default=50, help="optimizer steps between log lines")

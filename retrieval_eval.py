@@ -16,7 +16,7 @@
     # the random-weights baseline every table needs
     python retrieval_eval.py --pretrained_weights random --dataset roxford5k --data_path /data/datasets
 
-Protocols (README, *Evaluation*). Revisited Oxford / Paris: every database image and
+Protocols (docs/protocols.md). Revisited Oxford / Paris: every database image and
 query is thumbnailed so that its longer side is at most --image_size (512, aspect kept), the backbone's
 global-average-pooled features at the scales 1, 1/sqrt(2) and 1/2 are averaged and L2-normalised, and
 the database is ranked by cosine similarity. mAP Medium counts easy + hard images as positives and

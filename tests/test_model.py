@@ -1,5 +1,5 @@
 """The CARP networks (model.py): backbone, projector + prototypes head, multi-crop wrapper,
-and teacher update; see ../shared/docs/carp-method.md, "Networks".
+and teacher update, as the paper describes them (arXiv:2310.12692, and model.py's docstrings).
 
 Kept tiny for CPU: ResNet-18 on 16x16 / 32x32 views, batch <= 4 per view, K = 64 prototypes.
 """
