@@ -62,7 +62,7 @@ WRITE_ERROR_EXIT_CODE = 74
 
 
 class WriteError(UserError):
-    """A file that could not be written (run_folder.durable_write): the message names it, says why,
+    """A file that could not be written (durable.durable_write): the message names it, says why,
     and what was kept; the previous file is as it was and no temporary file is left."""
 
 
