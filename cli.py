@@ -54,6 +54,18 @@ class DataError(UserError):
     expected and how to fix it."""
 
 
+# The exit code of a run that could not write a file (a full disk, a quota, a folder it may no longer
+# write to, a failing disk): EX_IOERR, "an error occurred while doing I/O on some file", distinct
+# from a bad argument (1), a stop to resume (75) and Ctrl-C (130), so a job script can tell "make
+# room, then resume" from "fix the command".
+WRITE_ERROR_EXIT_CODE = 74
+
+
+class WriteError(UserError):
+    """A file that could not be written (durable.durable_write): the message names it, says why,
+    and what was kept; the previous file is as it was and no temporary file is left."""
+
+
 class Interrupted(Exception):
     """Ctrl-C, with the message that says where the run stopped and what its folder holds."""
 
@@ -77,12 +89,15 @@ def one_line(e):
 
 
 def run(main):
-    """Run a script's main(): a UserError ends it with `error: <message>` and exit code 1, an
-    Interrupted (Ctrl-C) with its message and 130, the shell's code for a command stopped by Ctrl-C,
-    a Stopped run (SIGTERM, SIGUSR1) with its message and STOPPED_EXIT_CODE. Anything else is a bug
-    and keeps its traceback."""
+    """Run a script's main(): a UserError ends it with `error: <message>` and exit code 1 (a
+    WriteError with WRITE_ERROR_EXIT_CODE), an Interrupted (Ctrl-C) with its message and 130, the
+    shell's code for a command stopped by Ctrl-C, a Stopped run (SIGTERM, SIGUSR1) with its message
+    and STOPPED_EXIT_CODE. Anything else is a bug and keeps its traceback."""
     try:
         main()
+    except WriteError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(WRITE_ERROR_EXIT_CODE)
     except UserError as e:
         sys.exit(f"error: {one_line(e)}")
     except Stopped as e:

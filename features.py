@@ -21,6 +21,7 @@ from tqdm import tqdm
 from cli import auto_flag, bool_flag
 from data import DATASET_NAMES, INTERPOLATIONS, DataError, build_dataset, default_num_workers, eval_transform
 from distributed import all_gather, is_initialized, is_main_process
+from durable import check_output_dir
 from model import build_backbone, use_small_image_stem
 from run_folder import checkpoint_args, read_checkpoint, save_checkpoint
 
@@ -543,6 +544,8 @@ def frozen_features(args, device, splits=("train", "val"), subsets=None):
             saved = torch.load(path, map_location="cpu", weights_only=True)
             out[split] = (saved["features"], saved["labels"])
         return out
+    if args.dump_features and is_main_process():  # before the backbone runs over every image
+        check_output_dir(args.dump_features, "--dump_features")
     transform = eval_transform(args.image_size, args.resize_interpolation)
     datasets = {split: build_dataset(args.dataset, split, transform, args.data_path, args.download,
                                      args.synthetic_images, args.image_size) for split in splits}
@@ -559,10 +562,10 @@ def frozen_features(args, device, splits=("train", "val"), subsets=None):
 
 
 def save_features(folder, features):
-    """{split: (features, labels)} to folder/<split>_features.pth, atomically, on the main process."""
+    """{split: (features, labels)} to folder/<split>_features.pth, atomically, on the main process (a
+    write that fails leaves the previous file of that split as it was: run_folder.save_checkpoint)."""
     if not is_main_process():
         return
-    os.makedirs(folder, exist_ok=True)
     for split, (feats, labels) in features.items():
         save_checkpoint({"features": feats, "labels": labels}, features_file(folder, split))
     print(f"features saved to {folder}")

@@ -43,8 +43,9 @@ import torch.nn.functional as F
 
 import cli
 from cli import HelpFormatter, bool_flag
-from data import DataError, build_dataset, eval_transform, train_transform
+from data import build_dataset, eval_transform, train_transform
 from distributed import all_reduce, destroy, init_distributed
+from durable import check_output_dir
 from features import add_eval_args, backbone_from_args, check_frozen, extract_features, follow_checkpoint, frozen_features
 from optim import build_optimizer, cosine_schedule
 from run_folder import JsonLog, check_resume_flags, flags_digest, read_run_checkpoint, save_checkpoint, write_json
@@ -331,11 +332,7 @@ def load_checkpoint(path, args, linear, optimizer, world_size):
 def main(argv=None):
     args = get_args(argv)
     rank, world_size, device = init_distributed()
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-    except OSError as e:  # e.g. the default folder, next to a checkpoint in a read-only place
-        raise DataError(f"cannot create --output_dir {args.output_dir} ({e.strerror}); pass --output_dir DIR, a "
-                        f"folder you can write to") from None
+    check_output_dir(args.output_dir)  # e.g. the default folder, next to a checkpoint in a read-only place
     checkpoint_path = os.path.join(args.output_dir, "linear_checkpoint.pth")
     protocol = (CACHED_WARNING if args.cached_features
                 else "the paper's protocol: RandomResizedCrop + flip through the frozen backbone")
@@ -439,10 +436,11 @@ def main(argv=None):
             print(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, train top-1 {train_top1:.2f}"
                   + (f", val top-1 {record['top1']:.2f}, top-5 {record['top5']:.2f}" if record["top1"] is not None
                      else ""))
-            JsonLog(os.path.join(args.output_dir, "log.jsonl"))({k: v for k, v in record.items() if v is not None})
+            JsonLog(os.path.join(args.output_dir, "log.jsonl"), checkpoint=checkpoint_path)(
+                {k: v for k, v in record.items() if v is not None})
             save_checkpoint({"linear": linear_module.state_dict(), "optimizer": optimizer.state_dict(),
                              "epoch": epoch + 1, "best": best, "history": history, "world_size": world_size,
-                             "args": vars(args)}, checkpoint_path)
+                             "args": vars(args)}, checkpoint_path, checkpoint=checkpoint_path)
 
     # ============ reporting ... ============
     last = [r for r in history if r["top1"] is not None][-1]

@@ -21,6 +21,7 @@ import math
 import os
 
 import cli
+from durable import durable_write
 from run_folder import current_names
 from train_stats import COLLAPSE_THRESHOLD
 
@@ -160,13 +161,12 @@ def pyplot():
 
 
 def save_png(plt, fig, path, dpi):
-    """Write `fig` to the PNG `path` atomically (a reader never sees half a file) and close it."""
-    tmp = path + ".tmp"
+    """Write `fig` to the PNG `path` through durable_write (a reader never sees half a file; a write
+    that fails leaves the previous figure and one line) and close it."""
     try:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        durable_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     finally:
         plt.close(fig)
-    os.replace(tmp, path)
 
 
 def max_block_entropy(series, flags):
@@ -350,7 +350,6 @@ def main(argv=None):
         if args.knn_x == "minutes" and series["knn_top1"] and not any(map(math.isfinite, series["knn_minutes"])):
             raise PlotError(f"{run_dir}/log.jsonl has no time on its k-NN lines: plot it with --knn_x epochs")
     output = args.output or default_output(args.run_dirs)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     if len(runs) == 1:
         (series, flags), run_dir = runs[0], args.run_dirs[0]
         draw(series, flags, run_dir + (f": {flags.get('dataset')}, {flags.get('arch')}" if flags else ""), output,

@@ -39,6 +39,7 @@ from model import (CARPHead, MultiCropWrapper, build_backbone, check_arch, prefe
                    update_teacher, use_small_image_stem)
 from optim import build_optimizer, cosine_schedule, scaled_lr
 from precision import PRECISION_NAMES, autocast_dtype, autocast_for, gradient_scaler
+from durable import check_output_dir
 from run_folder import JsonLog, flags_digest, run_settings, write_json
 from checkpointing import RunCheckpoint, StopRequest, ignore_stop_signals, stop_if_asked
 from train_stats import TrainStats, write_summary
@@ -239,10 +240,11 @@ def main(argv=None):
     check_args(parser, args)
     precision = autocast_dtype(args, device)
     args.use_fp16 = precision == torch.float16  # stored resolved (true / false): what this run computes in
-    os.makedirs(args.output_dir, exist_ok=True)
+    check_output_dir(args.output_dir)  # before any work is spent: it can be made and written to
     if rank == 0:
         print(f"run folder: {args.output_dir}")
-    log = JsonLog(os.path.join(args.output_dir, "log.jsonl"), enabled=rank == 0)
+    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")  # what a failed write says of the run
+    log = JsonLog(os.path.join(args.output_dir, "log.jsonl"), enabled=rank == 0, checkpoint=checkpoint_path)
 
     # ============ preparing data and views ... ============
     memory_format = preferred_memory_format(args.arch, device)
@@ -269,17 +271,17 @@ def main(argv=None):
 
     # ============ optionally resuming a run ... ============
     stats = TrainStats(args, world_size, device, show_progress=rank == 0, log=log)
-    checkpoint = RunCheckpoint(os.path.join(args.output_dir, "checkpoint.pth"), args, student_module, teacher,
-                               optimizer, scaler, stats, steps_per_epoch)
+    checkpoint = RunCheckpoint(checkpoint_path, args, student_module, teacher, optimizer, scaler, stats,
+                               steps_per_epoch)
+    checkpoint.check_free_space()  # a warning when the folder cannot hold the next checkpoint
     if os.path.isfile(checkpoint.path):
-        checkpoint.resume(rank)
+        checkpoint.resume(rank)  # and says from where
         log({"event": "resume", "epoch": checkpoint.step // steps_per_epoch, "step": checkpoint.step})
-        if rank == 0:
-            print(f"resuming from {checkpoint.path} at epoch {checkpoint.step // steps_per_epoch}, step {checkpoint.step}")
     start_step, start_epoch = checkpoint.step, checkpoint.step // steps_per_epoch
     if rank == 0:
         # Rewritten at every start: the flags of a resumed run may differ in what a resume allows.
-        write_json(run_settings(args, argv, world_size, start_epoch), os.path.join(args.output_dir, "settings.json"))
+        write_json(run_settings(args, argv, world_size, start_epoch), os.path.join(args.output_dir, "settings.json"),
+                   checkpoint=checkpoint.path)
 
     # ============ training ... ============
     stop, start_time, epoch_stats = StopRequest(), time.time(), {}
@@ -303,6 +305,9 @@ def main(argv=None):
                             keep_copy=args.saveckp_freq > 0 and (epoch + 1) % args.saveckp_freq == 0)
             if epoch + 1 < args.epochs:
                 stop_if_asked(stop, checkpoint, log)
+    except cli.UserError:  # a NaN loss, a write that failed: its line starts on a line of its own
+        stats.close_bar()
+        raise
     except KeyboardInterrupt:
         message = stats.interruption(checkpoint.step, steps_per_epoch, args.epochs, checkpoint.path)
         log({"event": "interrupted", "step": checkpoint.step, "message": message})

@@ -1,10 +1,12 @@
-"""The files of a run folder, written so that a crash never leaves half a file and read so that a
-file from elsewhere never runs code.
+"""The files of a run folder, written so that a crash or a full disk never leaves half a file
+(durable.py) and read so that a file from elsewhere never runs code.
 
-- checkpoints: save_checkpoint (atomic and durable: a temporary file, fsync, a rename), read_checkpoint
+- checkpoints: save_checkpoint (torch.save through durable.durable_write: atomic and durable, and a
+  write that fails leaves the previous file as it was), read_checkpoint
   (torch.load with weights_only=True, and a one-line error for a file that is not a checkpoint),
   read_run_checkpoint and check_resume_flags (the checks before a script resumes from its own
-  checkpoint), checkpoint_args (the flags a checkpoint was trained with), the RNG states;
+  checkpoint), checkpoint_args (the flags a checkpoint was trained with), describe_checkpoint (what
+  a checkpoint file holds, in words), the RNG states;
 - JSON records: write_json (settings.json, summary.json, an evaluation's results), JsonLog
   (log.jsonl, one object a line with its wall-clock time), run_settings (what settings.json holds).
 """
@@ -24,26 +26,37 @@ import torch
 import torchvision
 
 from cli import DataError
+from durable import durable_write, os_error
 
 
 # ============ checkpoints ============
 
-def save_checkpoint(state, path):
-    """Write atomically and durably: the state goes to a temporary file, which is flushed to the disk
-    (fsync) before it is renamed over `path`, and the folder is flushed after the rename. A crash,
-    a kill or a power loss at any moment leaves at `path` either the previous file or the new one,
-    whole; never a name pointing at data that did not reach the disk."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself
-    finally:
-        os.close(folder)
+def tensor_bytes(obj):
+    """The bytes of the tensors in `obj` (nested dicts, lists and tuples): about the size torch.save
+    writes for a state dict."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def save_checkpoint(state, path, checkpoint=None):
+    """torch.save of `state` to `path` through durable_write: a crash leaves the previous file or the
+    new one, whole; a full disk or any failure of torch.save leaves the previous file, no temporary
+    file, and one cli.WriteError (`checkpoint`: see durable_write)."""
+    def write(f):
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:
+            if os_error(e) is None:  # not the OS: torch.save itself stopped half-way
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise OSError(f"torch.save stopped half-way ({first_line})") from e
+            raise
+
+    durable_write(path, write, size=tensor_bytes(state), checkpoint=checkpoint)
 
 
 def read_checkpoint(path, what_to_do="Pass --pretrained_weights PATH to a checkpoint (.pth) file, or 'random' "
@@ -108,6 +121,33 @@ def current_names(saved_args):
     return {RENAMED_FLAGS.get(k, k): v for k, v in saved_args.items()}
 
 
+def describe_checkpoint(path):
+    """What the checkpoint at `path` holds, read from the file itself (mapped, not read whole), in
+    words, and its state: ("PATH holds the first 2 epochs (optimizer step 64)", "held"),
+    ("no checkpoint has been written yet", "none"), or ("PATH cannot be read ...", "unreadable")."""
+    if not os.path.isfile(path):
+        return "no checkpoint has been written yet", "none"
+    try:
+        checkpoint = read_checkpoint(path, mmap=zipfile.is_zipfile(path))
+    except (DataError, OSError):
+        return f"{path} exists but torch.load cannot read it", "unreadable"
+    checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
+    step, epoch, steps_per_epoch = (checkpoint.get(k) for k in ("step", "epoch", "steps_per_epoch"))
+    if step is not None and steps_per_epoch:
+        epochs, into_epoch = divmod(step, steps_per_epoch)
+        if into_epoch:
+            return (f"{path} holds optimizer step {step} ({into_epoch} of {steps_per_epoch} steps of epoch {epochs})",
+                    "held")
+        return f"{path} holds {first_epochs(epochs)} (optimizer step {step})", "held"
+    if epoch is not None:
+        return f"{path} holds {first_epochs(epoch)}", "held"
+    return f"{path} holds a checkpoint", "held"
+
+
+def first_epochs(n):
+    return "the first epoch" if n == 1 else f"the first {n} epochs"
+
+
 def checkpoint_args(path):
     """The flags a checkpoint was trained with (ours: a dict; the authors': an argparse.Namespace),
     as a dict under today's names; {} for 'random' and for files without them."""
@@ -146,32 +186,30 @@ def timestamp():
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def write_json(results, path):
-    """A JSON object (the metrics of an evaluation, a run's settings or summary), written
-    atomically; NaN (a metric with nothing to average) becomes null."""
+def write_json(results, path, checkpoint=None):
+    """A JSON object (the metrics of an evaluation, a run's settings or summary), written through
+    durable_write (`checkpoint`: see there); NaN (a metric with nothing to average) becomes null."""
     def clean(value):
         if isinstance(value, list):
             return [clean(v) for v in value]
         return None if isinstance(value, float) and math.isnan(value) else value
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({key: clean(value) for key, value in results.items()}, f, indent=1)
-    os.replace(tmp, path)
+    text = json.dumps({key: clean(value) for key, value in results.items()}, indent=1).encode()
+    durable_write(path, lambda f: f.write(text), size=len(text), checkpoint=checkpoint)
 
 
 class JsonLog:
     """log.jsonl: one JSON object a line, each with its wall-clock `time`, appended by the main process
-    only (`enabled`), so that a resumed run continues the same file."""
+    only (`enabled`), so that a resumed run continues the same file. A line that cannot be written
+    leaves the file as it was, without half a line (durable_write; `checkpoint`: see there)."""
 
-    def __init__(self, path, enabled=True):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path, enabled=True, checkpoint=None):
+        self.path, self.enabled, self.checkpoint = path, enabled, checkpoint
 
     def __call__(self, record):
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({**record, "time": timestamp()}) + "\n")
+            line = (json.dumps({**record, "time": timestamp()}) + "\n").encode()
+            durable_write(self.path, lambda f: f.write(line), append=True, size=len(line), checkpoint=self.checkpoint)
 
 
 def run_settings(args, argv, world_size, start_epoch):

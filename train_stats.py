@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from cli import UserError
 from distributed import all_reduce, world_size
-from run_folder import timestamp, write_json
+from run_folder import describe_checkpoint, timestamp, write_json
 
 
 class NonFiniteLoss(UserError):
@@ -54,6 +54,7 @@ class TrainStats:
         self.accumulation_steps = args.gradient_accumulation_steps
         self.images_per_step = args.batch_size_per_gpu * world_size * args.gradient_accumulation_steps
         self.show_progress, self.log = show_progress, log or (lambda record: None)
+        self.checkpoint_path = None  # the run's checkpoint, which a NaN message describes (set by RunCheckpoint)
         self.epoch, self.step, self.in_epoch = None, 0, False  # where the run is
         self.collapsed = False  # whether the last log line was below COLLAPSE_THRESHOLD
 
@@ -180,11 +181,13 @@ class TrainStats:
     def check_finite(self):
         step = all_reduce(self.first_bad_step.clone(), dist.ReduceOp.MAX).item()
         if step >= 0:
+            held, state = (describe_checkpoint(self.checkpoint_path) if self.checkpoint_path
+                           else ("this run writes no checkpoint", "none"))
             raise NonFiniteLoss(f"the loss became NaN or infinite at optimizer step {step} (epoch {self.epoch}). "
-                                f"Nothing was saved after the last completed epoch: checkpoint.pth is intact. Try a "
-                                f"lower --lr, --clip_grad about twice the grad_norm that log.jsonl shows before the "
-                                f"failure (a bound on all the gradients' norm together), or --use_fp16 false, then "
-                                f"run the same command to resume.")
+                                f"Nothing was saved after it: {held}. Try a lower --lr, --clip_grad about twice the "
+                                f"grad_norm that log.jsonl shows before the failure (a bound on all the gradients' "
+                                f"norm together), or --use_fp16 false, then run the same command to "
+                                f"{'resume' if state == 'held' else 'start again'}.")
 
     def interruption(self, saved_step, steps_per_epoch, epochs, checkpoint_path):
         """The one line of Ctrl-C: where the run stopped and what checkpoint_path holds (its first
@@ -221,4 +224,5 @@ def write_summary(args, epoch_stats, extra, seconds, start_epoch):
                            f"epochs {epoch_stats['knn_top1']:.2f}% | raw pixels "
                            + (f"{pixels:.2f}%" if pixels is not None else "not measured"))
         print(summary["line"])
-    write_json(summary, os.path.join(args.output_dir, "summary.json"))
+    write_json(summary, os.path.join(args.output_dir, "summary.json"),
+               checkpoint=os.path.join(args.output_dir, "checkpoint.pth"))

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import run_folder
-from cli import DataError
+from cli import DataError, WriteError
 
 
 def test_a_checkpoint_write_that_fails_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     """save_checkpoint writes a temporary file and renames it: when torch.save fails half-way (a full
-    disk), the checkpoint at the path is still the previous one, byte for byte."""
+    disk), the checkpoint at the path is still the previous one, byte for byte, the temporary file
+    is gone, and the error says why in words."""
     path = str(tmp_path / "checkpoint.pth")
     run_folder.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
     before = open(path, "rb").read()
@@ -26,9 +27,10 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_file_intact(tmp_path,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", save_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteError, match="no space left on the device"):
         run_folder.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
     assert open(path, "rb").read() == before
+    assert not list(tmp_path.glob("*.tmp"))
     assert torch.load(path, weights_only=True)["epoch"] == 1
 
 
