@@ -1,10 +1,11 @@
 """Make the repository root importable (`import loss, model`) under plain `pytest` as well as `python -m pytest`,
-and give every test the thread count the session started with."""
+give every test the thread count the session started with, and close the progress bars a test left open."""
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -18,3 +19,13 @@ def same_threads_for_every_test():
     would pass or fail with the order the tests ran in."""
     yield
     torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def no_progress_bar_left_open():
+    """A bar left open by a test that failed inside a training loop would make the next tests' bars
+    print cursor movements before their lines: the one-line messages that those tests read from
+    stderr would no longer start the line, and one failure would show as several."""
+    yield
+    for bar in list(tqdm._instances):
+        bar.close()

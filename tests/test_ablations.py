@@ -10,6 +10,7 @@ import torch
 
 import loss
 import pretrain
+from run_folder import current_names
 from test_pretrain import TINY, run_main
 
 ABLATION_FLAGS = ("fixed_partition", "uniformity_weight", "momentum_teacher_end")
@@ -19,7 +20,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "docs" / "experiments.md"
 
 def changed_training_flags(argv, base_argv):
     """The training flags (pretrain.training_flags) whose values differ between two command lines."""
-    args, base = (pretrain.training_flags(pretrain.get_args(a)[1]) for a in (argv, base_argv))
+    args, base = (current_names(pretrain.training_flags(pretrain.get_args(a)[1])) for a in (argv, base_argv))
     return {k for k in set(args) | set(base) if args.get(k) != base.get(k)}
 
 

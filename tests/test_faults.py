@@ -360,9 +360,9 @@ def nan_from_call(monkeypatch, first_bad):
     """carp_loss returns NaN from its call number `first_bad` on (one call a step here)."""
     original, calls = pretrain.carp_loss, []
 
-    def loss(*args):
+    def loss(*args, **kwargs):
         calls.append(1)
-        consistency, uniformity = original(*args)
+        consistency, uniformity = original(*args, **kwargs)
         return consistency * (float("nan") if len(calls) >= first_bad else 1.0), uniformity
     monkeypatch.setattr(pretrain, "carp_loss", loss)
 
