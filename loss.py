@@ -30,7 +30,8 @@ objective asks two things of these assignments:
     uniformity   L_H = mean over blocks b of  log N_B + sum_k pbar_b,k log clamp(pbar_b,k, eps, 1 - eps)
                      = mean over b of KL(pbar_b || uniform(N_B))
                  pbar_b is the block's assignment averaged over every view (student and teacher) of
-                 every image of the global batch: 0 when all prototypes of a block are used equally.
+                 every image of the forward pass on every process (the global batch; under gradient
+                 accumulation one micro-step's): 0 when all prototypes of a block are used equally.
                  NOTE(authors' code): they call this term "entropy"; it is log N_B minus the entropy
                  of pbar_b, which pretrain.py's log reports as `block_entropy` (a run that collapses
                  shows it falling: train_stats.COLLAPSE_THRESHOLD).
@@ -64,7 +65,8 @@ processes, i.e. divides their sum by W. L_c is a mean over each process's own im
 average is the mean over the global batch. L_H is one term of the global batch: the gradient that
 reaches a process's assignments must be the sum over processes of dL_H / dpbar_b (W times one
 process's), so that DDP's division by W leaves it once. Together the W processes take exactly the
-gradient of one process on the concatenated batch (tests/test_distributed.py).
+gradient of one process on the concatenated batch (tests/test_distributed.py), given BatchNorm
+layers that normalise over it too: SyncBatchNorm on GPUs; on CPUs each process normalises its own.
 """
 import math
 
@@ -86,16 +88,15 @@ def random_partition(n_prototypes, block_size, generator=None):
     if not 1 <= block_size <= n_prototypes:
         raise ValueError(
             f"--block_size {block_size} must be between 1 and the number of prototypes "
-            f"(--out_dim {n_prototypes}); the paper uses 512 of 65536. Choose a --block_size "
-            f"that divides --out_dim."
+            f"(--out_dim {n_prototypes}); the paper uses 512 of 65536."
         )
     n_blocks = n_prototypes // block_size  # N_P
     permutation = torch.randperm(n_prototypes, generator=generator)  # (K,)
     return permutation[: n_blocks * block_size].view(n_blocks, block_size)  # (N_P, N_B)
 
 
-def partition_for_step(n_prototypes, block_size, seed, step):
-    """The partition of forward pass `step`, identical on every process and after a resume.
+def partition_for_step(n_prototypes, block_size, seed, forward_pass):
+    """The partition of forward pass number `forward_pass`, identical on every process and after a resume.
     pretrain.py numbers its forward passes optimizer step x gradient accumulation + micro-step, so
     every forward pass draws its own partition (--fixed_partition, an ablation, keeps number 0's).
 
@@ -103,11 +104,11 @@ def partition_for_step(n_prototypes, block_size, seed, step):
     seeded from (seed, step) gives every rank the same partition with no communication, and a run
     resumed from a checkpoint draws exactly the partitions it would have drawn.
     """
-    # torch's CPU generator (mt19937) keeps only the low 32 bits of its seed, so seed and step share
-    # them: step + seed x 0x9E3779B9 (2**32 / golden ratio) mod 2**32. Seed 0 draws permutation `step`;
-    # other seeds start 2**32 / golden ratio apart, so two seeds below 1000 share no partition within
-    # their first 4 million forward passes (a paper run makes 125,000 x its accumulation steps).
-    generator = torch.Generator().manual_seed((step + seed * 0x9E3779B9) % 2 ** 32)
+    # torch's CPU generator (mt19937) keeps only the low 32 bits of its seed, so seed and forward pass
+    # share them: forward_pass + seed x 0x9E3779B9 (2**32 / golden ratio) mod 2**32. Seed 0 draws
+    # permutation `forward_pass`; two seeds below 100 share no partition within their first 21 million
+    # forward passes (below 1000: 1.9 million; a paper run makes 125,000 x its accumulation steps).
+    generator = torch.Generator().manual_seed((forward_pass + seed * 0x9E3779B9) % 2 ** 32)
     return random_partition(n_prototypes, block_size, generator)
 
 
@@ -131,8 +132,8 @@ def carp_objective(student_logits, teacher_logits, partition, teacher_views=(0, 
     teacher_logits: (V_t, B, K) logits of the teacher's views, V_t = 2.
     partition:      (N_P, N_B) prototype indices of this forward pass's blocks.
     teacher_views:  which student view each teacher view is: teacher view v is the view
-                    student_logits[teacher_views[v]] (the 2 global views, which data.py puts first),
-                    the one pair (u, v) that L_c leaves out.
+                    student_logits[teacher_views[v]] (the 2 global views, which data.py puts first):
+                    the pairs (teacher_views[v], v), a view with itself, are those L_c leaves out.
     Returns (consistency, uniformity), 0-dim float32 tensors; the training loss is their sum.
     Training runs carp_loss, which returns the same numbers and gradients with less memory.
     """

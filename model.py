@@ -126,7 +126,8 @@ class CARPHead(nn.Module):
         self.last_layer.parametrizations.weight.original0.data.fill_(1)
         if norm_last_layer:
             # Fixed norm 1: only the prototype directions are learned (g takes no gradient and is in
-            # no optimizer group).
+            # no optimizer group), so the logits' scale comes from z alone and no prototype can win
+            # the softmaxes by growing (DINO reports a learned norm less stable).
             self.last_layer.parametrizations.weight.original0.requires_grad = False
 
     @staticmethod

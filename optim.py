@@ -80,7 +80,7 @@ def cosine_schedule(base_value, final_value, epochs, steps_per_epoch, warmup_epo
 def build_optimizer(name, model, momentum, weight_decay):
     """'lars', 'sgd' (with `momentum`) or 'adamw' (its default betas (0.9, 0.999) and eps 1e-8) over
     param_groups(model): the weights get `weight_decay` (and, with LARS, the trust-ratio adaptation),
-    biases and norm parameters neither. The learning rate starts at 0: the scripts set it (and
+    biases, BatchNorm parameters and a learned prototype norm neither. The learning rate starts at 0: the scripts set it (and
     pretraining the weight decay) at every step from their schedules."""
     groups = param_groups(model)  # [{weights}, {biases and norms: weight_decay 0, lars_exclude}]
     if name == "lars":

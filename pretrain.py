@@ -14,10 +14,12 @@ optimizer and schedules, resume, the loop over epochs), then train_one_epoch() a
     views -> a fresh random partition -> teacher on the 2 global views, student on all views
           -> the CARP loss (loss.py) -> backward -> optimizer step -> the teacher's EMA
 
-The objective is in loss.py, the networks in model.py, the views in data.py. What a run writes to
---output_dir (checkpoints, log.jsonl, settings.json, summary.json) is in run_folder.py and the log's
-statistics in train_stats.py. Running the same command again resumes from checkpoint.pth exactly
-where it stopped; `python plot_log.py OUTPUT_DIR` draws the curves.
+The objective is in loss.py, the networks in model.py, LARS and the schedules in optim.py. The views
+(data.py): 2 global crops and --local_crops_number local ones, each flipped (p 0.5), colour-jittered
+(p 0.8), turned grey (p 0.2), blurred (p 1, 0.1 and 0.5 for global view 1, global view 2 and a local
+view) and, global view 2 only, solarised (p 0.2). The log (train_stats.py) warns of a collapse when
+the blocks' batch marginals fall below half their maximum entropy. What a run writes to --output_dir
+is in run_folder.py. The same command again resumes exactly where a run stopped.
 """
 import argparse
 import contextlib
@@ -54,7 +56,6 @@ CPU_RECIPE = ("--arch small_cnn --hidden_dim 512 --bottleneck_dim 128 --out_dim 
               "--lr 0.002 --min_lr 1e-6 --warmup_epochs 3 --weight_decay 0.04 --weight_decay_end 0.04 "
               "--momentum_teacher 0.99 --epochs 45 --num_workers 0 --knn_every 5")
 RECIPES = {"paper": "", "cpu_small": CPU_RECIPE}
-# Flags that do not change what a run learns: left out of the name of a default --output_dir.
 EXAMPLES = ("examples:\n"
            "  # the paper recipe (the defaults), ResNet-50 on ImageNet, 8 GPUs x 64 images x 2 = 1024 a step\n"
            "  torchrun --nproc_per_node=8 pretrain.py --data_path /data/imagenet --gradient_accumulation_steps 2 "
@@ -65,6 +66,7 @@ EXAMPLES = ("examples:\n"
            "  python pretrain.py --recipe cpu_small --dataset imagefolder --data_path DIR\n"
            "recipes (--recipe NAME sets these flags; a flag on the command line wins):\n"
            + "\n".join(f"  {name}: {flags or '(the defaults: the paper)'}" for name, flags in RECIPES.items()))
+# Flags that do not change what a run learns: left out of the name of a default --output_dir.
 NOT_TRAINING = ("output_dir", "num_workers", "log_every", "knn_every", "nb_knn", "saveckp_freq",
                 "checkpoint_every_steps", "download", "recipe")
 # The ablation flags (docs/experiments.md, *What each part buys*), at the method's values. Left out of the name of
@@ -119,9 +121,8 @@ def get_args(argv=None):
                    help="passes over the training set (paper: 100 to 400 epochs); the schedules span them all, "
                         "so a run resumed with another --epochs follows a different schedule")
     g.add_argument("--batch_size_per_gpu", type=int, default=64, help="images per process and forward pass")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                   help="forward passes per optimizer step; the effective batch is "
-                        "batch_size_per_gpu x processes x gradient_accumulation_steps")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="forward passes per optimizer step; "
+                   "the effective batch is batch_size_per_gpu x processes x gradient_accumulation_steps")
     g.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"],
                    help="lars (the paper); sgd (momentum 0.9) or adamw for short runs on small data, where "
                         "LARS's small per-layer steps (trust coefficient 0.001) need many steps to move the weights")
@@ -133,14 +134,12 @@ def get_args(argv=None):
     g.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay at the start (cosine schedule)")
     g.add_argument("--weight_decay_end", type=float, default=1e-6, help="weight decay at the end")
     g.add_argument("--clip_grad", type=float, default=0.0,
-                   help="max norm of all the student's gradients together (one global norm, "
-                        "torch.nn.utils.clip_grad_norm_, not DINO's per-parameter clipping); 0 = no clipping, the "
-                        "paper's. The log's grad_norm column shows the norms a run has; clip at about twice them")
+                   help="max norm of all the student's gradients together (one global norm, not DINO's per "
+                        "parameter); 0 = no clipping, the paper's. Clip at about twice the log's grad_norm")
     g.add_argument("--use_fp16", type=auto_flag, default="auto",
                    help="fp16 autocast and a gradient scaler (the paper's precision; the loss is float32 in any "
-                        "case): 'auto' = on CUDA only, float32 on CPU; true = also on CPU, where most processors "
-                        "have no fp16 arithmetic and it runs slowly: a way to test the GPU's precision path; false = "
-                        "float32")
+                        "case): 'auto' = on CUDA only; true = also on a CPU, where it runs slowly but tests the "
+                        "GPU's precision path; false = float32")
     g.add_argument("--use_bf16", type=bool_flag, default=False,
                    help="bf16 autocast instead of fp16 (CUDA or CPU), no gradient scaler needed (bf16 has float32's "
                         "range); true overrides --use_fp16")
@@ -387,7 +386,7 @@ def optimizer_step(student, teacher, optimizer, scaler, lr, weight_decay, moment
     gradients together, before clipping (a 0-d tensor on the device: no host sync here)."""
     for i, group in enumerate(optimizer.param_groups):
         group["lr"] = float(lr)
-        if i == 0:  # only the regularised group has weight decay
+        if i == 0:  # the weights (optim.param_groups puts them first); biases and norms never decay
             group["weight_decay"] = float(weight_decay)
     # The true gradients: fp16's scaler multiplied them by its scale (scaler.step knows they are unscaled).
     scaler.unscale_(optimizer)
@@ -400,7 +399,8 @@ def optimizer_step(student, teacher, optimizer, scaler, lr, weight_decay, moment
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     # NOTE(authors' code): they update the teacher just before the optimizer step; like DINO we
-    # update it just after, so the teacher follows the student with one step less lag.
+    # update it just after, so the teacher follows the student with one step less lag. (A step that
+    # fp16's scaler skipped still moves the teacher, towards the student as it was, as in DINO.)
     update_teacher(student, teacher, momentum)
     return grad_norm
 

@@ -47,7 +47,7 @@ def test_fixed_partition_keeps_the_first_steps_partition(tmp_path, monkeypatch):
     of the 4 steps draws its own."""
     seen = record_partitions(monkeypatch)
     run(tmp_path / "fixed", "--fixed_partition", "true")
-    first = loss.partition_for_step(32, 8, seed=0, step=0)
+    first = loss.partition_for_step(32, 8, seed=0, forward_pass=0)
     assert len(seen) == 4 and all(torch.equal(p.cpu(), first) for p in seen)
 
     seen.clear()
@@ -66,7 +66,7 @@ def test_uniformity_weight_scales_the_uniformity_term_in_the_loss_and_its_gradie
     student, teacher = pretrain.carp_network(args), pretrain.carp_network(args)
     pretrain.start_teacher(student, teacher)
     views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(4, 3, 8, 8)]
-    partition = loss.partition_for_step(32, 8, seed=0, step=0)
+    partition = loss.partition_for_step(32, 8, seed=0, forward_pass=0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     def gradients(weight, by_hand=False):

@@ -98,10 +98,10 @@ def test_partition_for_step_depends_only_on_seed_and_step():
     """Every process (and a resumed run) draws the same partition for the same (seed, step);
     the next step draws a different one."""
     torch.manual_seed(0)
-    first = loss.partition_for_step(64, 16, seed=3, step=7)
+    first = loss.partition_for_step(64, 16, seed=3, forward_pass=7)
     torch.manual_seed(123)  # the global RNG state must not matter
-    again = loss.partition_for_step(64, 16, seed=3, step=7)
-    next_step = loss.partition_for_step(64, 16, seed=3, step=8)
+    again = loss.partition_for_step(64, 16, seed=3, forward_pass=7)
+    next_step = loss.partition_for_step(64, 16, seed=3, forward_pass=8)
     assert torch.equal(first, again)
     assert not torch.equal(first, next_step)
     assert next_step.flatten().unique().numel() == 64
@@ -112,11 +112,11 @@ def test_partitions_of_two_seeds_differ():
     the low 32 bits of its seed: a seed placed above them would be lost), and --seed 0 draws the
     permutation of a generator seeded with the step itself."""
     for step in (0, 1, 1000):
-        seed_0 = loss.partition_for_step(64, 16, seed=0, step=step)
-        assert not torch.equal(seed_0, loss.partition_for_step(64, 16, seed=1, step=step))
+        seed_0 = loss.partition_for_step(64, 16, seed=0, forward_pass=step)
+        assert not torch.equal(seed_0, loss.partition_for_step(64, 16, seed=1, forward_pass=step))
         assert torch.equal(seed_0.flatten(), torch.randperm(64, generator=torch.Generator().manual_seed(step)))
-    seed_1 = {tuple(loss.partition_for_step(64, 16, seed=1, step=s).flatten().tolist()) for s in range(50)}
-    seed_0 = {tuple(loss.partition_for_step(64, 16, seed=0, step=s).flatten().tolist()) for s in range(50)}
+    seed_1 = {tuple(loss.partition_for_step(64, 16, seed=1, forward_pass=s).flatten().tolist()) for s in range(50)}
+    seed_0 = {tuple(loss.partition_for_step(64, 16, seed=0, forward_pass=s).flatten().tolist()) for s in range(50)}
     assert len(seed_1) == 50 and not seed_0 & seed_1
 
 

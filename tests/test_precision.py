@@ -76,7 +76,7 @@ def test_a_step_in_fp16_or_bf16_has_the_float32_loss_at_the_paper_sizes(device, 
     device = torch.device(device)
     student, teacher = networks(65536, device, logit_scale=30.0)
     views = random_views(8, device)
-    partition = loss.partition_for_step(65536, 512, seed=0, step=0).to(device)  # (128, 512)
+    partition = loss.partition_for_step(65536, 512, seed=0, forward_pass=0).to(device)  # (128, 512)
     results = {}
     for precision in (None, dtype):
         args = argparse.Namespace(**PRECISION_FLAGS[precision])
@@ -110,7 +110,7 @@ def test_an_overflowed_fp16_step_is_skipped_and_left_out_of_the_grad_norm(device
     stats.start_epoch(0, 2)
     norms, weights = [], []
     for step in range(2):
-        partition = loss.partition_for_step(64, 16, seed=0, step=step).to(device)
+        partition = loss.partition_for_step(64, 16, seed=0, forward_pass=step).to(device)
         logits, total, consistency, uniformity = pretrain.forward_backward(
             student, teacher, random_views(8, device, seed=step), partition, autocast_for(args, device), scaler)
         stats.add_forward(step, total, consistency, uniformity, logits)
