@@ -14,12 +14,11 @@ optimizer and schedules, resume, the loop over epochs), then train_one_epoch() a
     views -> a fresh random partition -> teacher on the 2 global views, student on all views
           -> the CARP loss (loss.py) -> backward -> optimizer step -> the teacher's EMA
 
-The objective is in loss.py, the networks in model.py, LARS and the schedules in optim.py. The views
-(data.py): 2 global crops and --local_crops_number local ones, each flipped (p 0.5), colour-jittered
-(p 0.8), turned grey (p 0.2), blurred (p 1, 0.1 and 0.5 for global view 1, global view 2 and a local
-view) and, global view 2 only, solarised (p 0.2). The log (train_stats.py) warns of a collapse when
-the blocks' batch marginals fall below half their maximum entropy. What a run writes to --output_dir
-is in run_folder.py. The same command again resumes exactly where a run stopped.
+The objective is in loss.py, the networks in model.py, LARS and the schedules in optim.py, the views
+in data.py (2 global and M local crops: flip p 0.5, colour jitter p 0.8, grey p 0.2, blur p 1 / 0.1 /
+0.5 for global 1 / global 2 / local, solarisation p 0.2 on global 2). train_stats.py logs and warns of
+a collapse (the blocks' batch marginals below half their maximum entropy); run_folder.py writes the
+run folder. The same command again resumes exactly where a run stopped.
 """
 import argparse
 import contextlib
@@ -68,7 +67,7 @@ EXAMPLES = ("examples:\n"
            + "\n".join(f"  {name}: {flags or '(the defaults: the paper)'}" for name, flags in RECIPES.items()))
 # Flags that do not change what a run learns: left out of the name of a default --output_dir.
 NOT_TRAINING = ("output_dir", "num_workers", "log_every", "knn_every", "nb_knn", "saveckp_freq",
-                "checkpoint_every_steps", "download", "recipe")
+                "checkpoint_every_steps", "download", "recipe", "compile")
 # The ablation flags (docs/experiments.md, *What each part buys*), at the method's values. Left out of the name of
 # a default --output_dir while at these values, so runs named before the flags existed keep their folder.
 METHOD_VALUES = {"fixed_partition": False, "uniformity_weight": 1.0, "momentum_teacher_end": 1.0}
@@ -140,9 +139,11 @@ def get_args(argv=None):
                    help="fp16 autocast and a gradient scaler (the paper's precision; the loss is float32 in any "
                         "case): 'auto' = on CUDA only; true = also on a CPU, where it runs slowly but tests the "
                         "GPU's precision path; false = float32")
-    g.add_argument("--use_bf16", type=bool_flag, default=False,
+    g.add_argument("--use_bf16", type=auto_flag, default=False,
                    help="bf16 autocast instead of fp16 (CUDA or CPU), no gradient scaler needed (bf16 has float32's "
-                        "range); true overrides --use_fp16")
+                        "range); true overrides --use_fp16; 'auto' = on a CPU with bf16 arithmetic only (precision.py)")
+    g.add_argument("--compile", type=bool_flag, default=False, help="torch.compile the student and the teacher (the "
+                   "first steps compile); on the CPU demo it made the step slower (docs/performance.md)")
 
     add_view_args(parser)
     add_data_and_run_args(parser)
@@ -181,12 +182,10 @@ def add_data_and_run_args(parser):
                         "dataset, or synthetic (generated, no download)")
     g.add_argument("--data_path", default=None, help="imagefolder: folder of class sub-folders or with a train/ "
                    "split; torchvision datasets: the folder that holds their files")
-    g.add_argument("--download", type=bool_flag, default=False,
-                   help="download a torchvision dataset into --data_path (true / false)")
+    g.add_argument("--download", type=bool_flag, default=False, help="download a torchvision dataset into --data_path")
     g.add_argument("--synthetic_images", type=int, default=5000, help="size of the synthetic training split")
-    g.add_argument("--skip_bad_images", type=bool_flag, default=False,
-                   help="an image that cannot be read stops the run with its name (false), or is left out and "
-                        "counted in log.jsonl's bad_images, the next image of the folder in its place (true)")
+    g.add_argument("--skip_bad_images", type=bool_flag, default=False, help="an unreadable image stops the run "
+                   "(false), or is counted in log.jsonl's bad_images, the folder's next image in its place (true)")
     g.add_argument("--num_workers", type=int, default=None,
                    help="data-loading processes per training process. Default: the cores this process may use, "
                         "shared among the processes torchrun starts on the machine, at most 8")
@@ -198,15 +197,13 @@ def add_data_and_run_args(parser):
                         "resumes in the same folder and other flags start another")
     g.add_argument("--checkpoint_every_steps", type=int, default=1000,
                    help="also write checkpoint.pth every this many optimizer steps within an epoch: a kill loses at "
-                        "most these steps (0 = at the end of every epoch only). At the paper's scale 1000 steps "
-                        "take minutes and a checkpoint about a second (docs/running.md)")
+                        "most these steps (0 = at the end of every epoch only; docs/running.md)")
     g.add_argument("--saveckp_freq", type=int, default=20, help="also keep checkpointNNNN.pth every this many epochs")
     g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, views and partitions")
     g.add_argument("--log_every", type=int, default=50, help="optimizer steps between log lines")
     g.add_argument("--knn_every", type=int, default=0,
-                   help="k-NN accuracy of the teacher backbone every this many epochs (and before training) "
-                        "on the dataset's labelled train/val splits, and once on the raw pixels of images of at "
-                        "most 64 px; 0 = off")
+                   help="k-NN accuracy of the teacher backbone every this many epochs and before training, on the "
+                        "labelled train/val splits (and once their raw pixels, for images of at most 64 px); 0 = off")
     g.add_argument("--nb_knn", "--knn_k", type=int, default=20,
                    help="neighbours k of the k-NN monitor (knn_eval.py's flag)" + renamed("knn_k"))
 
@@ -238,7 +235,8 @@ def main(argv=None):
     rank, world_size, device = init_distributed()
     check_args(parser, args)
     precision = autocast_dtype(args, device)
-    args.use_fp16 = precision == torch.float16  # stored resolved (true / false): what this run computes in
+    # Stored resolved (true / false): what this run computes in.
+    args.use_fp16, args.use_bf16 = precision == torch.float16, precision == torch.bfloat16
     check_output_dir(args.output_dir)  # before any work is spent: it can be made and written to
     if rank == 0:
         print(f"run folder: {args.output_dir}")
@@ -456,6 +454,8 @@ def student_and_teacher(args, device, memory_format, world_size):
     student = student.to(device, memory_format=memory_format)
     teacher = teacher.to(device, memory_format=memory_format)
     start_teacher(student, teacher)
+    for network in (student, teacher) if args.compile else ():
+        network.compile()  # in place: the state dicts keep their keys
     if is_main_process():
         print(f"student and teacher: {args.arch} + CARP head, K={args.out_dim} prototypes in "
               f"{args.out_dim // args.block_size} blocks of {args.block_size}, "

@@ -14,6 +14,7 @@ import torch
 import loss
 import optim
 import model
+import precision
 import pretrain
 from precision import autocast_dtype, autocast_for, gradient_scaler
 from model import CARPHead, MultiCropWrapper, SmallCNN
@@ -64,6 +65,17 @@ def test_use_fp16_auto_is_fp16_on_a_gpu_and_float32_on_a_cpu():
         assert (autocast_dtype(args, cuda), autocast_dtype(args, cpu)) == (on_cuda, on_cpu), flags
         assert gradient_scaler(args, cpu).is_enabled() == (on_cpu == torch.float16)
     assert pretrain.get_args([])[1].use_fp16 == "auto"
+
+
+@pytest.mark.parametrize("has_bf16", [True, False], ids=["a CPU with bf16", "a CPU without"])
+def test_use_bf16_auto_is_bf16_only_on_a_cpu_with_bf16_arithmetic(monkeypatch, has_bf16):
+    """--use_bf16 auto (the CPU demo's recipe): bf16 on a CPU that computes in bf16, float32 on one that
+    does not (emulated bf16 would be slower), and on CUDA what --use_fp16 auto gives (fp16)."""
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has_bf16)
+    _, args = pretrain.get_args(["--use_bf16", "auto"])
+    assert autocast_dtype(args, torch.device("cpu")) == (torch.bfloat16 if has_bf16 else None)
+    assert autocast_dtype(args, torch.device("cuda")) == torch.float16
+    assert not gradient_scaler(args, torch.device("cpu")).is_enabled()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -115,6 +115,20 @@ def test_a_killed_run_resumes_exactly(tmp_path, monkeypatch, capsys, views):
         assert torch.allclose(resumed["teacher"][key].float(), value.float(), atol=1e-6), key
 
 
+def test_compile_compiles_the_student_and_the_teacher_in_place(tmp_path, monkeypatch):
+    """--compile true hands both networks to torch.compile in place (nn.Module.compile), so the
+    checkpoint keeps its keys; without it nothing is compiled. (The compiler itself is replaced here by
+    a recorder: compiling takes longer than a test should.)"""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: compiled.append(self))
+    run_main(tmp_path / "plain", "--epochs", "1")
+    assert compiled == []
+    checkpoint = run_main(tmp_path / "compiled", "--epochs", "1", "--compile", "true")
+    assert len(compiled) == 2 and all(type(network).__name__ == "MultiCropWrapper" for network in compiled)
+    assert compiled[0] is not compiled[1]
+    assert not any("_orig_mod" in key for key in checkpoint["student"])
+
+
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     """--gradient_accumulation_steps 2: 4 forward passes of 4 images per epoch make 2 optimizer
     steps, and the schedules and logs are indexed by them."""
