@@ -170,6 +170,9 @@ def get_args(argv=None):
     g.add_argument("--recipe_steps", type=int, default=20, help="timed optimizer steps of each pipeline")
     g.add_argument("--recipe_workers", type=int, default=2,
                    help="DataLoader workers of the per-image pipeline (the batched one needs none)")
+    g.add_argument("--recipe_flags", default="",
+                   help="pretrain.py flags added to the recipe's, e.g. '--use_bf16 false' or '--compile true' (the "
+                        "warm-up steps then include the compilation: warmup_s)")
 
     g = parser.add_argument_group("precision and the GPU check (sections precision, " + ", ".join(GPU_SECTIONS) + ")")
     g.add_argument("--output_dir", default=None,
@@ -573,7 +576,8 @@ def bench_cpu_recipe(args):
     for batched in (True, False):
         parser, recipe = pretrain.get_args(["--dataset", dataset_name, *pretrain.CPU_RECIPE.split(),
                                             "--batched_views", str(batched).lower(), "--seed", str(args.seed),
-                                            "--num_workers", "0" if batched else str(args.recipe_workers)])
+                                            "--num_workers", "0" if batched else str(args.recipe_workers),
+                                            *args.recipe_flags.split()])
         pretrain.check_args(parser, recipe)
         device = args.device
         memory_format = model.preferred_memory_format(recipe.arch, device)
@@ -588,11 +592,15 @@ def bench_cpu_recipe(args):
         student, teacher = pretrain.carp_network(recipe), pretrain.carp_network(recipe)
         student, teacher = student.to(device, memory_format=memory_format), teacher.to(device, memory_format=memory_format)
         model.start_teacher(student, teacher)
+        for network in (student, teacher) if recipe.compile else ():
+            network.compile()
         optimizer = optim.build_optimizer(recipe.optimizer, student, momentum=0.9, weight_decay=0.0)
-        scaler = gradient_scaler(recipe, device)  # float32 on a CPU, fp16 on CUDA, as pretrain.py
+        scaler = gradient_scaler(recipe, device)  # as pretrain.py: the recipe's precision on this device
         autocast = autocast_for(recipe, device)
-        waiting, total = [], []
+        waiting, total, started = [], [], time.perf_counter()
         for step in range(args.warmup + args.recipe_steps):
+            if step == args.warmup:
+                warmup_seconds = time.perf_counter() - started
             synchronize(device)
             start = time.perf_counter()
             images, seeds, _ = next(batches)
@@ -608,7 +616,8 @@ def bench_cpu_recipe(args):
                 waiting.append(got_views - start)
                 total.append(time.perf_counter() - start)
         name = "batched" if batched else "per_image"
-        results[name] = {"workers": recipe.num_workers, "step_ms": 1000 * sum(total) / len(total),
+        results[name] = {"workers": recipe.num_workers, "precision": precision_name(autocast_dtype(recipe, device)),
+                         "warmup_s": warmup_seconds, "step_ms": 1000 * sum(total) / len(total),
                          "images_per_s": recipe.batch_size_per_gpu * len(total) / sum(total),
                          "waiting_share": sum(waiting) / sum(total)}
     results["speedup"] = results["batched"]["images_per_s"] / results["per_image"]["images_per_s"]
@@ -1114,13 +1123,13 @@ def print_results(results):
     if "cpu_recipe" in results:
         r = results["cpu_recipe"]
         print(f"\ncpu_recipe: the README demo's whole training step (pretrain.CPU_RECIPE) on {r['dataset']}, "
-              f"{m['device']}, data loading and views included")
-        print(f"  {'views':28} {'ms/step':>8} {'images/s':>9} {'waiting for views':>18}")
+              f"{m['device']}, {r['batched']['precision']}, data loading and views included")
+        print(f"  {'views':28} {'ms/step':>8} {'images/s':>9} {'waiting for views':>18} {'warm-up s':>10}")
         workers = r["per_image"]["workers"]
         for name, label in (("batched", "per batch (the recipe)"),
                             ("per_image", f"per image, {workers} worker{'s' if workers != 1 else ''}")):
             print(f"  {label:28} {r[name]['step_ms']:8.1f} {r[name]['images_per_s']:9.1f} "
-                  f"{100 * r[name]['waiting_share']:17.1f}%")
+                  f"{100 * r[name]['waiting_share']:17.1f}% {r[name]['warmup_s']:10.1f}")
         print(f"  views per batch make the step {r['speedup']:.2f}x faster")
         seeding = r["view_seeding"]
         print(f"  views seeded per image: {seeding['batch_ms_per_image_seeds']:.2f} ms per batch for the batched "
