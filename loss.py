@@ -12,6 +12,7 @@ Notation (the paper's, arXiv:2310.12692), and the flag that sets each size:
 One word per concept, here and in every file:
     view       an augmented crop of an image (data.py); the student sees all V, the teacher the 2 global
     prototype  one of the K rows c_k of the head's last layer; a view's logit for it is <c_k / ||c_k||, z>
+               (the prototypes' norm is fixed to 1 by default: model.CARPHead)
     block      a group of N_B prototypes (`block_size` = N_B and `n_blocks` = N_P in the code)
     partition  a random split of the K prototypes into N_P disjoint blocks, drawn anew for every forward
                pass: every optimizer step, and every micro-step of one under gradient accumulation
@@ -33,8 +34,8 @@ objective asks two things of these assignments:
                  every image of the forward pass on every process (the global batch; under gradient
                  accumulation one micro-step's): 0 when all prototypes of a block are used equally.
                  NOTE(authors' code): they call this term "entropy"; it is log N_B minus the entropy
-                 of pbar_b, which pretrain.py's log reports as `block_entropy` (a run that collapses
-                 shows it falling: train_stats.COLLAPSE_THRESHOLD).
+                 of pbar_b, which train_stats.py logs as `block_entropy` (a run that collapses shows
+                 it falling, and warns: train_stats.COLLAPSE_THRESHOLD).
 
     loss = L_c + L_H        (pretrain.py's --uniformity_weight lambda gives L_c + lambda L_H, an ablation)
 
@@ -59,7 +60,9 @@ and a slow teacher (momentum 0.99 -> 1) buy.
 Everything here is plain tensor code; under torchrun there are two collectives, both in global_mean,
 the identity when no process group is initialised (so the loss runs and tests the same in one
 process): the forward pass all-reduces the block sums into the global marginal pbar_b, and the
-backward pass all-reduces the gradient of pbar_b. Why the second makes the step exact: every process
+backward pass all-reduces the gradient of those sums. Both run at every forward pass, micro-steps of
+gradient accumulation included (DDP's no_sync holds back only its own averaging). Why the second
+makes the step exact: every process
 computes the same L_H from the same pbar_b, and DDP averages the parameter gradients over the W
 processes, i.e. divides their sum by W. L_c is a mean over each process's own images, so that
 average is the mean over the global batch. L_H is one term of the global batch: the gradient that

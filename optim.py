@@ -50,6 +50,7 @@ def param_groups(model):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        # g, the prototype norm, has shape (K, 1): its name, not its shape, says it is not a weight.
         if p.ndim == 1 or name.endswith("parametrizations.weight.original0"):
             not_regularized.append(p)
         else:
@@ -67,9 +68,9 @@ def cosine_schedule(base_value, final_value, epochs, steps_per_epoch, warmup_epo
     cosine from base_value towards final_value. A warm-up longer than the run is cut where the run
     ends (the values ramp as they would; the cosine never starts).
 
-    As DINO's, the cosine's T steps never reach final_value: the last is (base_value - final_value)
-    (1 - cos(pi / T)) / 2, about (base_value - final_value) (pi / T)^2 / 4, short of it. For the teacher
-    momentum 0.99 -> 1 that is 1 - 1.3e-8 after the CPU demo's 1,395 steps; the EMA never stops."""
+    As DINO's, the cosine's T steps never reach final_value: the last value falls short of it by
+    (base_value - final_value) (1 - cos(pi / T)) / 2, about (base_value - final_value) (pi / T)^2 / 4.
+    For the teacher momentum 0.99 -> 1 over 1,395 steps the last is 1 - 1.3e-8: the EMA never stops."""
     warmup_steps = warmup_epochs * steps_per_epoch
     warmup = np.linspace(start_warmup_value, base_value, warmup_steps)
     steps = np.arange(max(0, epochs * steps_per_epoch - warmup_steps))

@@ -113,7 +113,7 @@ def get_args(argv=None):
     g.add_argument("--momentum_teacher_end", type=float, default=1.0,
                    help="EMA momentum of the teacher at the end of the cosine schedule (the paper's 1). An ablation: "
                         "--momentum_teacher 0 --momentum_teacher_end 0 makes the teacher a copy of the student "
-                        "after every step (no EMA), a stop-gradient on the student's own global views")
+                        "after every step (no EMA)")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100,
@@ -354,7 +354,7 @@ def train_one_epoch(args, epoch, first_step, student, teacher, optimizer, scaler
         stats.add_optimizer_step(grad_norm)
         if (step + 1 - epoch * steps_per_epoch) % args.log_every == 0 or step == last_step:
             stats.log_interval(epoch=epoch, lr=lr_schedule[step], wd=wd_schedule[step],
-                               momentum=momentum_schedule[step])  # and a warning if the run collapses
+                               momentum=momentum_schedule[step])  # and warns of a collapse (train_stats.py)
         if step < last_step:  # (the epoch's end is main's: summary, monitor, checkpoint)
             if args.checkpoint_every_steps and (step + 1) % args.checkpoint_every_steps == 0:
                 checkpoint.save(step + 1)
@@ -378,7 +378,7 @@ def forward_backward(student, teacher, views, partition, autocast, scaler, accum
     return student_logits, loss, consistency, uniformity
 
 
-def optimizer_step(student, teacher, optimizer, scaler, lr, weight_decay, momentum, clip_grad=0.0):
+def optimizer_step(student, teacher, optimizer, scaler, lr, weight_decay, teacher_momentum, clip_grad=0.0):
     """Scheduled learning rate and weight decay, optional gradient clipping, the (scaled) optimizer
     step, then the teacher's EMA update with momentum m. Returns the norm of all the student's
     gradients together, before clipping (a 0-d tensor on the device: no host sync here)."""
@@ -399,7 +399,7 @@ def optimizer_step(student, teacher, optimizer, scaler, lr, weight_decay, moment
     # NOTE(authors' code): they update the teacher just before the optimizer step; like DINO we
     # update it just after, so the teacher follows the student with one step less lag. (A step that
     # fp16's scaler skipped still moves the teacher, towards the student as it was, as in DINO.)
-    update_teacher(student, teacher, momentum)
+    update_teacher(student, teacher, teacher_momentum)
     return grad_norm
 
 
