@@ -131,7 +131,7 @@ def test_an_overflowed_fp16_step_is_skipped_and_left_out_of_the_grad_norm(device
         scale = scaler.get_scale()
         weights.append([p.detach().clone() for p in student.parameters()])
         norms.append(pretrain.optimizer_step(student, teacher, optimizer, scaler, lr=0.1, weight_decay=1e-6,
-                                             momentum=0.99))
+                                             teacher_momentum=0.99))
         stats.add_optimizer_step(norms[-1])
         after = list(student.parameters())
         if step == 0:  # a good step: it moves the weights, and the scale stays
