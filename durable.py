@@ -1,8 +1,8 @@
 """durable.py: every file the scripts write (checkpoints, log lines, JSON records, feature caches,
 figures) goes through durable_write, so that a crash, a kill, a full disk or a refused write never
 leaves half a file, never changes the previous one, and ends the script with one line
-(cli.WriteError: which file, why, the space it needs, what was kept). check_output_dir and
-warn_if_short_of_space: the checks of an output folder before any work is spent.
+(cli.WriteError: which file, why, the space it needs, what was kept). check_output_dir,
+check_output_file and warn_if_short_of_space: the checks of an output before any work is spent.
 
 No torch here: plot_log.py writes its figures through it without importing torch.
 """
@@ -139,10 +139,12 @@ def free_space(path):
         return 0
 
 
-def check_output_dir(folder, flag="--output_dir"):
+def check_output_dir(folder, flag="--output_dir", value=None, expected="DIR, a folder you can write to"):
     """Before any work is spent: make `folder` if it does not exist and write a test file in it. A
     folder that cannot be used (a file in its path, no permission, a read-only file system) is a
-    DataError that names it (exit code 1: change the flag); a full or failing disk a WriteError."""
+    DataError that names it (exit code 1: change the flag); a full or failing disk a WriteError.
+    `value`: the flag's value when the folder is only where it writes (check_output_file)."""
+    value = value or folder
     try:
         os.makedirs(folder, exist_ok=True)
         handle, probe = tempfile.mkstemp(dir=folder, prefix=".write_test_")
@@ -150,19 +152,29 @@ def check_output_dir(folder, flag="--output_dir"):
         os.remove(probe)
     except OSError as e:
         if isinstance(e, FileExistsError) or os.path.isfile(folder):
-            why = "it is a file, not a folder"
+            why = "it is a file, not a folder" if value == folder else f"{folder} is a file, not a folder"
         elif e.errno == errno.ENOTDIR:
             parent = os.path.dirname(os.path.abspath(folder))
             while parent != os.path.dirname(parent) and not os.path.isfile(parent):
                 parent = os.path.dirname(parent)
             why = f"{parent} is a file, not a folder"
         elif e.errno in (*SPACE_ERRORS, errno.EIO):  # not the flag's fault: make room, then run it again
-            raise WriteError(f"cannot write in {flag} {folder}: {reason_in_words(e)[0]}; "
+            raise WriteError(f"cannot write in {flag} {value}: {reason_in_words(e)[0]}; "
                              f"{reason_in_words(e)[1]}, then run the same command again") from None
         else:
             why = reason_in_words(e)[0]
-        raise DataError(f"{flag} {folder} cannot be used: {why}; pass {flag} DIR, a folder you can write "
-                        f"to") from None
+        raise DataError(f"{flag} {value} cannot be used: {why}; pass {flag} {expected}") from None
+
+
+def check_output_file(path, flag="--output_json"):
+    """The same check for a file an evaluation writes at its end (--output_json): its folder is made
+    and written to before the backbone runs over any image, so that a bad path costs one line, not
+    the evaluation's minutes. Nothing to check when the flag is not given."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise DataError(f"{flag} {path} cannot be used: it is a folder; pass {flag} FILE, a file name")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), flag, path, "FILE in a folder you can write to")
 
 
 def warn_if_short_of_space(folder, need, what):

@@ -69,6 +69,7 @@ from cli import HelpFormatter, bool_flag
 from data import (VOC_CLASSES, DataError, IndexedImages, build_dataset, dataset_labels, eval_transform,
                   inat2018_datasets, train_transform, voc07_dataset)
 from distributed import all_reduce, destroy, init_distributed, is_initialized, is_main_process, rank, world_size
+from durable import check_output_file
 from features import (add_eval_args, backbone_from_args, check_frozen, extract_features, follow_checkpoint,
                       frozen_features, save_features)
 from run_folder import write_json
@@ -716,6 +717,7 @@ def print_table(results, args):
 
 def main(argv=None):
     args = get_args(argv)
+    check_output_file(args.output_json)  # before any image is read
     _, _, device = init_distributed()  # rank and process count: is_main_process(), view_batches
     augmented = args.protocol == "lowshot_linear" and not args.cached_features
     # ============ extracting features ... ============

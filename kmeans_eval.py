@@ -51,6 +51,7 @@ import cli
 from cli import HelpFormatter
 from data import DataError
 from distributed import destroy, init_distributed, is_main_process
+from durable import check_output_file
 from features import add_eval_args, follow_checkpoint, frozen_features
 from run_folder import write_json
 
@@ -348,6 +349,7 @@ def clustering_metrics(pred, labels):
 
 def main(argv=None):
     args = get_args(argv)
+    check_output_file(args.output_json)  # before any image is read
     rank, world_size, device = init_distributed()
     # ============ extracting features ... ============
     features = frozen_features(args, device, subsets=train_selection(args))

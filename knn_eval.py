@@ -14,6 +14,7 @@ import argparse
 import cli
 from cli import HelpFormatter
 from distributed import destroy, init_distributed, is_main_process
+from durable import check_output_file
 from features import add_eval_args, follow_checkpoint, frozen_features
 from knn import knn_classify
 from run_folder import write_json
@@ -35,6 +36,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    check_output_file(args.output_json)  # before any image is read
     rank, world_size, device = init_distributed()
     # ============ extracting features ... ============
     features = frozen_features(args, device)

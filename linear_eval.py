@@ -45,7 +45,7 @@ import cli
 from cli import HelpFormatter, bool_flag
 from data import build_dataset, eval_transform, train_transform
 from distributed import all_reduce, destroy, init_distributed
-from durable import check_output_dir
+from durable import check_output_dir, check_output_file
 from features import add_eval_args, backbone_from_args, check_frozen, extract_features, follow_checkpoint, frozen_features
 from optim import build_optimizer, cosine_schedule
 from run_folder import JsonLog, check_resume_flags, flags_digest, read_run_checkpoint, save_checkpoint, write_json
@@ -333,6 +333,7 @@ def main(argv=None):
     args = get_args(argv)
     rank, world_size, device = init_distributed()
     check_output_dir(args.output_dir)  # e.g. the default folder, next to a checkpoint in a read-only place
+    check_output_file(args.output_json)
     checkpoint_path = os.path.join(args.output_dir, "linear_checkpoint.pth")
     protocol = (CACHED_WARNING if args.cached_features
                 else "the paper's protocol: RandomResizedCrop + flip through the frozen backbone")

@@ -52,6 +52,7 @@ import cli
 from cli import HelpFormatter, bool_flag, renamed
 from data import (DataError, ImageList, copydays_blocks, copydays_group, default_num_workers, image_files,
                   read_revisited)
+from durable import check_output_file
 from features import add_model_args, backbone_from_args, follow_arch
 from run_folder import checkpoint_args, write_json
 
@@ -417,6 +418,7 @@ def frozen_backbone(args, device):
 
 def main(argv=None):
     args = get_args(argv)
+    check_output_file(args.output_json)  # before any image is read
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DataError("retrieval_eval.py runs in one process; launch it with python, not torchrun")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -456,6 +456,31 @@ def test_an_unwritable_dump_features_folder_is_refused_before_extraction(tmp_pat
                     f"pass --dump_features DIR, a folder you can write to")
 
 
+EVAL_ARGS = ["--pretrained_weights", "random", "--arch", "small_cnn", "--image_size", "16", "--num_workers", "0"]
+SYNTHETIC = ["--dataset", "synthetic", "--synthetic_images", "20"]
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("knn_eval", EVAL_ARGS + SYNTHETIC + ["--nb_knn", "2"]),
+    ("kmeans_eval", EVAL_ARGS + SYNTHETIC),
+    ("fewshot_eval", EVAL_ARGS + SYNTHETIC + ["--protocol", "nshot_logreg"]),
+    ("linear_eval", EVAL_ARGS + SYNTHETIC),
+    ("retrieval_eval", EVAL_ARGS + ["--dataset", "copydays", "--data_path", "no_such_folder"])])
+@pytest.mark.parametrize("bad", ["under a file", "a folder"])
+def test_an_unusable_output_json_is_one_line_before_any_image_is_read(tmp_path, monkeypatch, capsys, script, argv, bad):
+    """--output_json is written at an evaluation's end: a path under a file, or a folder, stops the
+    script at its start in one line naming the flag's value (exit 1), before any image is read."""
+    module = __import__(script)
+    monkeypatch.setattr(features, "extract_features", lambda *args, **kwargs: pytest.fail("features were extracted"))
+    (tmp_path / "a_file").write_text("x")
+    results = tmp_path / "a_file" / "results.json" if bad == "under a file" else tmp_path
+    extra = ["--output_dir", str(tmp_path / "probe")] if script == "linear_eval" else []
+    line = script_error(capsys, lambda: module.main(argv + extra + ["--output_json", str(results)]), 1)
+    why = f"{tmp_path / 'a_file'} is a file, not a folder" if bad == "under a file" else "it is a folder"
+    advice = "FILE in a folder you can write to" if bad == "under a file" else "FILE, a file name"
+    assert line == f"error: --output_json {results} cannot be used: {why}; pass --output_json {advice}"
+
+
 def test_a_refused_results_file_and_figure_are_one_line_each(tmp_path, monkeypatch, capsys):
     """knn_eval.py --output_json where the file cannot be made (EACCES), plot_log.py on a full disk:
     exit 74, one line; the earlier figure kept, no temporary file."""
