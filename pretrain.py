@@ -312,8 +312,7 @@ def main(argv=None):
 
     if rank == 0:
         print(f"training done in {time.time() - start_time:.0f}s; checkpoint: {checkpoint.path}")
-        if start_epoch < args.epochs:
-            write_summary(args, epoch_stats, checkpoint.extra, time.time() - start_time, start_epoch)
+        write_summary(args, epoch_stats, checkpoint.extra, time.time() - start_time, start_epoch)
     destroy()
 
 

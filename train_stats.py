@@ -5,6 +5,7 @@ when the run collapses, where the run is when it stops (a NaN loss, Ctrl-C), and
 The statistics stay on the training device and are read only when a line is logged, so the loop
 has no host-device synchronisation per step. Under torchrun they are averaged over the processes.
 """
+import json
 import math
 import os
 import sys
@@ -212,9 +213,21 @@ class TrainStats:
 
 def write_summary(args, epoch_stats, extra, seconds, start_epoch):
     """summary.json at the end of a pretraining run, and the line that puts the trained teacher's
-    k-NN next to its baselines (extra: knn.KnnMonitor.baselines)."""
+    k-NN next to its baselines (extra: knn.KnnMonitor.baselines). A finished run started again keeps
+    its summary.json; where that file's write had failed (a full disk at the very end), it is written
+    now from the last epoch line of log.jsonl, its training time unknown (null)."""
+    path, log_path = os.path.join(args.output_dir, "summary.json"), os.path.join(args.output_dir, "log.jsonl")
+    if start_epoch == args.epochs:
+        if os.path.isfile(path) or not os.path.isfile(log_path):
+            return
+        with open(log_path) as f:
+            epochs = [line for line in map(json.loads, f) if line.get("epoch_summary")]
+        if not epochs:
+            return
+        epoch_stats = {key: value for key, value in epochs[-1].items() if key not in ("epoch_summary", "time")}
+        seconds = None
     summary = {"finished": timestamp(), "epochs": args.epochs, "trained_epochs": args.epochs - start_epoch,
-               "training_seconds": round(seconds, 1), "final_epoch": epoch_stats, "nb_knn": args.nb_knn,
+               "training_seconds": seconds and round(seconds, 1), "final_epoch": epoch_stats, "nb_knn": args.nb_knn,
                "knn_top1_random_init": extra.get("knn_top1_init"), "knn_top1_teacher": epoch_stats.get("knn_top1"),
                "knn_top1_pixels": extra.get("knn_top1_pixels")}
     if extra.get("knn_top1_init") is not None and epoch_stats.get("knn_top1") is not None:
@@ -224,5 +237,4 @@ def write_summary(args, epoch_stats, extra, seconds, start_epoch):
                            f"epochs {epoch_stats['knn_top1']:.2f}% | raw pixels "
                            + (f"{pixels:.2f}%" if pixels is not None else "not measured"))
         print(summary["line"])
-    write_json(summary, os.path.join(args.output_dir, "summary.json"),
-               checkpoint=os.path.join(args.output_dir, "checkpoint.pth"))
+    write_json(summary, path, checkpoint=os.path.join(args.output_dir, "checkpoint.pth"))

@@ -315,6 +315,31 @@ def test_a_write_that_fails_stops_pretraining_in_one_line_and_the_rerun_resumes_
     assert torch.load(out / "checkpoint0001.pth", weights_only=True)["step"] == 8  # the copy of epoch 1: made
 
 
+def test_a_summary_whose_write_failed_is_written_by_the_rerun_and_kept_after(tmp_path, monkeypatch, capsys):
+    """A full disk at the run's very last write (summary.json): exit 74, the finished checkpoint kept.
+    The same command again trains nothing and writes summary.json from the log's last epoch line (the
+    epoch's statistics the run printed; its training time unknown); once written, a third start
+    leaves it as it is."""
+    out = tmp_path / "run"
+    argv = RUN + ["--output_dir", str(out)]
+    use(monkeypatch, FaultyDisk(name="summary.json.tmp", write=1))
+    capsys.readouterr()
+    line = script_error(capsys, lambda: pretrain.main(argv), cli.WRITE_ERROR_EXIT_CODE)
+    assert line.startswith(f"error: cannot write {out / 'summary.json'}: no space left on the device"), line
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 16 and not (out / "summary.json").exists()
+    monkeypatch.undo()
+    pretrain.main(argv)
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    summary = json.loads((out / "summary.json").read_text())
+    last_epoch = json.loads([line for line in (out / "log.jsonl").read_text().splitlines() if "epoch_summary" in line][-1])
+    assert summary["final_epoch"] == {k: v for k, v in last_epoch.items() if k not in ("epoch_summary", "time")}
+    assert summary["final_epoch"]["epoch"] == 1 and summary["final_epoch"]["loss"] > 0
+    assert summary["training_seconds"] is None and summary["epochs"] == 2 and not printed  # nothing trained again
+    (out / "summary.json").write_text('{"kept": true}')  # a summary.json that exists is the run's own
+    pretrain.main(argv)
+    assert (out / "summary.json").read_text() == '{"kept": true}'
+
+
 def test_an_output_dir_under_a_file_is_one_line_before_any_work(tmp_path, capsys):
     """--output_dir under a path that is a file: exit code 1 (change the flag) and one line naming the
     file, before the data is read."""
