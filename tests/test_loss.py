@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import loss
+from distributed import device_type
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -381,12 +382,12 @@ def test_teacher_views_name_the_pair_left_out(objective):
 
 
 def test_loss_and_gradient_on_the_training_device_equal_the_cpu_ones():
-    """The same logits on the GPU (where there is one; else a second CPU copy) and the CPU: the same
-    two terms and the same gradient (float32). Each device gets its own leaf tensor, so neither
-    gradient can be the other's."""
+    """The same logits on the training device (the GPU under CARP_DEVICE=cuda; else a second CPU copy)
+    and the CPU: the same two terms and the same gradient (float32). Each device gets its own leaf
+    tensor, so neither gradient can be the other's."""
     student, teacher, partition = random_case(n_views=4, batch_size=8, n_prototypes=64, partition_size=16)
     results = {}
-    for name, device in (("cpu", "cpu"), ("device", "cuda" if torch.cuda.is_available() else "cpu")):
+    for name, device in (("cpu", "cpu"), ("device", device_type())):
         s = student.detach().clone().to(device).requires_grad_(True)
         consistency, uniformity = loss.carp_loss(s, teacher.to(device), partition.to(device))
         (consistency + uniformity).backward()

@@ -19,6 +19,7 @@ import data
 import knn_eval
 import pretrain
 import train_stats
+from distributed import device_type
 from knn import KnnMonitor, knn_classify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -345,7 +346,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, views):
 
 # ------------------------------------------------- the GPU's code paths, on the CPU without a GPU ----
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the device pretrain.py picks
+DEVICE = device_type()  # the device pretrain.py picks: the CPU unless the tests run with CARP_DEVICE=cuda
 
 
 @pytest.mark.parametrize("precision", [["--use_fp16", "true"], ["--use_bf16", "true"]], ids=["fp16", "bf16"])
