@@ -338,12 +338,12 @@ def train_one_epoch(args, epoch, first_step, student, teacher, optimizer, scaler
         # 2. a fresh random partition of the K prototypes into blocks for every forward pass (each
         # micro-step too), the same on every process (--fixed_partition, an ablation: the first, kept)
         partition = partition_for_step(args.out_dim, args.block_size, args.seed,
-                                       0 if args.fixed_partition else step * accumulation + micro_step)
+                                       0 if args.fixed_partition else step * accumulation + micro_step, views[0].device)
         # 3. teacher on the global views, student on all views, the CARP loss and its backward. DDP
         # averages the gradients over processes only on the last forward pass of an optimizer step.
         with student.no_sync() if ddp and not last_micro_step else contextlib.nullcontext():
             student_logits, loss, consistency, uniformity = forward_backward(
-                student, teacher, views, partition.to(views[0].device), autocast_for(args, views[0].device),
+                student, teacher, views, partition, autocast_for(args, views[0].device),
                 scaler, accumulation, args.uniformity_weight)
         stats.add_forward(step, loss, consistency, uniformity, student_logits, bad_images)
         if not last_micro_step:

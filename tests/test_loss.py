@@ -108,6 +108,23 @@ def test_partition_for_step_depends_only_on_seed_and_step():
     assert next_step.flatten().unique().numel() == 64
 
 
+def test_a_partition_for_a_gpu_is_copied_from_pinned_memory_without_waiting(monkeypatch):
+    """partition_for_step(..., device): the same partition, drawn on the CPU, then copied to the
+    device from pinned memory with non_blocking (a copy from pageable memory would make the CPU wait
+    for the GPU at every forward pass). Shown with the meta device, which needs no GPU; on the CPU
+    nothing is pinned or copied."""
+    calls, to = [], torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin_memory") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: calls.append(("to", args, kwargs))
+                        or to(self, *args, **kwargs))
+    on_device = loss.partition_for_step(64, 16, seed=3, forward_pass=7, device=torch.device("meta"))
+    assert on_device.device.type == "meta" and on_device.shape == (4, 16)
+    assert calls == ["pin_memory", ("to", (torch.device("meta"),), {"non_blocking": True})]
+    calls.clear()
+    on_cpu = loss.partition_for_step(64, 16, seed=3, forward_pass=7, device="cpu")
+    assert calls == [] and torch.equal(on_cpu, loss.partition_for_step(64, 16, seed=3, forward_pass=7))
+
+
 def test_partitions_of_two_seeds_differ():
     """--seed 1 draws other partitions than --seed 0 at every step (torch's CPU generator reads only
     the low 32 bits of its seed: a seed placed above them would be lost), and --seed 0 draws the
