@@ -115,6 +115,16 @@ def all_gather(tensor):
     return tensors
 
 
+def gather(tensor):
+    """[tensor of rank 0, tensor of rank 1, ...] on the main process, None on the others (every process
+    passes a tensor of the same shape): what only the main process reads need not fill the others' memory."""
+    if not is_initialized():
+        return [tensor]
+    tensors = [torch.empty_like(tensor) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
+    dist.gather(tensor.contiguous(), tensors, dst=0)
+    return tensors
+
+
 def all_gather_object(obj):
     """[obj of rank 0, obj of rank 1, ...] for any picklable object (e.g. every process's RNG state)."""
     if not is_initialized():

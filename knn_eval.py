@@ -37,7 +37,7 @@ def main(argv=None):
     args = get_args(argv)
     rank, world_size, device = init_distributed()
     # ============ extracting features ... ============
-    features = frozen_features(args, device)
+    features = frozen_features(args, device, main_only=True)  # the k-NN runs on rank 0 alone
     # ============ classifying ... ============
     results = None  # on rank 0 only
     if is_main_process():

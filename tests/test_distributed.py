@@ -10,6 +10,7 @@ functions, with torch.cuda's functions replaced: they need no GPU.
 Sizes: V = 4 student views, V_t = 2 teacher views, B = 3 images per process (6 in all), K = 24
 prototypes, N_B = 6 per block, so N_P = 4 blocks.
 """
+import argparse
 import os
 import socket
 import time
@@ -21,6 +22,9 @@ import torch.multiprocessing as mp
 
 import distributed
 from cli import UserError
+import features
+from features import extract_features
+from knn import KnnMonitor
 from loss import carp_loss, global_mean, partition_for_step
 
 WORLD_SIZE = 2
@@ -229,3 +233,60 @@ def test_deterministic_sets_cudnn_and_torch_to_their_deterministic_algorithms(mo
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[:2]
         torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+
+
+# ============ features gathered to the main process ============
+
+def tiny_images(n, seed):
+    """n labelled 3 x 2 x 2 images (labels 0, 1, 2, 0, ...): a dataset whose Flatten features are its pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.rand(3, 2, 2, generator=generator), i % 3) for i in range(n)]
+
+
+def _features_worker(rank, port, out_dir):
+    """One rank: extract_features of 5 images (2 shards of 3, one padded) gathered to the main process
+    only and to every process, and the k-NN monitor's accuracy."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        network, all_gathers, all_gather = torch.nn.Flatten(), [], features.all_gather
+        features.all_gather = lambda tensor: all_gathers.append(tensor.shape) or all_gather(tensor)  # counted
+        main_only = extract_features(network, tiny_images(5, 0), batch_size=2, num_workers=0, progress=False,
+                                     main_only=True)
+        monitor = KnnMonitor(argparse.Namespace(num_workers=0, nb_knn=3), "cpu", tiny_images(7, 1), tiny_images(5, 2))
+        knn = monitor.accuracy(network)
+        no_all_gather = all_gathers == []  # neither main_only nor the monitor sends features to every process
+        everywhere = extract_features(network, tiny_images(5, 0), batch_size=2, num_workers=0, progress=False)
+        torch.save({"main_only": main_only, "everywhere": everywhere, "knn": knn, "no_all_gather": no_all_gather},
+                   out_dir / f"features{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_features_gathered_to_the_main_process_only_leave_the_others_empty(tmp_path):
+    """extract_features(main_only=True) under 2 processes: the main process holds every image's
+    features and label in dataset order, as one process extracts them; the other holds none (None,
+    None), where the default gathers them to both. The k-NN monitor measures on the main process
+    alone (the other's accuracy is None) the accuracy of one process."""
+    context = mp.spawn(_features_worker, args=(free_port(), tmp_path), nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"distributed workers still running after {TIMEOUT_S} s (hung collective?)")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+    ranks = [torch.load(tmp_path / f"features{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    images = tiny_images(5, 0)
+    pixels, labels = torch.stack([image.flatten() for image, _ in images]), torch.tensor([l for _, l in images])
+    gathered, gathered_labels = ranks[0]["main_only"]
+    assert torch.equal(gathered, pixels) and torch.equal(gathered_labels, labels)
+    assert ranks[1]["main_only"] == (None, None) and ranks[0]["no_all_gather"] and ranks[1]["no_all_gather"]
+    for rank in ranks:
+        assert torch.equal(rank["everywhere"][0], pixels) and torch.equal(rank["everywhere"][1], labels)
+    one_process = KnnMonitor(argparse.Namespace(num_workers=0, nb_knn=3), "cpu", tiny_images(7, 1),
+                             tiny_images(5, 2)).accuracy(torch.nn.Flatten())
+    assert ranks[0]["knn"] == one_process and ranks[1]["knn"] is None
