@@ -458,7 +458,9 @@ def test_the_run_folder_records_settings_times_resumes_and_a_summary(tmp_path, c
 def test_grad_norm_is_logged_and_worker_default_follows_the_machine(tmp_path, monkeypatch):
     """The log's grad_norm (the global norm --clip_grad bounds) is the mean, over the 2 optimizer
     steps of its line (--log_every 2), of the norm each step returned; and with no --num_workers the
-    loaders use this machine's cores, at most 8, shared among torchrun's processes."""
+    loaders use this machine's cores, shared among torchrun's processes: at most 8 by default (the
+    evaluations' feature extraction), at most 32 in pretraining (its 8 views an image take more
+    workers to feed a GPU), so 32 on a machine of 64 cores and 8 for each of its 8 GPUs."""
     norms, step = [], pretrain.optimizer_step
 
     def recording_step(*args, **kwargs):
@@ -477,4 +479,33 @@ def test_grad_norm_is_logged_and_worker_default_follows_the_machine(tmp_path, mo
     assert data.default_num_workers() == 1
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     parser, args = pretrain.get_args(["--dataset", "synthetic"])
-    assert args.num_workers == min(8, cores)
+    assert args.num_workers == min(32, cores)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert data.default_num_workers() == 8 and pretrain.get_args(["--dataset", "synthetic"])[1].num_workers == 32
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert pretrain.get_args(["--dataset", "synthetic"])[1].num_workers == 8
+
+
+def test_the_loader_keeps_its_workers_between_epochs_and_pins_batches_for_a_gpu(tmp_path):
+    """pretrain.py's DataLoader: workers kept from one epoch to the next (persistent_workers) when there
+    are any, batches in pinned memory for CUDA only, whole batches only; with 2 workers the same
+    processes serve two epochs, each in its sampler's order."""
+    parser, args = pretrain.get_args(TINY + ["--num_workers", "2", "--output_dir", str(tmp_path)])
+    pretrain.check_args(parser, args)
+    sampler, loader, _ = pretrain.data_and_views(args, 0, 1, torch.device("cpu"), torch.contiguous_format)
+    assert (loader.persistent_workers, loader.pin_memory, loader.drop_last, loader.num_workers) == (True, False, True, 2)
+    seeds, workers = [], []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        seeds.append([s for _, batch_seeds, _ in loader for s in batch_seeds.tolist()])
+        workers.append([w.pid for w in loader._iterator._workers])
+    assert workers[0] == workers[1] and len(set(workers[0])) == 2
+    assert seeds[0] == [data.view_seed(args.seed, 0, i) for i in sampler_order(sampler, 0)]
+    assert seeds[1] == [data.view_seed(args.seed, 1, i) for i in sampler_order(sampler, 1)]
+    assert data.pretraining_loader(loader.dataset, sampler, 4, 0, "cuda").pin_memory
+    assert not data.pretraining_loader(loader.dataset, sampler, 4, 0, "cpu").persistent_workers
+
+
+def sampler_order(sampler, epoch):
+    sampler.set_epoch(epoch)
+    return [index for _, index in sampler]
