@@ -495,10 +495,14 @@ def test_the_loader_keeps_its_workers_between_epochs_and_pins_batches_for_a_gpu(
     sampler, loader, _ = pretrain.data_and_views(args, 0, 1, torch.device("cpu"), torch.contiguous_format)
     assert (loader.persistent_workers, loader.pin_memory, loader.drop_last, loader.num_workers) == (True, False, True, 2)
     seeds, workers = [], []
-    for epoch in (0, 1):
-        sampler.set_epoch(epoch)
-        seeds.append([s for _, batch_seeds, _ in loader for s in batch_seeds.tolist()])
-        workers.append([w.pid for w in loader._iterator._workers])
+    try:
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            seeds.append([s for _, batch_seeds, _ in loader for s in batch_seeds.tolist()])
+            workers.append([w.pid for w in loader._iterator._workers])
+    finally:  # the kept workers end with the test, also when it fails
+        if loader._iterator is not None:
+            loader._iterator._shutdown_workers()
     assert workers[0] == workers[1] and len(set(workers[0])) == 2
     assert seeds[0] == [data.view_seed(args.seed, 0, i) for i in sampler_order(sampler, 0)]
     assert seeds[1] == [data.view_seed(args.seed, 1, i) for i in sampler_order(sampler, 1)]
@@ -509,3 +513,17 @@ def test_the_loader_keeps_its_workers_between_epochs_and_pins_batches_for_a_gpu(
 def sampler_order(sampler, epoch):
     sampler.set_epoch(epoch)
     return [index for _, index in sampler]
+
+
+def test_deterministic_reaches_the_device_setup_and_keeps_the_run_folder(tmp_path, monkeypatch):
+    """--deterministic true is handed to distributed.init_distributed (which sets cuDNN's and torch's
+    deterministic algorithms on CUDA: tests/test_distributed.py), the default false too; it does not
+    change what a run learns on a CPU, so the name of a default run folder stays the same."""
+    asked, init_distributed = [], pretrain.init_distributed
+    monkeypatch.setattr(pretrain, "init_distributed", lambda deterministic=False: asked.append(deterministic)
+                        or init_distributed(deterministic))
+    run_main(tmp_path / "default", "--epochs", "1")
+    run_main(tmp_path / "deterministic", "--epochs", "1", "--deterministic", "true")
+    assert asked == [False, True]
+    flags = ["--dataset", "synthetic"]
+    assert pretrain.get_args(flags + ["--deterministic", "true"])[1].output_dir == pretrain.get_args(flags)[1].output_dir
