@@ -337,7 +337,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, views):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "pretrain.py", *TINY, "--synthetic_images", "32", "--gradient_accumulation_steps", "2",
          "--epochs", "1", "--output_dir", str(tmp_path), *views],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "CARP_DEVICE": "cpu"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective batch 16" in result.stdout
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
