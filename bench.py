@@ -90,6 +90,7 @@ import optim
 import pretrain
 import run_folder
 from cli import DataError, auto_flag, bool_flag, renamed
+from distributed import device_type
 from precision import autocast_dtype, autocast_for, gradient_scaler
 from run_folder import write_json
 
@@ -121,7 +122,9 @@ def get_args(argv=None):
                         choices=[*SECTIONS, "gpu"],
                         help="which benchmarks to run; gpu = " + " ".join(GPU_SECTIONS) + " (the GPU check)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="auto: CUDA when a GPU is present (the augmentations always run on the CPU)")
+                        help="where every section runs, the pretrain.py runs, torchrun and the CUDA tests included "
+                             "(they get it as CARP_DEVICE); auto: CARP_DEVICE when set, else CUDA when a GPU is "
+                             "present (the augmentations always run on the CPU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before the timed ones")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
     parser.add_argument("--threads", type=int, default=0,
@@ -217,8 +220,7 @@ def get_args(argv=None):
         parser.error(f"--warmup {args.warmup} must be >= 0 and --repeats {args.repeats} >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is visible; use --device cpu")
-    args.device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                               else "cpu")
+    args.device = torch.device(device_type() if args.device == "auto" else args.device)
     if args.step_preset == "auto":
         args.step_preset = "paper" if args.device.type == "cuda" else "small"
     # The objective's sizes (K, N_B) and the step's: the flags when given, else each section's defaults.
@@ -893,9 +895,9 @@ def bench_precision(args, log):
 # ---- 7. the CUDA tests ----
 
 def bench_cuda_tests(args, log):
-    """`pytest -k "cuda or training_device"` over --cuda_tests: the tests that need a GPU (their names
-    or ids say cuda; on a CPU they skip) and those that run on the device training picks (the GPU
-    where there is one; the CPU, and the normal test suite, without)."""
+    """`pytest -k "cuda or training_device"` over --cuda_tests on --device (as CARP_DEVICE, which the
+    tests read: tests/conftest.py): the tests that need a GPU (their names or ids say cuda; they skip
+    on the CPU) and those that run on the training device."""
     command = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-k", "cuda or training_device", "-p", "no:cacheprovider",
                *args.cuda_tests]
     log(" ".join(command[1:]))
@@ -1213,7 +1215,9 @@ def main(argv=None):
         print(f"wrote {written['train']} train and {written['val']} val digits to {written['path']} "
               f"({written['bytes'] / MIB:.1f} MiB)")
         return written
-    threads = torch.get_num_threads()
+    threads, carp_device = torch.get_num_threads(), os.environ.get("CARP_DEVICE")
+    # The sections that run pretrain.py (in this process, under torchrun, in pytest) pick its device.
+    os.environ["CARP_DEVICE"] = args.device.type
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.output_dir:
@@ -1265,6 +1269,10 @@ def main(argv=None):
         run("learning", lambda: bench_learning(args, log))
     finally:
         torch.set_num_threads(threads)
+        if carp_device is None:
+            os.environ.pop("CARP_DEVICE")
+        else:
+            os.environ["CARP_DEVICE"] = carp_device
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
         print_results(results)

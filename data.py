@@ -35,11 +35,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# Pretraining's default cap on its data-loading workers per process. A worker draws about 1,000 of the
+# paper's views a second on one core (docs/performance.md), 125 images of 2 + 6 views: a GPU that trains
+# on 1,000 images a second needs 8 workers, a faster one more. 32 is the cores a node of 8 GPUs gives
+# each of them when it has 256 (a node's cores are shared among its processes: default_num_workers).
+PRETRAINING_MAX_WORKERS = 32
+
+
 def default_num_workers(cap=8):
     """Data-loading processes per training or evaluation process when --num_workers is not given:
     the CPU cores this process may use (its affinity, which containers and job schedulers restrict),
-    shared among the processes torchrun started on this machine, at most `cap`. More workers than
-    cores only make them wait for each other (PyTorch warns about it)."""
+    shared among the processes torchrun started on this machine, at most `cap` (pretraining's:
+    PRETRAINING_MAX_WORKERS). More workers than cores only make them wait for each other (PyTorch
+    warns about it)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(1, min(cap, cores // local_processes))
@@ -494,6 +502,17 @@ class PretrainingImages(torch.utils.data.Dataset):
                                 f"left out is counted in log.jsonl, bad_images).") from None
             warnings.warn(f"skipped: {e}")
             return None
+
+
+def pretraining_loader(images, sampler, batch_size, num_workers, device, worker_init_fn=None):
+    """pretrain.py's DataLoader of `images` (PretrainingImages) in `sampler`'s order, whole batches only.
+    Its workers are kept from one epoch to the next (persistent_workers: no new processes, and no new
+    imports in them, at every epoch; the epoch travels in every item, so they need nothing from the
+    sampler); on CUDA the batches come in pinned memory, which make_views copies to the GPU without
+    waiting for it."""
+    return torch.utils.data.DataLoader(images, sampler=sampler, batch_size=batch_size, drop_last=True,
+                                       num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+                                       persistent_workers=num_workers > 0, worker_init_fn=worker_init_fn)
 
 
 class EpochSampler(torch.utils.data.DistributedSampler):

@@ -3,23 +3,71 @@
 Under torchrun (RANK in the environment) every script joins a process group: NCCL on GPUs, gloo on
 CPUs. Without it nothing is initialised and every collective below is a no-op, so the same code runs
 and is tested in one plain Python process.
+
+The device: CUDA where a GPU is visible, else the CPU. CARP_DEVICE=cpu (or cuda) in the environment
+chooses it for every script, bench.py and the tests (tests/conftest.py makes the tests' default the
+CPU, so the suite passes on a GPU machine; CARP_DEVICE=cuda runs them on the GPU). On CUDA, cuDNN
+picks its fastest algorithms (torch.backends.cudnn.benchmark) unless the run asks for deterministic
+ones (pretrain.py --deterministic: docs/running.md, *Stopping and resuming*).
 """
 import os
 
 import torch
 import torch.distributed as dist
 
+from cli import UserError
 
-def init_distributed():
-    """(rank, world_size, device). Under torchrun: this process's GPU (LOCAL_RANK) or the CPU."""
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def device_type():
+    """"cpu" or "cuda": CARP_DEVICE when it is set, else CUDA where a GPU is visible."""
+    wanted = os.environ.get("CARP_DEVICE", "").strip().lower()
+    if wanted and wanted not in DEVICE_TYPES:
+        raise UserError(f"CARP_DEVICE={os.environ['CARP_DEVICE']} is not a device: set it to cpu or cuda, or unset it")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise UserError("CARP_DEVICE=cuda but no GPU is visible: set CARP_DEVICE=cpu, or unset it")
+    return wanted or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def choose_device(kind, local_rank, n_gpus):
+    """The device of the process with `local_rank` on its machine, which sees `n_gpus` GPUs.
+
+    One GPU visible: that one (device 0), also for local rank 3 (launchers such as SLURM's give each
+    process only its own GPU, through CUDA_VISIBLE_DEVICES). More: GPU number local_rank, which must
+    exist."""
+    if kind == "cpu":
+        return torch.device("cpu")
+    if n_gpus == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= n_gpus:
+        raise UserError(f"LOCAL_RANK {local_rank} but this process sees {n_gpus} GPUs: start at most {n_gpus} "
+                         f"processes on this machine (torchrun --nproc_per_node {n_gpus}), or CARP_DEVICE=cpu")
+    return torch.device("cuda", local_rank)
+
+
+def set_cudnn(deterministic=False):
+    """cuDNN's choice of algorithms on CUDA: the fastest for each shape, found by timing at its first
+    use (benchmark), or deterministic ones (the same bits at every run, at a cost not yet measured)."""
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:  # (without the flag, a setting the caller made is left as it is)
+        torch.backends.cudnn.deterministic = True
+        # cuBLAS needs a fixed workspace to be deterministic; set before the first matrix product.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def init_distributed(deterministic=False):
+    """(rank, world_size, device). Under torchrun: this process's GPU (choose_device) or the CPU.
+    deterministic: cuDNN's deterministic algorithms on CUDA (set_cudnn), else its fastest."""
+    kind = device_type()
+    if kind == "cuda":
+        set_cudnn(deterministic)
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        return 0, 1, torch.device(kind)
+    device = choose_device(kind, int(os.environ["LOCAL_RANK"]), torch.cuda.device_count() if kind == "cuda" else 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if restart is None:
@@ -64,6 +112,16 @@ def all_gather(tensor):
         return [tensor]
     tensors = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(tensors, tensor.contiguous())
+    return tensors
+
+
+def gather(tensor):
+    """[tensor of rank 0, tensor of rank 1, ...] on the main process, None on the others (every process
+    passes a tensor of the same shape): what only the main process reads need not fill the others' memory."""
+    if not is_initialized():
+        return [tensor]
+    tensors = [torch.empty_like(tensor) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
+    dist.gather(tensor.contiguous(), tensors, dst=0)
     return tensors
 
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from cli import auto_flag, bool_flag
 from data import DATASET_NAMES, INTERPOLATIONS, DataError, build_dataset, default_num_workers, eval_transform
-from distributed import all_gather, is_initialized, is_main_process
+from distributed import all_gather, gather, is_initialized, is_main_process
 from durable import check_output_dir
 from model import build_backbone, use_small_image_stem
 from run_folder import checkpoint_args, read_checkpoint, save_checkpoint
@@ -379,12 +379,15 @@ class WithIndex(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def extract_features(backbone, dataset, batch_size=128, num_workers=4, device="cpu", progress=True):
+def extract_features(backbone, dataset, batch_size=128, num_workers=4, device="cpu", progress=True, main_only=False):
     """Features (N, D) and labels (N,) of every image of `dataset`, in dataset order, on the CPU.
 
     Under a process group each process computes a shard and the shards are all-gathered; the
     DistributedSampler pads the last shard with repeated images, which simply land in their own
-    rows again. The backbone is used in eval() mode (BatchNorm running statistics).
+    rows again. main_only: the shards are gathered to the main process alone, and the others return
+    (None, None) (ImageNet's train features are 10 GB: a k-NN that runs on the main process alone
+    need not hold them in every process). The backbone is used in eval() mode (BatchNorm running
+    statistics).
     """
     distributed = is_initialized()
     sampler = (torch.utils.data.DistributedSampler(dataset, shuffle=False) if distributed
@@ -393,13 +396,17 @@ def extract_features(backbone, dataset, batch_size=128, num_workers=4, device="c
                                          num_workers=num_workers, pin_memory=str(device).startswith("cuda"))
     was_training = backbone.training
     backbone.eval()
-    features, labels = None, torch.zeros(len(dataset), dtype=torch.long)
+    keeps = is_main_process() or not main_only  # this process holds the (N, D) features
+    features, labels = None, torch.zeros(len(dataset), dtype=torch.long) if keeps else None
     for images, targets, index in tqdm(loader, desc="features", disable=not (progress and is_main_process()),
                                        leave=False):
         feats = backbone(images.to(device, non_blocking=True)).float()  # (b, D)
         index, targets = index.to(device), torch.as_tensor(targets).to(device)
         if distributed:  # every rank runs the same number of equal-sized batches
-            feats, index, targets = (torch.cat(all_gather(t)) for t in (feats, index, targets))
+            shards = [gather(t) if main_only else all_gather(t) for t in (feats, index, targets)]
+            if not keeps:
+                continue
+            feats, index, targets = (torch.cat(shard) for shard in shards)
         if features is None:
             features = torch.zeros(len(dataset), feats.shape[1])
         features[index.cpu()] = feats.cpu()
@@ -525,9 +532,10 @@ def features_file(folder, split):
     return os.path.join(folder, f"{split}_features.pth")
 
 
-def frozen_features(args, device, splits=("train", "val"), subsets=None):
+def frozen_features(args, device, splits=("train", "val"), subsets=None, main_only=False):
     """{split: (features (N, D), labels (N,))} of the teacher backbone on the evaluation transform,
-    read from --load_features when given, saved to --dump_features when given.
+    read from --load_features when given, saved to --dump_features when given. main_only: extracted
+    features are gathered to the main process alone; the others get (None, None) (extract_features).
 
     subsets: {split: function(dataset) -> indices}: only those images of the split are extracted
     (k-means fits on 10 % of ImageNet: the other 90 % are never run through the backbone), in the
@@ -554,7 +562,7 @@ def frozen_features(args, device, splits=("train", "val"), subsets=None):
     if is_main_process():
         print(", ".join(f"{len(d)} {split} images" for split, d in datasets.items()) + f" of {args.dataset}")
     backbone = backbone_from_args(args).to(device)
-    out = {split: extract_features(backbone, d, args.batch_size_per_gpu, args.num_workers, device)
+    out = {split: extract_features(backbone, d, args.batch_size_per_gpu, args.num_workers, device, main_only=main_only)
            for split, d in datasets.items()}
     if args.dump_features:
         save_features(args.dump_features, out)

@@ -75,14 +75,18 @@ class KnnMonitor:
         return cls(args, device, train_set, val_set)
 
     def accuracy(self, network):
+        """The k-NN top-1 on the main process, which alone holds the gathered features (each process
+        extracts its share); None on the others, which neither log nor print it."""
         # On a fork of torch's random state (its DataLoaders draw their seeds from it): measuring
         # leaves the state as it was, so --knn_every never changes what a run learns.
         args, device = self.args, self.device
         with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
             train_features, train_labels = extract_features(network, self.train_set, 256, args.num_workers, device,
-                                                            progress=False)
+                                                            progress=False, main_only=True)
             val_features, val_labels = extract_features(network, self.val_set, 256, args.num_workers, device,
-                                                        progress=False)
+                                                        progress=False, main_only=True)
+        if not is_main_process():
+            return None
         return knn_classify(train_features, train_labels, val_features, val_labels, [args.nb_knn])[f"top1_k{args.nb_knn}"]
 
     def __call__(self, teacher):

@@ -39,7 +39,7 @@ def main(argv=None):
     check_output_file(args.output_json)  # before any image is read
     rank, world_size, device = init_distributed()
     # ============ extracting features ... ============
-    features = frozen_features(args, device)
+    features = frozen_features(args, device, main_only=True)  # the k-NN runs on rank 0 alone
     # ============ classifying ... ============
     results = None  # on rank 0 only
     if is_main_process():

@@ -98,10 +98,11 @@ def random_partition(n_prototypes, block_size, generator=None):
     return permutation[: n_blocks * block_size].view(n_blocks, block_size)  # (N_P, N_B)
 
 
-def partition_for_step(n_prototypes, block_size, seed, forward_pass):
+def partition_for_step(n_prototypes, block_size, seed, forward_pass, device="cpu"):
     """The partition of forward pass number `forward_pass`, identical on every process and after a resume.
     pretrain.py numbers its forward passes optimizer step x gradient accumulation + micro-step, so
     every forward pass draws its own partition (--fixed_partition, an ablation, keeps number 0's).
+    On `device`: drawn on the CPU, then copied to a GPU from pinned memory without waiting for it.
 
     NOTE(authors' code): the authors draw the permutation on rank 0 and broadcast it. A generator
     seeded from (seed, step) gives every rank the same partition with no communication, and a run
@@ -112,7 +113,11 @@ def partition_for_step(n_prototypes, block_size, seed, forward_pass):
     # permutation `forward_pass`; two seeds below 100 share no partition within their first 21 million
     # forward passes (below 1000: 1.9 million; a paper run makes 125,000 x its accumulation steps).
     generator = torch.Generator().manual_seed((forward_pass + seed * 0x9E3779B9) % 2 ** 32)
-    return random_partition(n_prototypes, block_size, generator)
+    partition = random_partition(n_prototypes, block_size, generator)  # (N_P, N_B), on the CPU
+    if torch.device(device).type == "cpu":
+        return partition
+    # A copy from pageable memory would make the CPU wait for the GPU's queue at every forward pass.
+    return partition.pin_memory().to(device, non_blocking=True)
 
 
 # ============ the objective, as the equations read ============
@@ -186,7 +191,8 @@ class _BlockAssignments(torch.autograd.Function):
         n_views, batch_size, n_prototypes = student_logits.shape  # V, B, K
         n_blocks, block_size = partition.shape  # N_P, N_B
         kept = n_blocks * block_size  # K, or less when N_B does not divide K
-        index = partition.to(student_logits.device).flatten().expand(batch_size, kept)  # (B, N_P * N_B): block after block
+        # (B, N_P * N_B), block after block; a partition still on the CPU is copied without waiting
+        index = partition.to(student_logits.device, non_blocking=True).flatten().expand(batch_size, kept)
         blocks = student_logits.new_empty(batch_size, kept)  # one view's logits in block order, reused
 
         def assign(logits, out):  # block softmax of every view of `logits` into `out`, one view at a time
@@ -253,9 +259,10 @@ def carp_loss(student_logits, teacher_logits, partition, teacher_views=(0, 1)):
         # pick the same prototype of block b.
         nll = -agreement.clamp(EPS, 1 - EPS).log().mean(dim=(2, 3))  # (V, V_t): l(u, v)
         # Pairs of different views: global view 0 meets teacher view 1 and vice versa, every local view
-        # meets both teacher views, 2V - 2 pairs in all.
-        same_view = torch.tensor([[u == t for t in teacher_views] for u in range(n_views)], device=nll.device)  # (V, V_t)
-        consistency = nll[~same_view].mean()  # L_c
+        # meets both teacher views, 2V - 2 pairs in all. Picked by position (no mask: a boolean index
+        # would wait for the GPU to count the pairs).
+        pairs = [nll[u, v] for u in range(n_views) for v, t in enumerate(teacher_views) if u != t]  # 2V - 2 of ()
+        consistency = torch.stack(pairs).mean()  # L_c
 
         # ---- L_H: every prototype of a block used equally over the global batch ----------------------
         # Marginal over all student and teacher views of all images of all processes. Teacher entries

@@ -160,8 +160,8 @@ class MultiCropWrapper(nn.Module):
         if torch.is_tensor(views):
             views = [views]
         # Boundaries between groups of equal resolution, e.g. [2, 8] for 2 x 224 + 6 x 96.
-        sizes = torch.tensor([v.shape[-1] for v in views])
-        ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
+        sizes = [v.shape[-1] for v in views]
+        ends = [i for i in range(1, len(views) + 1) if i == len(views) or sizes[i] != sizes[i - 1]]
         features, start = [], 0
         for end in ends:
             features.append(self.backbone(torch.cat(views[start:end])))  # ((end - start) * B, D)

@@ -32,7 +32,8 @@ import torch.nn as nn
 
 import cli
 from cli import DataError, HelpFormatter, Interrupted, auto_flag, bool_flag, renamed
-from data import DATASET_NAMES, EpochSampler, PretrainingImages, build_dataset, default_num_workers, pretraining_views
+from data import (DATASET_NAMES, PRETRAINING_MAX_WORKERS, EpochSampler, PretrainingImages, build_dataset,
+                  default_num_workers, pretraining_loader, pretraining_views)
 from distributed import destroy, init_distributed, is_initialized, is_main_process
 from knn import KnnMonitor
 from loss import carp_loss, partition_for_step
@@ -67,7 +68,7 @@ EXAMPLES = ("examples:\n"
            + "\n".join(f"  {name}: {flags or '(the defaults: the paper)'}" for name, flags in RECIPES.items()))
 # Flags that do not change what a run learns: left out of the name of a default --output_dir.
 NOT_TRAINING = ("output_dir", "num_workers", "log_every", "knn_every", "nb_knn", "saveckp_freq",
-                "checkpoint_every_steps", "download", "recipe", "compile")
+                "checkpoint_every_steps", "download", "recipe", "compile", "deterministic")
 # The ablation flags (docs/experiments.md, *What each part buys*), at the method's values. Left out of the name of
 # a default --output_dir while at these values, so runs named before the flags existed keep their folder.
 METHOD_VALUES = {"fixed_partition": False, "uniformity_weight": 1.0, "momentum_teacher_end": 1.0}
@@ -148,8 +149,7 @@ def get_args(argv=None):
     add_view_args(parser)
     add_data_and_run_args(parser)
     args = cli.parse_with_recipe(parser, argv, RECIPES)
-    if args.num_workers is None:
-        args.num_workers = default_num_workers()
+    args.num_workers = default_num_workers(PRETRAINING_MAX_WORKERS) if args.num_workers is None else args.num_workers
     if args.output_dir is None:  # a folder of its own, never the current folder (often the source tree)
         args.output_dir = os.path.join("runs", f"{args.dataset}_{args.arch}_{flags_digest(training_flags(args))}")
     return parser, args
@@ -187,8 +187,8 @@ def add_data_and_run_args(parser):
     g.add_argument("--skip_bad_images", type=bool_flag, default=False, help="an unreadable image stops the run "
                    "(false), or is counted in log.jsonl's bad_images, the folder's next image in its place (true)")
     g.add_argument("--num_workers", type=int, default=None,
-                   help="data-loading processes per training process. Default: the cores this process may use, "
-                        "shared among the processes torchrun starts on the machine, at most 8")
+                   help="data-loading processes per training process, kept between epochs. Default: this process's "
+                        f"cores, shared among torchrun's processes on the machine, at most {PRETRAINING_MAX_WORKERS}")
 
     g = parser.add_argument_group("run")
     g.add_argument("--output_dir", default=None,
@@ -200,6 +200,9 @@ def add_data_and_run_args(parser):
                         "most these steps (0 = at the end of every epoch only; docs/running.md)")
     g.add_argument("--saveckp_freq", type=int, default=20, help="also keep checkpointNNNN.pth every this many epochs")
     g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, views and partitions")
+    g.add_argument("--deterministic", type=bool_flag, default=False, help="on CUDA, deterministic cuDNN and torch "
+                   "algorithms instead of the fastest (cudnn.benchmark), so that a resumed run repeats an uninterrupted "
+                   "one bit for bit as on a CPU; its cost is not measured yet (docs/running.md). No effect on a CPU")
     g.add_argument("--log_every", type=int, default=50, help="optimizer steps between log lines")
     g.add_argument("--knn_every", type=int, default=0,
                    help="k-NN accuracy of the teacher backbone every this many epochs and before training, on the "
@@ -232,7 +235,7 @@ def check_args(parser, args):
 
 def main(argv=None):
     parser, args = get_args(argv)
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(args.deterministic)  # and cuDNN's algorithms
     check_args(parser, args)
     precision = autocast_dtype(args, device)
     # Stored resolved (true / false): what this run computes in.
@@ -337,12 +340,12 @@ def train_one_epoch(args, epoch, first_step, student, teacher, optimizer, scaler
         # 2. a fresh random partition of the K prototypes into blocks for every forward pass (each
         # micro-step too), the same on every process (--fixed_partition, an ablation: the first, kept)
         partition = partition_for_step(args.out_dim, args.block_size, args.seed,
-                                       0 if args.fixed_partition else step * accumulation + micro_step)
+                                       0 if args.fixed_partition else step * accumulation + micro_step, views[0].device)
         # 3. teacher on the global views, student on all views, the CARP loss and its backward. DDP
         # averages the gradients over processes only on the last forward pass of an optimizer step.
         with student.no_sync() if ddp and not last_micro_step else contextlib.nullcontext():
             student_logits, loss, consistency, uniformity = forward_backward(
-                student, teacher, views, partition.to(views[0].device), autocast_for(args, views[0].device),
+                student, teacher, views, partition, autocast_for(args, views[0].device),
                 scaler, accumulation, args.uniformity_weight)
         stats.add_forward(step, loss, consistency, uniformity, student_logits, bad_images)
         if not last_micro_step:
@@ -416,9 +419,8 @@ def data_and_views(args, rank, world_size, device, memory_format):
     images = PretrainingImages(dataset, args.seed, augmentation, args.skip_bad_images)
     # A seeded shuffle per epoch (also in one process), which a resume repeats and can start part-way.
     sampler = EpochSampler(images, world_size, rank, args.seed)
-    loader = torch.utils.data.DataLoader(images, sampler=sampler, batch_size=args.batch_size_per_gpu,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         drop_last=True, worker_init_fn=ignore_stop_signals)
+    loader = pretraining_loader(images, sampler, args.batch_size_per_gpu, args.num_workers, device,
+                                worker_init_fn=ignore_stop_signals)  # workers kept between epochs, pinned on CUDA
     if len(loader) < args.gradient_accumulation_steps:
         raise DataError(f"{len(dataset)} images cannot fill one optimizer step of {args.batch_size_per_gpu} images "
                         f"x {world_size} processes x {args.gradient_accumulation_steps} accumulation steps; "
@@ -446,12 +448,10 @@ def student_and_teacher(args, device, memory_format, world_size):
     student, teacher = carp_network(args), carp_network(args)
     if is_initialized():
         if device.type == "cuda":
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+            student, teacher = (nn.SyncBatchNorm.convert_sync_batchnorm(network) for network in (student, teacher))
         elif world_size > 1 and is_main_process():
             warnings.warn("SyncBatchNorm needs CUDA: on CPU every process normalises with its own batch")
-    student = student.to(device, memory_format=memory_format)
-    teacher = teacher.to(device, memory_format=memory_format)
+    student, teacher = (network.to(device, memory_format=memory_format) for network in (student, teacher))
     start_teacher(student, teacher)
     for network in (student, teacher) if args.compile else ():
         network.compile()  # in place: the state dicts keep their keys

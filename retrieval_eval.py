@@ -52,6 +52,7 @@ import cli
 from cli import HelpFormatter, bool_flag, renamed
 from data import (DataError, ImageList, copydays_blocks, copydays_group, default_num_workers, image_files,
                   read_revisited)
+from distributed import device_type
 from durable import check_output_file
 from features import add_model_args, backbone_from_args, follow_arch
 from run_folder import checkpoint_args, write_json
@@ -421,7 +422,7 @@ def main(argv=None):
     check_output_file(args.output_json)  # before any image is read
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise DataError("retrieval_eval.py runs in one process; launch it with python, not torchrun")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device_type())  # CUDA where a GPU is visible, or as CARP_DEVICE says
     # the data is read and checked before the (possibly large) checkpoint is loaded
     results = (evaluate_copydays if args.dataset == "copydays" else evaluate_revisited)(args, device)
     # ============ writing the results ... ============

@@ -162,14 +162,26 @@ def checkpoint_args(path):
 
 
 def rng_state():
-    """This process's random state: the CPU generator and, on a GPU machine, every CUDA generator."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """This process's random state: the CPU generator's and, where the process has used its GPU, the
+    generator of that GPU (a list of one; training draws from none of CUDA's generators, so a resume is
+    exact without it). Without CUDA no torch.cuda function is called."""
+    on_gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {"cpu": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state()] if on_gpu else []}
 
 
 def set_rng_state(state):
+    """Restore rng_state()'s `state`, on a machine with as many GPUs as the one that wrote it or not.
+    Checkpoints that kept one CUDA state per GPU the process saw (8 on an 8-GPU node) resume where a
+    process sees fewer (a launcher giving each process only its own GPU): the state of the GPU with
+    this process's device number, when the list has one, goes to this process's GPU; the others are
+    left out."""
     torch.set_rng_state(state["cpu"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda") or []
+    if saved and torch.cuda.is_available() and torch.cuda.is_initialized():
+        device = torch.cuda.current_device()
+        index = 0 if len(saved) == 1 else device  # (N,) states: one per GPU of the machine that wrote them
+        if index < len(saved):
+            torch.cuda.set_rng_state(saved[index], device)
 
 
 def flags_digest(flags):

@@ -92,7 +92,7 @@ class TrainStats:
         """One forward pass of optimizer step `step`: its loss terms, the student's argmax prototypes
         and the count of the batch's images that were left out (unreadable) and replaced."""
         if bad_images is not None:
-            self.bad_images += bad_images.sum().to(self.device)
+            self.bad_images += bad_images.to(self.device, non_blocking=True).sum()  # pinned by the DataLoader on CUDA
         terms = torch.stack([loss, consistency, uniformity]).detach()
         self.sums += terms
         self.epoch_sums[:3] += terms

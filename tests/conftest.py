@@ -1,5 +1,7 @@
 """Make the repository root importable (`import loss, model`) under plain `pytest` as well as `python -m pytest`,
-give every test the thread count the session started with, and close the progress bars a test left open."""
+run the tests on the CPU unless CARP_DEVICE says otherwise, give every test the thread count the session
+started with, and close the progress bars a test left open."""
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +10,12 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# The device every script picks (distributed.device_type) is CUDA where a GPU is visible; the tests' numbers
+# and their two-process runs (gloo, one process per core) are the CPU's, so the suite runs on the CPU on any
+# machine. `CARP_DEVICE=cuda python -m pytest ...` runs the tests that use the training device on the GPU
+# (bench.py --sections cuda_tests does); the scripts that tests start inherit the choice.
+os.environ.setdefault("CARP_DEVICE", "cpu")
 
 THREADS = torch.get_num_threads()
 

@@ -6,6 +6,8 @@ that the file runs in seconds on a CPU.
 """
 import json
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -227,3 +229,32 @@ def test_gpu_sections_need_an_output_folder_and_a_readable_digits_file(tmp_path,
         with pytest.raises(SystemExit):
             bench.main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_every_section_that_runs_pretrain_or_pytest_runs_on_the_device_of_device(tmp_path, monkeypatch):
+    """--device cpu on a machine whose scripts would pick CUDA (CARP_DEVICE=cuda here): the pretrain.py
+    runs of the precision and learning sections, torchrun's pretrain.py and the CUDA tests' pytest all
+    see CARP_DEVICE=cpu, the device the scripts and tests choose by; the variable is put back after."""
+    monkeypatch.setenv("CARP_DEVICE", "cuda")
+    seen = []
+
+    def run_pretrain(flags, output_dir, log, seconds=None, epochs=None):
+        seen.append(("pretrain.py", os.environ["CARP_DEVICE"]))
+        raise RuntimeError("not run")
+
+    def subprocess_run(command, **kwargs):
+        if command[0] != sys.executable:  # platform's own commands
+            return real_run(command, **kwargs)
+        seen.append((command[2] if "pytest" in command else command[5], os.environ["CARP_DEVICE"]))
+        raise RuntimeError("not run")
+
+    real_run = bench.subprocess.run
+
+    monkeypatch.setattr(bench, "run_pretrain", run_pretrain)
+    monkeypatch.setattr(bench.subprocess, "run", subprocess_run)
+    fake_digits(tmp_path / "digits.npz")
+    results = bench.main(["--sections", "precision", "cuda_tests", "torchrun_step", "learning", "--dry_run", "true",
+                          "--device", "cpu", "--output_dir", str(tmp_path / "out"), "--digits",
+                          str(tmp_path / "digits.npz"), "--precisions", "float32"])
+    assert seen == [("pretrain.py", "cpu"), ("pytest", "cpu"), ("pretrain.py", "cpu"), ("pretrain.py", "cpu")]
+    assert results["machine"]["device"] == "cpu" and os.environ["CARP_DEVICE"] == "cuda"

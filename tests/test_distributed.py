@@ -4,9 +4,14 @@ Two CPU processes on the gloo backend run `carp_loss` on their halves of one glo
 compare against one process on the concatenated batch. The workers run once per module (spawning
 imports torch in each child, a few seconds); every test reads their saved results.
 
+The last tests take the device of a process (distributed.choose_device, device_type) as pure
+functions, with torch.cuda's functions replaced: they need no GPU.
+
 Sizes: V = 4 student views, V_t = 2 teacher views, B = 3 images per process (6 in all), K = 24
 prototypes, N_B = 6 per block, so N_P = 4 blocks.
 """
+import argparse
+import os
 import socket
 import time
 
@@ -15,6 +20,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import distributed
+from cli import UserError
+import features
+from features import extract_features
+from knn import KnnMonitor
 from loss import carp_loss, global_mean, partition_for_step
 
 WORLD_SIZE = 2
@@ -148,3 +158,140 @@ def test_global_mean_divides_sum_over_ranks_by_total_count(ranks):
     for r in ranks:
         torch.testing.assert_close(r["global_mean"], torch.tensor([1.0, 1.5]))
         torch.testing.assert_close(r["global_mean_grad"], torch.tensor([0.5, 0.5]))
+
+
+# ============ the device of a process ============
+
+@pytest.mark.parametrize("local_rank, n_gpus, expected", [(0, 8, "cuda:0"), (3, 8, "cuda:3"), (3, 1, "cuda:0"),
+                                                          (0, 1, "cuda:0")])
+def test_each_process_takes_its_own_gpu_or_the_only_one_it_sees(local_rank, n_gpus, expected):
+    """GPU number LOCAL_RANK where the process sees the machine's GPUs; the one GPU it sees where a
+    launcher gives each process only its own (CUDA_VISIBLE_DEVICES), whatever its local rank."""
+    assert distributed.choose_device("cuda", local_rank, n_gpus) == torch.device(expected)
+    assert distributed.choose_device("cpu", local_rank, n_gpus) == torch.device("cpu")
+
+
+def test_more_processes_than_gpus_is_one_line_that_says_what_to_do():
+    with pytest.raises(UserError, match=r"^LOCAL_RANK 2 but this process sees 2 GPUs: start at most 2 processes on "
+                                        r"this machine \(torchrun --nproc_per_node 2\), or CARP_DEVICE=cpu$"):
+        distributed.choose_device("cuda", 2, 2)
+
+
+def test_carp_device_chooses_the_device_of_every_script(monkeypatch):
+    """Unset: CUDA where a GPU is visible; CARP_DEVICE=cpu keeps a GPU machine on the CPU (the tests
+    run so: conftest.py); a value that is no device, or cuda without a GPU, is one line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CARP_DEVICE")
+    assert distributed.device_type() == "cuda"
+    monkeypatch.setenv("CARP_DEVICE", "cpu")
+    assert distributed.device_type() == "cpu"
+    monkeypatch.setenv("CARP_DEVICE", "gpu")
+    with pytest.raises(UserError, match=r"^CARP_DEVICE=gpu is not a device: set it to cpu or cuda, or unset it$"):
+        distributed.device_type()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CARP_DEVICE")
+    assert distributed.device_type() == "cpu"
+    monkeypatch.setenv("CARP_DEVICE", "cuda")
+    with pytest.raises(UserError, match=r"^CARP_DEVICE=cuda but no GPU is visible"):
+        distributed.device_type()
+
+
+def test_torchrun_on_a_process_that_sees_one_gpu_takes_device_0(monkeypatch):
+    """init_distributed under torchrun as LOCAL_RANK 1 of a node where the launcher gave the process
+    one GPU: it sets device 0 (not 1: "invalid device ordinal"), joins with NCCL, and lets cuDNN pick
+    its fastest algorithms."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(distributed, "set_cudnn", lambda deterministic=False: calls.append(("cudnn", deterministic)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    for name, value in (("CARP_DEVICE", "cuda"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    assert distributed.init_distributed() == (1, 2, torch.device("cuda", 0))
+    assert calls == [("cudnn", False), ("set_device", torch.device("cuda", 0)), ("init", "nccl")]
+
+
+def test_deterministic_sets_cudnn_and_torch_to_their_deterministic_algorithms(monkeypatch):
+    """set_cudnn(True) (pretrain.py --deterministic on CUDA): cuDNN's deterministic algorithms, no
+    benchmarking, torch's deterministic algorithms (a warning for an operation that has none) and
+    cuBLAS's fixed workspace; set_cudnn(False): cuDNN's fastest algorithms, found by benchmarking,
+    and the deterministic settings a user made before are left as they were."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        distributed.set_cudnn(True)
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (False, True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        distributed.set_cudnn(False)
+        assert torch.backends.cudnn.benchmark and torch.are_deterministic_algorithms_enabled()
+        torch.backends.cudnn.deterministic = False
+        torch.use_deterministic_algorithms(False)
+        distributed.set_cudnn(False)
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[:2]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+
+
+# ============ features gathered to the main process ============
+
+def tiny_images(n, seed):
+    """n labelled 3 x 2 x 2 images (labels 0, 1, 2, 0, ...): a dataset whose Flatten features are its pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.rand(3, 2, 2, generator=generator), i % 3) for i in range(n)]
+
+
+def _features_worker(rank, port, out_dir):
+    """One rank: extract_features of 5 images (2 shards of 3, one padded) gathered to the main process
+    only and to every process, and the k-NN monitor's accuracy."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        network, all_gathers, all_gather = torch.nn.Flatten(), [], features.all_gather
+        features.all_gather = lambda tensor: all_gathers.append(tensor.shape) or all_gather(tensor)  # counted
+        main_only = extract_features(network, tiny_images(5, 0), batch_size=2, num_workers=0, progress=False,
+                                     main_only=True)
+        monitor = KnnMonitor(argparse.Namespace(num_workers=0, nb_knn=3), "cpu", tiny_images(7, 1), tiny_images(5, 2))
+        knn = monitor.accuracy(network)
+        no_all_gather = all_gathers == []  # neither main_only nor the monitor sends features to every process
+        everywhere = extract_features(network, tiny_images(5, 0), batch_size=2, num_workers=0, progress=False)
+        torch.save({"main_only": main_only, "everywhere": everywhere, "knn": knn, "no_all_gather": no_all_gather},
+                   out_dir / f"features{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_features_gathered_to_the_main_process_only_leave_the_others_empty(tmp_path):
+    """extract_features(main_only=True) under 2 processes: the main process holds every image's
+    features and label in dataset order, as one process extracts them; the other holds none (None,
+    None), where the default gathers them to both. The k-NN monitor measures on the main process
+    alone (the other's accuracy is None) the accuracy of one process."""
+    context = mp.spawn(_features_worker, args=(free_port(), tmp_path), nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"distributed workers still running after {TIMEOUT_S} s (hung collective?)")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+    ranks = [torch.load(tmp_path / f"features{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    images = tiny_images(5, 0)
+    pixels, labels = torch.stack([image.flatten() for image, _ in images]), torch.tensor([l for _, l in images])
+    gathered, gathered_labels = ranks[0]["main_only"]
+    assert torch.equal(gathered, pixels) and torch.equal(gathered_labels, labels)
+    assert ranks[1]["main_only"] == (None, None) and ranks[0]["no_all_gather"] and ranks[1]["no_all_gather"]
+    for rank in ranks:
+        assert torch.equal(rank["everywhere"][0], pixels) and torch.equal(rank["everywhere"][1], labels)
+    one_process = KnnMonitor(argparse.Namespace(num_workers=0, nb_knn=3), "cpu", tiny_images(7, 1),
+                             tiny_images(5, 2)).accuracy(torch.nn.Flatten())
+    assert ranks[0]["knn"] == one_process and ranks[1]["knn"] is None

@@ -697,7 +697,7 @@ def _lowshot_worker(rank, port, out_dir):
     lowshot_linear end to end; it records which k-shot images (KShotViews positions) it loaded."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD_SIZE))
+                      WORLD_SIZE=str(WORLD_SIZE), CARP_DEVICE="cpu")  # gloo on the CPU, which every machine has
     seen = []
     get = fewshot_eval.KShotViews.__getitem__
     fewshot_eval.KShotViews.__getitem__ = lambda self, i: (seen.append(i), get(self, i))[1]

@@ -218,7 +218,7 @@ def test_torchrun_two_processes_extract_the_same_features_as_one(tmp_path):
     flags = ["--pretrained_weights", "random", "--arch", "resnet18", "--dataset", "synthetic",
              "--synthetic_images", "45", "--image_size", "16", "--nb_knn", "5", "--num_workers", "0",
              "--batch_size_per_gpu", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CARP_DEVICE": "cpu"}  # 2 processes on the CPU: a device that exists
     runs = {}
     for name, launcher in (("one", [sys.executable]),
                            ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import loss
+from distributed import device_type
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -105,6 +106,23 @@ def test_partition_for_step_depends_only_on_seed_and_step():
     assert torch.equal(first, again)
     assert not torch.equal(first, next_step)
     assert next_step.flatten().unique().numel() == 64
+
+
+def test_a_partition_for_a_gpu_is_copied_from_pinned_memory_without_waiting(monkeypatch):
+    """partition_for_step(..., device): the same partition, drawn on the CPU, then copied to the
+    device from pinned memory with non_blocking (a copy from pageable memory would make the CPU wait
+    for the GPU at every forward pass). Shown with the meta device, which needs no GPU; on the CPU
+    nothing is pinned or copied."""
+    calls, to = [], torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin_memory") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: calls.append(("to", args, kwargs))
+                        or to(self, *args, **kwargs))
+    on_device = loss.partition_for_step(64, 16, seed=3, forward_pass=7, device=torch.device("meta"))
+    assert on_device.device.type == "meta" and on_device.shape == (4, 16)
+    assert calls == ["pin_memory", ("to", (torch.device("meta"),), {"non_blocking": True})]
+    calls.clear()
+    on_cpu = loss.partition_for_step(64, 16, seed=3, forward_pass=7, device="cpu")
+    assert calls == [] and torch.equal(on_cpu, loss.partition_for_step(64, 16, seed=3, forward_pass=7))
 
 
 def test_partitions_of_two_seeds_differ():
@@ -381,12 +399,12 @@ def test_teacher_views_name_the_pair_left_out(objective):
 
 
 def test_loss_and_gradient_on_the_training_device_equal_the_cpu_ones():
-    """The same logits on the GPU (where there is one; else a second CPU copy) and the CPU: the same
-    two terms and the same gradient (float32). Each device gets its own leaf tensor, so neither
-    gradient can be the other's."""
+    """The same logits on the training device (the GPU under CARP_DEVICE=cuda; else a second CPU copy)
+    and the CPU: the same two terms and the same gradient (float32). Each device gets its own leaf
+    tensor, so neither gradient can be the other's."""
     student, teacher, partition = random_case(n_views=4, batch_size=8, n_prototypes=64, partition_size=16)
     results = {}
-    for name, device in (("cpu", "cpu"), ("device", "cuda" if torch.cuda.is_available() else "cpu")):
+    for name, device in (("cpu", "cpu"), ("device", device_type())):
         s = student.detach().clone().to(device).requires_grad_(True)
         consistency, uniformity = loss.carp_loss(s, teacher.to(device), partition.to(device))
         (consistency + uniformity).backward()

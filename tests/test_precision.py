@@ -1,8 +1,8 @@
 """The paper's precision on any machine: fp16 autocast with the gradient scaler (and bf16 autocast),
 which pretrain.py runs by default on CUDA, exercised on the CPU with --use_fp16 true / --use_bf16 true.
 
-Every test runs on the CPU; the ones parametrised by device run again on a GPU when one is present
-(their ids end in [cuda]). Tolerances are in units of the format's rounding: u = 2^-11 for fp16
+Every test runs on the CPU; the ones parametrised by device run again on the GPU when the tests run
+there (CARP_DEVICE=cuda: tests/conftest.py; their ids end in [cuda]). Tolerances are in units of the format's rounding: u = 2^-11 for fp16
 (11 significant bits), 2^-8 for bf16 (8).
 """
 import argparse
@@ -16,11 +16,13 @@ import optim
 import model
 import precision
 import pretrain
+from distributed import device_type
 from precision import autocast_dtype, autocast_for, gradient_scaler
 from model import CARPHead, MultiCropWrapper, SmallCNN
 from train_stats import TrainStats
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(device_type() != "cuda",
+                                                                 reason="needs CARP_DEVICE=cuda and a CUDA GPU"))]
 UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 PRECISION_FLAGS = {None: dict(use_fp16=False, use_bf16=False), torch.float16: dict(use_fp16=True, use_bf16=False),
                    torch.bfloat16: dict(use_fp16=False, use_bf16=True)}
@@ -168,7 +170,8 @@ def test_a_short_run_in_fp16_or_bf16_follows_the_float32_run(tmp_path, capsys):
     float32's k-NN on the digits is measured by `bench.py --sections precision` (docs/performance.md,
     *The paper's precision on a CPU*): too slow on a CPU for the tests."""
     losses, weights = {}, {}
-    for name, flags in (("float32", []), ("fp16", ["--use_fp16", "true"]), ("bf16", ["--use_bf16", "true"])):
+    for name, flags in (("float32", ["--use_fp16", "false"]), ("fp16", ["--use_fp16", "true"]),
+                        ("bf16", ["--use_bf16", "true"])):
         pretrain.main(SHORT_RUN + ["--epochs", "1", "--output_dir", str(tmp_path / name), *flags])
         losses[name] = torch.tensor([r["loss"] for r in read_log(tmp_path / name) if "step" in r])
         checkpoint = torch.load(tmp_path / name / "checkpoint.pth", weights_only=True)

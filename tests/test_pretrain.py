@@ -19,6 +19,7 @@ import data
 import knn_eval
 import pretrain
 import train_stats
+from distributed import device_type
 from knn import KnnMonitor, knn_classify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -336,7 +337,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, views):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "pretrain.py", *TINY, "--synthetic_images", "32", "--gradient_accumulation_steps", "2",
          "--epochs", "1", "--output_dir", str(tmp_path), *views],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "CARP_DEVICE": "cpu"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective batch 16" in result.stdout
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
@@ -345,7 +346,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, views):
 
 # ------------------------------------------------- the GPU's code paths, on the CPU without a GPU ----
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the device pretrain.py picks
+DEVICE = device_type()  # the device pretrain.py picks: the CPU unless the tests run with CARP_DEVICE=cuda
 
 
 @pytest.mark.parametrize("precision", [["--use_fp16", "true"], ["--use_bf16", "true"]], ids=["fp16", "bf16"])
@@ -457,7 +458,9 @@ def test_the_run_folder_records_settings_times_resumes_and_a_summary(tmp_path, c
 def test_grad_norm_is_logged_and_worker_default_follows_the_machine(tmp_path, monkeypatch):
     """The log's grad_norm (the global norm --clip_grad bounds) is the mean, over the 2 optimizer
     steps of its line (--log_every 2), of the norm each step returned; and with no --num_workers the
-    loaders use this machine's cores, at most 8, shared among torchrun's processes."""
+    loaders use this machine's cores, shared among torchrun's processes: at most 8 by default (the
+    evaluations' feature extraction), at most 32 in pretraining (its 8 views an image take more
+    workers to feed a GPU), so 32 on a machine of 64 cores and 8 for each of its 8 GPUs."""
     norms, step = [], pretrain.optimizer_step
 
     def recording_step(*args, **kwargs):
@@ -476,4 +479,51 @@ def test_grad_norm_is_logged_and_worker_default_follows_the_machine(tmp_path, mo
     assert data.default_num_workers() == 1
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     parser, args = pretrain.get_args(["--dataset", "synthetic"])
-    assert args.num_workers == min(8, cores)
+    assert args.num_workers == min(32, cores)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert data.default_num_workers() == 8 and pretrain.get_args(["--dataset", "synthetic"])[1].num_workers == 32
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert pretrain.get_args(["--dataset", "synthetic"])[1].num_workers == 8
+
+
+def test_the_loader_keeps_its_workers_between_epochs_and_pins_batches_for_a_gpu(tmp_path):
+    """pretrain.py's DataLoader: workers kept from one epoch to the next (persistent_workers) when there
+    are any, batches in pinned memory for CUDA only, whole batches only; with 2 workers the same
+    processes serve two epochs, each in its sampler's order."""
+    parser, args = pretrain.get_args(TINY + ["--num_workers", "2", "--output_dir", str(tmp_path)])
+    pretrain.check_args(parser, args)
+    sampler, loader, _ = pretrain.data_and_views(args, 0, 1, torch.device("cpu"), torch.contiguous_format)
+    assert (loader.persistent_workers, loader.pin_memory, loader.drop_last, loader.num_workers) == (True, False, True, 2)
+    seeds, workers = [], []
+    try:
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            seeds.append([s for _, batch_seeds, _ in loader for s in batch_seeds.tolist()])
+            workers.append([w.pid for w in loader._iterator._workers])
+    finally:  # the kept workers end with the test, also when it fails
+        if loader._iterator is not None:
+            loader._iterator._shutdown_workers()
+    assert workers[0] == workers[1] and len(set(workers[0])) == 2
+    assert seeds[0] == [data.view_seed(args.seed, 0, i) for i in sampler_order(sampler, 0)]
+    assert seeds[1] == [data.view_seed(args.seed, 1, i) for i in sampler_order(sampler, 1)]
+    assert data.pretraining_loader(loader.dataset, sampler, 4, 0, "cuda").pin_memory
+    assert not data.pretraining_loader(loader.dataset, sampler, 4, 0, "cpu").persistent_workers
+
+
+def sampler_order(sampler, epoch):
+    sampler.set_epoch(epoch)
+    return [index for _, index in sampler]
+
+
+def test_deterministic_reaches_the_device_setup_and_keeps_the_run_folder(tmp_path, monkeypatch):
+    """--deterministic true is handed to distributed.init_distributed (which sets cuDNN's and torch's
+    deterministic algorithms on CUDA: tests/test_distributed.py), the default false too; it does not
+    change what a run learns on a CPU, so the name of a default run folder stays the same."""
+    asked, init_distributed = [], pretrain.init_distributed
+    monkeypatch.setattr(pretrain, "init_distributed", lambda deterministic=False: asked.append(deterministic)
+                        or init_distributed(deterministic))
+    run_main(tmp_path / "default", "--epochs", "1")
+    run_main(tmp_path / "deterministic", "--epochs", "1", "--deterministic", "true")
+    assert asked == [False, True]
+    flags = ["--dataset", "synthetic"]
+    assert pretrain.get_args(flags + ["--deterministic", "true"])[1].output_dir == pretrain.get_args(flags)[1].output_dir

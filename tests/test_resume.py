@@ -27,7 +27,7 @@ SMALL = ["--dataset", "synthetic", "--synthetic_images", "32", "--arch", "small_
          "--local_crops_size", "8", "--local_crops_number", "1", "--out_dim", "32", "--block_size", "8",
          "--hidden_dim", "16", "--bottleneck_dim", "8", "--batch_size_per_gpu", "4", "--momentum_teacher", "0.9",
          "--log_every", "1", "--checkpoint_every_steps", "1", "--epochs", "2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CARP_DEVICE": "cpu"}  # bit for bit on the CPU, 2 processes included
 
 
 @pytest.fixture(autouse=True)

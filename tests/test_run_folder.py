@@ -68,3 +68,66 @@ def test_rng_state_round_trips():
     first = torch.rand(3)
     run_folder.set_rng_state(state)
     assert torch.equal(torch.rand(3), first)
+
+
+class FakeCuda:
+    """torch.cuda's generator functions on a machine without a GPU: `n_gpus` GPUs, this process's
+    being `current`; every state set is recorded as (state, device)."""
+
+    def __init__(self, monkeypatch, n_gpus, current=0, available=True):
+        self.set_calls = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: available)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpus if available else 0)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([100 + current],
+                                                                                            dtype=torch.uint8))
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": self.set_calls.append(
+            (int(state[0]), device)))
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", self.refused)
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", self.refused)
+
+    @staticmethod
+    def refused(*args, **kwargs):
+        raise AssertionError("one CUDA state per process: never every GPU's")
+
+
+def eight_gpus_state():
+    """An RNG state as a process of an 8-GPU node saved it: its CPU state and 8 CUDA states (0..7)."""
+    return {"cpu": torch.get_rng_state(), "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(8)]}
+
+
+@pytest.mark.parametrize("current", [0, 3])
+def test_a_state_saved_with_eight_cuda_states_resumes_where_the_process_sees_one_gpu(monkeypatch, current):
+    """A checkpoint written by a process that saw 8 GPUs, resumed by one that sees 1 (device `current`
+    of its machine): the state of the GPU with its device number goes to its GPU, the others are left
+    out (no IndexError), and the CPU state is restored."""
+    state = eight_gpus_state()
+    first = torch.rand(3)
+    cuda = FakeCuda(monkeypatch, n_gpus=1, current=current)
+    run_folder.set_rng_state(state)
+    assert cuda.set_calls == [(current, current)]
+    assert torch.equal(torch.rand(3), first)
+
+
+def test_one_saved_cuda_state_goes_to_this_process_gpu(monkeypatch):
+    """rng_state() keeps the state of this process's GPU only (a list of one), and set_rng_state puts
+    it back on this process's GPU, whatever its device number."""
+    cuda = FakeCuda(monkeypatch, n_gpus=8, current=5)
+    state = run_folder.rng_state()
+    assert [int(s[0]) for s in state["cuda"]] == [105]
+    run_folder.set_rng_state(state)
+    assert cuda.set_calls == [(105, 5)]
+
+
+def test_without_cuda_the_rng_state_calls_no_cuda_function(monkeypatch):
+    """Without a GPU the state holds no CUDA state, and a state with 8 of them restores the CPU's
+    alone: no torch.cuda generator function is called."""
+    cuda = FakeCuda(monkeypatch, n_gpus=0, available=False)
+    for name in ("get_rng_state", "set_rng_state"):
+        monkeypatch.setattr(torch.cuda, name, cuda.refused)
+    assert run_folder.rng_state()["cuda"] == []
+    state = eight_gpus_state()
+    first = torch.rand(3)
+    run_folder.set_rng_state(state)
+    assert torch.equal(torch.rand(3), first)
