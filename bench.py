@@ -635,8 +635,8 @@ def bench_view_seeding(args, recipe):
                                          recipe.global_crops_size, recipe.local_crops_size)
     batch = recipe.batch_size_per_gpu
     seeds = torch.tensor([data.view_seed(recipe.seed, 0, i) for i in range(batch)])
-    runs = {"per_image_seeds": lambda: augmentation.draws(batch, seeds, args.device),
-            "one_generator": lambda: augmentation.draws(batch, None, args.device),
+    runs = {"per_image_seeds": lambda: augmentation.draws(batch, seeds),
+            "one_generator": lambda: augmentation.draws(batch, None),
             "seed_one_image": lambda: torch.Generator().manual_seed(data.view_seed(recipe.seed, 0, 7))}
     seconds = median_seconds(runs, args.warmup, max(args.repeats, 20), args.device)
     return {"batch_ms_per_image_seeds": 1000 * seconds["per_image_seeds"],

@@ -30,6 +30,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from torchvision.transforms import v2
 
 from cli import DataError  # noqa: F401 (data.DataError: the error of every reader below)
+from distributed import to_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -134,7 +135,7 @@ def adjust_hue(x, hue_shift):
     # and come back unchanged, as their chroma multiplies everything below.
     hue = torch.where(max_value == r, g - b, torch.where(max_value == g, b - r + 2 * chroma, r - g + 4 * chroma))
     hue = hue / chroma.clamp_min(1e-12) + 6 * hue_shift  # (..., H, W): H'
-    k = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(3, 1, 1) + hue.unsqueeze(-3)  # (..., 3, H, W)
+    k = torch.arange(5.0, 0.0, -2.0, device=x.device).view(3, 1, 1) + hue.unsqueeze(-3)  # (..., 3, H, W): n = 5, 3, 1
     k -= 6 * torch.floor(k / 6)  # mod 6 (several times faster than torch.remainder here)
     return max_value.unsqueeze(-3) - chroma.unsqueeze(-3) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
@@ -305,13 +306,14 @@ class BatchedMultiCrop:
     - crops come from the images at the dataset's fixed size (fixed_size_uint8), not the originals.
     The blur is the same exact Gaussian (kernel blur_kernel_size), with its own sigma for every view.
     Meant for small images: at the paper's sizes use the per-image pipeline (this one holds a copy of
-    the batch per view, and on CUDA its per-view masks cost a few host-device synchronisations).
+    the batch per view).
 
     Randomness: every view is drawn from DRAWS_PER_VIEW uniform numbers in [0, 1). Given `seeds`
     (B,), one per image, image i's numbers come from a CPU generator seeded with seeds[i], so its
     views do not depend on the other images of its batch (pretrain.py seeds every image by
     (--seed, epoch, index): a resumed run draws the views an uninterrupted one would). Without
-    seeds they are drawn from the device's generator.
+    seeds they are drawn from the CPU's generator. Which view gets which operation is decided on the
+    CPU (photometric_choices): the views are made on a GPU without the CPU waiting for it.
     Input: uint8 (B, 3, H, W) with H = W. Output: a list of 2 + M float tensors (B, 3, size, size),
     normalised, global views first.
     """
@@ -358,54 +360,68 @@ class BatchedMultiCrop:
         return F.grid_sample(source, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
 
     @staticmethod
+    def photometric_choices(u, blur_p, solarize_p):
+        """Which views get which photometric operation, decided on the CPU from the views' uniform
+        numbers u (n, PHOTOMETRIC_DRAWS) and the probabilities blur_p, solarize_p (n,), so that a GPU
+        never has to count them for the CPU: ([rows of each (slot, operation) of the colour jitter],
+        their factors (4, n), grey rows, blurred rows and their sigmas, solarised mask (n,))."""
+        jittered = (u[:, 0] <= 0.8).nonzero()[:, 0]  # (n_j,): views that get colour jitter
+        # brightness U(0.6, 1.4), contrast U(0.6, 1.4), saturation U(0.8, 1.2), hue U(-0.1, 0.1): (4, n)
+        factors = torch.tensor([0.6, 0.6, 0.8, -0.1])[:, None] + torch.tensor([0.8, 0.8, 0.4, 0.2])[:, None] * u[:, 1:5].T
+        order = u[:, 5:9].argsort(dim=1)  # (n, 4): each view's order of the 4 operations
+        # (slot, operation, rows): the views doing `operation` as their slot-th one, slot after slot
+        jitter = [(slot, operation, jittered[order[jittered, slot] == operation])
+                  for slot in range(4) for operation in range(4)]
+        grey = (u[:, 9] < 0.2).nonzero()[:, 0]  # (n_g,)
+        blurred = (u[:, 10] <= blur_p).nonzero()[:, 0]  # (n_b,)
+        sigma = 0.1 + 1.9 * u[blurred, 11]  # (n_b,): U(0.1, 2.0)
+        return jitter, factors, grey, blurred, sigma, u[:, 12] < solarize_p
+
+    @staticmethod
     def photometric(x, blur_p, solarize_p, u=None):
         """ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8 in a random order per view, grayscale p 0.2, Gaussian
         blur with probability blur_p[i] and solarisation with probability solarize_p[i] for view i,
         on x (n, 3, S, S) in [0, 1] (changed in place); returns the views normalised. u: (n,
-        PHOTOMETRIC_DRAWS) uniform numbers, one row per view (drawn here when None)."""
+        PHOTOMETRIC_DRAWS) uniform numbers, one row per view (drawn here when None); u, blur_p and
+        solarize_p are on the CPU (photometric_choices), x on any device."""
         n, device = x.shape[0], x.device
-        u = torch.rand(n, BatchedMultiCrop.PHOTOMETRIC_DRAWS, device=device) if u is None else u
-        jittered = (u[:, 0] <= 0.8).nonzero()[:, 0]  # (n_j,): views that get colour jitter
-        # brightness U(0.6, 1.4), contrast U(0.6, 1.4), saturation U(0.8, 1.2), hue U(-0.1, 0.1): (4, n)
-        low = torch.tensor([0.6, 0.6, 0.8, -0.1], device=device)[:, None]
-        factors = low + torch.tensor([0.8, 0.8, 0.4, 0.2], device=device)[:, None] * u[:, 1:5].T
-        order = u[:, 5:9].argsort(dim=1)  # (n, 4): each view's order of the 4 operations
-        for slot in range(4):
-            for operation in range(4):
-                rows = jittered[order[jittered, slot] == operation]  # (r,): views doing `operation` in `slot`
-                if len(rows) == 0:
-                    continue
-                # (r, 3, S, S) views with their factors (r, 1, 1, 1)
-                x[rows] = jitter_operation(x[rows], operation, factors[operation, rows].view(-1, 1, 1, 1))
-        grey = (u[:, 9] < 0.2).nonzero()[:, 0]  # (n_g,)
+        u = torch.rand(n, BatchedMultiCrop.PHOTOMETRIC_DRAWS) if u is None else u
+        jitter, factors, grey, blurred, sigma, solarized = BatchedMultiCrop.photometric_choices(u, blur_p, solarize_p)
+        factors = to_device(factors, device)
+        for slot, operation, rows in jitter:
+            if len(rows) == 0:  # (counted on the CPU)
+                continue
+            rows = to_device(rows, device)
+            # (r, 3, S, S) views with their factors (r, 1, 1, 1)
+            x[rows] = jitter_operation(x[rows], operation, factors[operation, rows].view(-1, 1, 1, 1))
+        grey = to_device(grey, device)
         x[grey] = luma(x[grey]).expand(-1, 3, -1, -1)
-        blurred = (u[:, 10] <= blur_p).nonzero()[:, 0]  # (n_b,)
         if len(blurred):
-            sigma = 0.1 + 1.9 * u[blurred, 11]  # (n_b,): U(0.1, 2.0)
-            x[blurred] = gaussian_blur_batch(x[blurred], blur_kernel_size(x.shape[-1]), sigma)
-        solarized = u[:, 12] < solarize_p  # (n,)
+            blurred = to_device(blurred, device)
+            x[blurred] = gaussian_blur_batch(x[blurred], blur_kernel_size(x.shape[-1]), to_device(sigma, device))
+        solarized = to_device(solarized, device)  # (n,)
         x = torch.where(solarized.view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+        mean, std = (to_device(torch.tensor(v).view(3, 1, 1), device) for v in (IMAGENET_MEAN, IMAGENET_STD))
         return (x - mean) / std
 
-    def draws(self, batch, seeds, device):
-        """(2 + M, B, DRAWS_PER_VIEW) uniform numbers: image i's from a generator seeded with seeds[i]."""
+    def draws(self, batch, seeds):
+        """(2 + M, B, DRAWS_PER_VIEW) uniform numbers on the CPU: image i's from a generator seeded with
+        seeds[i] (a CPU tensor from the DataLoader), or from the CPU's generator without seeds."""
         n_views = 2 + self.local_crops_number
         if seeds is None:
-            return torch.rand(n_views, batch, self.DRAWS_PER_VIEW, device=device)
+            return torch.rand(n_views, batch, self.DRAWS_PER_VIEW)
         per_image = [torch.rand(n_views, self.DRAWS_PER_VIEW, generator=torch.Generator().manual_seed(int(seed)))
                      for seed in seeds.tolist()]  # B x (2 + M, DRAWS_PER_VIEW)
-        return torch.stack(per_image, dim=1).to(device, non_blocking=True)
+        return torch.stack(per_image, dim=1)
 
     def __call__(self, images, seeds=None):
         batch, device = images.shape[0], images.device
-        u = self.draws(batch, seeds, device)  # (2 + M, B, DRAWS_PER_VIEW)
-        full = lambda p: torch.full((batch,), p, device=device)  # noqa: E731
+        u = self.draws(batch, seeds)  # (2 + M, B, DRAWS_PER_VIEW), on the CPU
+        full = lambda p: torch.full((batch,), p)  # noqa: E731
 
         def views(kind, first, count, blur_p, solarize_p):  # `count` views of one kind, (count * B, 3, size, size)
             draws = u[first:first + count].flatten(0, 1)  # (count * B, DRAWS_PER_VIEW): view after view
-            crops = self.resized_crops(images, count, *kind, draws[:, :self.CROP_DRAWS])
+            crops = self.resized_crops(images, count, *kind, to_device(draws[:, :self.CROP_DRAWS], device))
             return self.photometric(crops, blur_p, solarize_p, draws[:, self.CROP_DRAWS:])
 
         # global view 1: blur p 1.0; global view 2: blur p 0.1, solarise p 0.2; local views: blur p 0.5
@@ -413,8 +429,8 @@ class BatchedMultiCrop:
                          torch.cat([full(0.0), full(0.2)])).split(batch))  # 2 x (B, 3, size, size)
         if self.local_crops_number:
             n_local = self.local_crops_number * batch
-            out += list(views(self.local_view, 2, self.local_crops_number, torch.full((n_local,), 0.5, device=device),
-                              torch.zeros(n_local, device=device)).split(batch))  # M x (B, 3, size, size)
+            out += list(views(self.local_view, 2, self.local_crops_number, torch.full((n_local,), 0.5),
+                              torch.zeros(n_local)).split(batch))  # M x (B, 3, size, size)
         return out
 
 

@@ -115,6 +115,15 @@ def all_gather(tensor):
     return tensors
 
 
+def to_device(tensor, device):
+    """A tensor made on the CPU (random draws, a partition, indices), copied to `device` without making
+    the CPU wait for the GPU: a copy from pageable memory would wait for the GPU's whole queue, one
+    from pinned (page-locked) memory is queued behind it. On the CPU: the tensor itself."""
+    if torch.device(device).type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def gather(tensor):
     """[tensor of rank 0, tensor of rank 1, ...] on the main process, None on the others (every process
     passes a tensor of the same shape): what only the main process reads need not fill the others' memory."""

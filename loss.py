@@ -76,6 +76,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from distributed import to_device
+
 EPS = torch.finfo(torch.float32).eps  # NOTE(paper): eps is float32 machine epsilon, ~1.19e-7
 
 
@@ -113,11 +115,7 @@ def partition_for_step(n_prototypes, block_size, seed, forward_pass, device="cpu
     # permutation `forward_pass`; two seeds below 100 share no partition within their first 21 million
     # forward passes (below 1000: 1.9 million; a paper run makes 125,000 x its accumulation steps).
     generator = torch.Generator().manual_seed((forward_pass + seed * 0x9E3779B9) % 2 ** 32)
-    partition = random_partition(n_prototypes, block_size, generator)  # (N_P, N_B), on the CPU
-    if torch.device(device).type == "cpu":
-        return partition
-    # A copy from pageable memory would make the CPU wait for the GPU's queue at every forward pass.
-    return partition.pin_memory().to(device, non_blocking=True)
+    return to_device(random_partition(n_prototypes, block_size, generator), device)  # (N_P, N_B)
 
 
 # ============ the objective, as the equations read ============

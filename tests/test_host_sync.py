@@ -7,7 +7,8 @@ non_blocking) each make it wait for the GPU's whole queue. On CUDA, torch.cuda.s
 finds them; on the CPU nothing waits, so SyncFinder finds them by construction: it records every
 such operation (torch's dispatcher sees the aten operations, and the few tensor methods that copy
 are wrapped) while pretrain.py's train_one_epoch runs, outside what may wait: the log line's and
-the epoch's statistics, the checkpoint, and fetching the next batch (data loading, on the CPU).
+the epoch's statistics, the checkpoint, fetching the next batch (data loading, on the CPU) and the
+batched views' choices, made on the CPU from CPU tensors.
 """
 import traceback
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpointing
+import data
 import loss
 import pretrain
 import train_stats
@@ -119,6 +121,7 @@ def run_watched(tmp_path, monkeypatch, *flags):
     finder = SyncFinder(cuda=device_type() == "cuda")
     for owner, name in ((train_stats.TrainStats, "log_interval"), (train_stats.TrainStats, "end_epoch"),
                         (train_stats.TrainStats, "start_epoch"), (checkpointing.RunCheckpoint, "save"),
+                        (data.BatchedMultiCrop, "draws"), (data.BatchedMultiCrop, "photometric_choices"),
                         (torch.utils.data.DataLoader, "__iter__"), (torch.utils.data.dataloader._BaseDataLoaderIter, "__next__")):
         monkeypatch.setattr(owner, name, paused(finder, getattr(owner, name)))
     train_one_epoch = pretrain.train_one_epoch
@@ -151,14 +154,16 @@ def run_watched(tmp_path, monkeypatch, *flags):
     return finder.found
 
 
-@pytest.mark.parametrize("flags", [[], ["--skip_bad_images", "true", "--clip_grad", "1.0"]],
-                         ids=["paper", "bad images counted, clipped"])
+@pytest.mark.parametrize("flags", [[], ["--skip_bad_images", "true", "--clip_grad", "1.0"], ["--batched_views", "true"]],
+                         ids=["paper", "bad images counted, clipped", "views per batch"])
 def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch, flags):
     """pretrain.py's training step (views to the device, the partition, both networks, the CARP loss
     and its backward, LARS, the teacher's EMA, the statistics) makes no operation that waits for a
     GPU, in float32 (no scaler): the partition is made for the training device (copied from pinned
     memory: tests/test_loss.py), L_c's pairs are picked by position, the count of bad images stays on
-    the device, the views' sizes are read from their shapes. On CUDA the same run also goes through
+    the device, the views' sizes are read from their shapes; views drawn per batch on the device take
+    their random numbers and which view gets which operation from the CPU (BatchedMultiCrop.draws and
+    photometric_choices, CPU work by construction, as data loading). On CUDA the same run also goes through
     CUDA's sync debug mode, which raises at any synchronisation."""
     assert run_watched(tmp_path, monkeypatch, "--use_fp16", "false", *flags) == []
 
