@@ -81,22 +81,29 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """Run the workers once; the saved results of rank 0 and rank 1."""
-    out_dir = tmp_path_factory.mktemp("distributed")
-    context = mp.spawn(_worker, args=(free_port(), out_dir), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
+def run_processes(worker, out_dir, timeout_s=TIMEOUT_S):
+    """worker(rank, port, out_dir) in WORLD_SIZE processes; a worker's exception fails the test with
+    its traceback, and a hung collective fails it after timeout_s instead of hanging it."""
+    context = mp.spawn(worker, args=(free_port(), out_dir), nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + timeout_s
     try:
         # join() re-raises a worker's exception (with its traceback) and returns True when all are done.
         while not context.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() >= deadline:
-                pytest.fail(f"distributed workers still running after {TIMEOUT_S} s (hung collective?)")
+                pytest.fail(f"{worker.__name__} still running in {WORLD_SIZE} processes after {timeout_s} s "
+                            f"(hung collective?)")
     finally:
         for process in context.processes:
             if process.is_alive():
                 process.terminate()
                 process.join(5)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Run the workers once; the saved results of rank 0 and rank 1."""
+    out_dir = tmp_path_factory.mktemp("distributed")
+    run_processes(_worker, out_dir)
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
 
 
@@ -273,17 +280,7 @@ def test_features_gathered_to_the_main_process_only_leave_the_others_empty(tmp_p
     features and label in dataset order, as one process extracts them; the other holds none (None,
     None), where the default gathers them to both. The k-NN monitor measures on the main process
     alone (the other's accuracy is None) the accuracy of one process."""
-    context = mp.spawn(_features_worker, args=(free_port(), tmp_path), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"distributed workers still running after {TIMEOUT_S} s (hung collective?)")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
+    run_processes(_features_worker, tmp_path)
     ranks = [torch.load(tmp_path / f"features{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
     images = tiny_images(5, 0)
     pixels, labels = torch.stack([image.flatten() for image, _ in images]), torch.tensor([l for _, l in images])

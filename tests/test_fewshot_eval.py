@@ -6,12 +6,10 @@ generated data."""
 import json
 import math
 import os
-import time
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
@@ -712,18 +710,8 @@ def test_authors_lowshot_under_two_processes_shares_each_epoch_and_agrees(tmp_pa
     """Two gloo processes, 10 classes x k = 1 = 10 images, global batch 4 (2 per process): in each of
     the 2 epochs each process loads 5 of the 10 views and the two halves are disjoint; both processes
     end with the same numbers (same draw, same averaged gradients), and rank 0 writes the JSON."""
-    from test_distributed import free_port
-    context = mp.spawn(_lowshot_worker, args=(free_port(), tmp_path), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + 120
-    try:  # join() re-raises a worker's exception; a hung collective fails the test instead of hanging it
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                pytest.fail("the lowshot_linear processes still run after 120 s (hung collective?)")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
+    from test_distributed import run_processes
+    run_processes(_lowshot_worker, tmp_path, timeout_s=120)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
     for epoch in range(2):
         halves = [set(r["seen"][5 * epoch:5 * epoch + 5]) for r in ranks]
