@@ -216,3 +216,28 @@ def test_the_readme_no_teacher_runs_at_45_epochs_change_only_the_momentum():
             ["--data_path", args["data_path"]] if args.get("data_path") else [])
         assert changed_training_flags(argv, recipe) == {"momentum_teacher", "momentum_teacher_end"}, argv
         assert args["momentum_teacher"] == args["momentum_teacher_end"] == 0
+
+
+def test_the_momentum_commands_are_the_demo_recipe_in_bf16_at_70_epochs_with_their_rows_flags():
+    """docs/experiments.md's runs of the teacher's momentum: the function's command is the demo recipe
+    on each dataset with only --use_bf16 auto and --epochs 70 changed (and the seed), and every
+    `momentum DATASET ROW SEED FLAGS` line changes the teacher's momentum (and its lr row the lr) and
+    nothing else."""
+    text = EXPERIMENTS.read_text()
+    command = re.search(r"^momentum\(\) \{.*?^  python pretrain\.py (.*?)$", text, flags=re.MULTILINE | re.DOTALL).group(1)
+    recipes = {"mnist5k": ["--dataset", "mnist5k"],
+               "photo_patches": ["--dataset", "imagefolder", "--data_path", "data/photo_patches"]}
+    lines = re.findall(r"^  momentum \$dataset (\w+) \$seed (.*)$", text, flags=re.MULTILINE)
+    assert len(lines) >= 5 and lines[0] == ("m099_1", "--momentum_teacher 0.99")  # the recipe's own schedule first
+    for dataset, data in recipes.items():
+        for seed in ("0", "1"):
+            argv = (command.replace('"runs/momentum/$dataset/${row}_seed$seed"', "runs/x")
+                    .replace("$data", " ".join(data)).replace('"$seed"', seed).replace('"$@"', "")).split()
+            recipe = ["--recipe", "cpu_small", *data]
+            assert changed_training_flags(argv, recipe) == {"use_bf16", "epochs"} | ({"seed"} if seed == "1" else set())
+            assert changed_training_flags(argv + lines[0][1].split(), argv) == set()  # 0.99 -> 1: the recipe's
+            for row, flags in lines[1:]:
+                changed = changed_training_flags(argv + flags.split(), argv)
+                assert changed & {"momentum_teacher", "momentum_teacher_end"}, row
+                assert changed <= {"momentum_teacher", "momentum_teacher_end", "lr"}, row
+                assert ("lr" in changed) == ("--lr" in flags), row
