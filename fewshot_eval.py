@@ -89,8 +89,9 @@ def indexed_features(args, device, datasets):
     backbone = backbone_from_args(args).to(device)
     out = {}
     for split, dataset in datasets.items():
-        features, index = extract_features(backbone, dataset, args.batch_size_per_gpu, args.num_workers, device)
-        out[split] = (features, dataset.labels[index])  # the label rows of the images, in dataset order
+        features, index = extract_features(backbone, dataset, args.batch_size_per_gpu, args.num_workers, device,
+                                           main_only=True)  # (None, None) on the other processes
+        out[split] = (features, None if index is None else dataset.labels[index])  # the images' label rows, in order
     if args.dump_features:
         save_features(args.dump_features, out)
     return out
@@ -726,7 +727,7 @@ def main(argv=None):
     if augmented:
         features, views = augmented_views(args, device)
     elif args.load_features or not (args.protocol == "voc07_svm" or is_inat2018_json(args)):
-        features = frozen_features(args, device, splits)
+        features = frozen_features(args, device, splits, main_only=True)  # the classifiers fit on rank 0 alone
     elif args.protocol == "voc07_svm":
         transform = eval_transform(args.image_size, args.resize_interpolation)
         features = indexed_features(args, device, {split: voc07_dataset(args.data_path, split, transform, args.download)

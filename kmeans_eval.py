@@ -352,7 +352,7 @@ def main(argv=None):
     check_output_file(args.output_json)  # before any image is read
     rank, world_size, device = init_distributed()
     # ============ extracting features ... ============
-    features = frozen_features(args, device, subsets=train_selection(args))
+    features = frozen_features(args, device, subsets=train_selection(args), main_only=True)  # clustered on rank 0
     results = None
     if is_main_process():
         # ============ standardising with the train split ... ============

@@ -4,6 +4,7 @@ Hungarian accuracy), main() against numbers derived by hand, the authors' defaul
 GTSRB, the note on a whole ImageNet train split), and a run end to end."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -469,3 +470,36 @@ def test_standardize_matches_float64_and_never_holds_a_float64_copy_of_the_featu
     assert torch.allclose(train_z.double(), reference[0], atol=1e-5, rtol=0)
     assert torch.allclose(val_z.double(), reference[1], atol=1e-5, rtol=0)
     assert recorder.sizes and max(recorder.sizes) <= 100 * 8
+
+
+# ============ under torchrun ============
+
+def _kmeans_worker(rank, port, out_dir):
+    """One torchrun-like process of kmeans_eval.py on synthetic images; it records whether it held
+    each split's features."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", CARP_DEVICE="cpu")  # gloo on the CPU, which every machine has
+    held, frozen = {}, kmeans_eval.frozen_features
+
+    def recording(*args, **kwargs):
+        out = frozen(*args, **kwargs)
+        held.update({split: features is not None for split, (features, _) in out.items()})
+        return out
+
+    kmeans_eval.frozen_features = recording
+    results = kmeans_eval.main(["--pretrained_weights", "random", "--arch", "small_cnn", "--dataset", "synthetic",
+                                "--synthetic_images", "20", "--image_size", "16", "--num_workers", "0",
+                                "--n_init", "1", "--output_json", str(out_dir / "kmeans.json")])
+    torch.save({"results": results, "held": held}, out_dir / f"rank{rank}.pt")
+
+
+def test_under_two_processes_only_the_main_one_holds_the_features_and_clusters(tmp_path):
+    """Two gloo processes extract their shares of the images; the features are gathered to the main
+    process alone, which clusters, scores and writes the JSON; the other holds none and returns None."""
+    from test_distributed import run_processes
+    run_processes(_kmeans_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert ranks[0]["held"] == {"train": True, "val": True} and ranks[1]["held"] == {"train": False, "val": False}
+    assert set(ranks[0]["results"]) >= set(kmeans_eval.METRICS) and ranks[1]["results"] is None
+    assert json.loads((tmp_path / "kmeans.json").read_text())["nmi"] == pytest.approx(ranks[0]["results"]["nmi"])
