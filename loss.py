@@ -189,7 +189,8 @@ class _BlockAssignments(torch.autograd.Function):
         n_views, batch_size, n_prototypes = student_logits.shape  # V, B, K
         n_blocks, block_size = partition.shape  # N_P, N_B
         kept = n_blocks * block_size  # K, or less when N_B does not divide K
-        # (B, N_P * N_B), block after block; a partition still on the CPU is copied without waiting
+        # (B, N_P * N_B), block after block. pretrain.py passes the partition on the device already
+        # (partition_for_step); one on the CPU is copied here.
         index = partition.to(student_logits.device, non_blocking=True).flatten().expand(batch_size, kept)
         blocks = student_logits.new_empty(batch_size, kept)  # one view's logits in block order, reused
 

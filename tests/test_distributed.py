@@ -81,6 +81,14 @@ def free_port():
         return s.getsockname()[1]
 
 
+def as_torchrun_process(rank, port):
+    """In a worker of run_processes: one thread, and the environment torchrun gives process `rank` of
+    WORLD_SIZE on this machine, with gloo on the CPU, which every machine has (CARP_DEVICE=cpu)."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD_SIZE), CARP_DEVICE="cpu")
+
+
 def run_processes(worker, out_dir, timeout_s=TIMEOUT_S):
     """worker(rank, port, out_dir) in WORLD_SIZE processes; a worker's exception fails the test with
     its traceback, and a hung collective fails it after timeout_s instead of hanging it."""

@@ -693,9 +693,8 @@ WORLD_SIZE = 2
 def _lowshot_worker(rank, port, out_dir):
     """One torchrun-like process (RANK, WORLD_SIZE, ... in the environment) running the default
     lowshot_linear end to end; it records which k-shot images (KShotViews positions) it loaded."""
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD_SIZE), CARP_DEVICE="cpu")  # gloo on the CPU, which every machine has
+    from test_distributed import as_torchrun_process
+    as_torchrun_process(rank, port)
     seen = []
     get = fewshot_eval.KShotViews.__getitem__
     fewshot_eval.KShotViews.__getitem__ = lambda self, i: (seen.append(i), get(self, i))[1]

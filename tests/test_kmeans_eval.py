@@ -4,7 +4,6 @@ Hungarian accuracy), main() against numbers derived by hand, the authors' defaul
 GTSRB, the note on a whole ImageNet train split), and a run end to end."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -477,9 +476,8 @@ def test_standardize_matches_float64_and_never_holds_a_float64_copy_of_the_featu
 def _kmeans_worker(rank, port, out_dir):
     """One torchrun-like process of kmeans_eval.py on synthetic images; it records whether it held
     each split's features."""
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2", CARP_DEVICE="cpu")  # gloo on the CPU, which every machine has
+    from test_distributed import as_torchrun_process
+    as_torchrun_process(rank, port)
     held, frozen = {}, kmeans_eval.frozen_features
 
     def recording(*args, **kwargs):
