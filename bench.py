@@ -81,6 +81,7 @@ import torch
 import torchvision.transforms as transforms_v1
 from PIL import Image, ImageFilter
 
+import backbones
 import cli
 import data
 import durable
@@ -237,7 +238,7 @@ def get_args(argv=None):
     if args.aug_images < 1 or min(args.aug_image_size) < 1:
         parser.error(f"--aug_images {args.aug_images} and --aug_image_size {args.aug_image_size} must be >= 1")
     try:
-        model.check_arch(args.arch)
+        backbones.check_arch(args.arch)
     except ValueError as e:
         parser.error(str(e))
     if args.batch_size_per_gpu < 2:
@@ -461,11 +462,11 @@ def measure_step(sizes, device, precision, seed, warmup, repeats, light=False):
     """Time and peak memory of one training step at `sizes` (a STEP_PRESETS dict) in `precision`
     (None: float32; torch.float16: with the gradient scaler; torch.bfloat16). light=True measures the
     step alone (the largest-batch search), without the backbones, the phases and the syncs."""
-    memory_format = model.preferred_memory_format(sizes["arch"], device)
+    memory_format = backbones.preferred_memory_format(sizes["arch"], device)
     torch.manual_seed(seed)
 
     def carp_network():
-        backbone = model.build_backbone(sizes["arch"])
+        backbone = backbones.build_backbone(sizes["arch"])
         head = model.CARPHead(backbone.embed_dim, sizes["out_dim"], use_bn=True, norm_last_layer=True,  # the paper's
                               hidden_dim=2048, bottleneck_dim=256)
         return model.MultiCropWrapper(backbone, head)
@@ -582,8 +583,8 @@ def bench_cpu_recipe(args):
                                             *args.recipe_flags.split()])
         pretrain.check_args(parser, recipe)
         device = args.device
-        memory_format = model.preferred_memory_format(recipe.arch, device)
-        sampler, loader, make_views = pretrain.data_and_views(recipe, 0, 1, device, memory_format)
+        memory_format = backbones.preferred_memory_format(recipe.arch, device)
+        sampler, loader, make_views = data.pretraining_data(recipe, 0, 1, device, memory_format)
 
         def epochs():  # the loader's batches, epoch after epoch, as pretrain.py reads them
             for epoch in itertools.count():

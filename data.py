@@ -553,6 +553,31 @@ class EpochSampler(torch.utils.data.DistributedSampler):
         return super().__len__() - self.skip
 
 
+def pretraining_data(args, rank, world_size, device, memory_format, worker_init_fn=None):
+    """pretrain.py's training set from its flags `args`: the sampler, the loader and make_views
+    (pretraining_views). The loader yields (images or views, seeds, bad_images): the views of image i
+    in epoch e are drawn from a generator seeded with view_seed(--seed, e, i), wherever and whenever
+    they are drawn."""
+    crops = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
+             args.local_crops_size)
+    augmentation, dataset_transform, make_views = pretraining_views(crops, args.batched_views, device, memory_format)
+    dataset = build_dataset(args.dataset, "pretrain", dataset_transform, args.data_path, args.download,
+                            args.synthetic_images, args.global_crops_size)
+    images = PretrainingImages(dataset, args.seed, augmentation, args.skip_bad_images)
+    # A seeded shuffle per epoch (also in one process), which a resume repeats and can start part-way.
+    sampler = EpochSampler(images, world_size, rank, args.seed)
+    loader = pretraining_loader(images, sampler, args.batch_size_per_gpu, args.num_workers, device,
+                                worker_init_fn)  # workers kept between epochs, pinned on CUDA
+    if len(loader) < args.gradient_accumulation_steps:
+        raise DataError(f"{len(dataset)} images cannot fill one optimizer step of {args.batch_size_per_gpu} images "
+                        f"x {world_size} processes x {args.gradient_accumulation_steps} accumulation steps; "
+                        f"use a smaller --batch_size_per_gpu or more data")
+    if rank == 0:
+        print(f"data: {len(dataset)} images of {args.dataset}, "
+              f"{len(loader) // args.gradient_accumulation_steps} optimizer steps per epoch")
+    return sampler, loader, make_views
+
+
 # ============ the synthetic dataset ============
 
 class SyntheticImages(torch.utils.data.Dataset):

@@ -22,7 +22,7 @@ from cli import auto_flag, bool_flag
 from data import DATASET_NAMES, INTERPOLATIONS, DataError, build_dataset, default_num_workers, eval_transform
 from distributed import all_gather, gather, is_initialized, is_main_process
 from durable import check_output_dir
-from model import build_backbone, use_small_image_stem
+from backbones import build_backbone, use_small_image_stem
 from run_folder import checkpoint_args, read_checkpoint, save_checkpoint
 
 
@@ -254,7 +254,7 @@ def load_backbone(path, arch="resnet50", small_image_stem="auto", checkpoint_key
     MODEL_FORMATS forces that release's layout. Architecture options stored in our (or the
     authors') checkpoints' `args` override the given ones so the weights fit. small_image_stem
     'auto' follows the checkpoint (its args, else the size of its first conv: 3 x 3 is the
-    small-image stem) and, for 'random', the evaluation `image_size` (model.use_small_image_stem).
+    small-image stem) and, for 'random', the evaluation `image_size` (backbones.use_small_image_stem).
     Missing and unexpected keys are printed; a file from which not a single backbone weight loads
     is an error, and so is a pre-activation ResNet.
     """

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from data import DataError, build_dataset, eval_transform
 from distributed import is_main_process
 from features import extract_features
-from model import SMALL_IMAGE_MAX_SIZE
+from backbones import SMALL_IMAGE_MAX_SIZE
 
 
 @torch.no_grad()

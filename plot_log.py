@@ -22,8 +22,8 @@ import os
 
 import cli
 from durable import durable_write
+from loss import COLLAPSE_THRESHOLD
 from run_folder import current_names
-from train_stats import COLLAPSE_THRESHOLD
 
 # The columns of the interval lines (one every --log_every optimizer steps), read against "step".
 STEP_KEYS = ("loss", "consistency", "uniformity", "prototypes_used", "block_entropy", "lr", "grad_norm")

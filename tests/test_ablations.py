@@ -10,6 +10,7 @@ import torch
 
 import loss
 import pretrain
+import run_folder
 from run_folder import current_names
 from test_pretrain import TINY, run_main
 
@@ -19,8 +20,8 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "docs" / "experiments.md"
 
 
 def changed_training_flags(argv, base_argv):
-    """The training flags (pretrain.training_flags) whose values differ between two command lines."""
-    args, base = (current_names(pretrain.training_flags(pretrain.get_args(a)[1])) for a in (argv, base_argv))
+    """The training flags (run_folder.training_flags) whose values differ between two command lines."""
+    args, base = (current_names(run_folder.training_flags(pretrain.get_args(a)[1])) for a in (argv, base_argv))
     return {k for k in set(args) | set(base) if args.get(k) != base.get(k)}
 
 
@@ -131,7 +132,7 @@ def collapse_run(tmp_path, capsys, *extra):
 
 
 def test_a_run_without_the_uniformity_term_warns_once_that_it_collapses(tmp_path, capsys):
-    """--uniformity_weight 0: the normalised block entropy falls below train_stats.COLLAPSE_THRESHOLD
+    """--uniformity_weight 0: the normalised block entropy falls below loss.COLLAPSE_THRESHOLD
     (0.5); the first log line below it is followed by one `collapse` event and one warning line naming
     the step, and the run goes on (no second warning while it stays below)."""
     lines, events, warnings = collapse_run(tmp_path, capsys, "--uniformity_weight", "0")
@@ -162,16 +163,16 @@ def test_ablation_flags_default_to_the_method_and_keep_default_run_folders():
     leave the name of a default run folder as it was before they existed; changed, they name another."""
     _, args = pretrain.get_args([])
     assert (args.fixed_partition, args.uniformity_weight, args.momentum_teacher_end) == (False, 1.0, 1.0)
-    flags = pretrain.training_flags(args)
+    flags = run_folder.training_flags(args)
     assert not set(ABLATION_FLAGS) & set(flags)
     # The default folders' names since before the ablation flags and the --block_size rename:
     before = "7bd19953"
-    assert args.output_dir == f"runs/imagefolder_resnet50_{before}" and pretrain.flags_digest(flags) == before
+    assert args.output_dir == f"runs/imagefolder_resnet50_{before}" and run_folder.flags_digest(flags) == before
     demo = pretrain.get_args(["--recipe", "cpu_small", "--dataset", "mnist5k"])[1]
     assert demo.output_dir == "runs/mnist5k_small_cnn_43f67548"
     for flag, value in (("fixed_partition", "true"), ("uniformity_weight", "0"), ("momentum_teacher_end", "0.99")):
         _, changed = pretrain.get_args([f"--{flag}", value])
-        assert pretrain.flags_digest(pretrain.training_flags(changed)) != before, flag
+        assert run_folder.flags_digest(run_folder.training_flags(changed)) != before, flag
 
 
 def test_the_readme_ablation_commands_change_only_their_rows_flags():
@@ -211,7 +212,7 @@ def test_the_readme_no_teacher_runs_at_45_epochs_change_only_the_momentum():
                 if line.startswith("python pretrain.py") and "_45_epochs_no_teacher" in line]
     assert len(commands) == 2
     for argv in commands:
-        args = pretrain.training_flags(pretrain.get_args(argv)[1])
+        args = run_folder.training_flags(pretrain.get_args(argv)[1])
         recipe = ["--recipe", "cpu_small", "--dataset", args["dataset"]] + (
             ["--data_path", args["data_path"]] if args.get("data_path") else [])
         assert changed_training_flags(argv, recipe) == {"momentum_teacher", "momentum_teacher_end"}, argv

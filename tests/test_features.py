@@ -11,6 +11,7 @@ import pytest
 import torch
 import torchvision
 
+import backbones
 import features
 import knn
 import model
@@ -21,7 +22,7 @@ from data import DataError, SyntheticImages, eval_transform
 def reference():
     """A ResNet-18 backbone with non-default weights and BN statistics, and its state dict."""
     torch.manual_seed(0)
-    backbone = model.build_backbone("resnet18")
+    backbone = backbones.build_backbone("resnet18")
     with torch.no_grad():
         for p in backbone.parameters():
             p.add_(torch.randn_like(p) * 0.01)
@@ -275,7 +276,7 @@ def seed_system_layouts(sd, small_sd):
 def small_reference():
     """A small-image-stem ResNet-18 (3x3 conv1, no max-pool) with non-default weights."""
     torch.manual_seed(2)
-    backbone = model.build_backbone("resnet18", small_image_stem=True)
+    backbone = backbones.build_backbone("resnet18", small_image_stem=True)
     return perturbed(backbone.state_dict(), 3)
 
 
@@ -522,7 +523,7 @@ def test_auto_stem_follows_the_first_conv_of_the_file_then_the_image_size(tmp_pa
     torch.manual_seed(0)
     for small in (True, False):
         path = str(tmp_path / f"small{small}.pth")
-        torch.save(model.build_backbone("resnet18", small_image_stem=small).state_dict(), path)
+        torch.save(backbones.build_backbone("resnet18", small_image_stem=small).state_dict(), path)
         for image_size in (32, 224):
             backbone = features.load_backbone(path, "resnet18", image_size=image_size)
             assert backbone.conv1.kernel_size == ((3, 3) if small else (7, 7))
@@ -572,7 +573,7 @@ def test_a_small_cnn_checkpoint_round_trips_through_every_evaluation_script(tmp_
     assert (args.dataset, args.image_size, args.synthetic_images) == ("synthetic", 16, 16)
     teacher = torch.load(path, weights_only=True)["teacher"]
     backbone = features.load_backbone(path, arch="resnet50")
-    assert isinstance(backbone, model.SmallCNN)
+    assert isinstance(backbone, backbones.SmallCNN)
     for key, value in backbone.state_dict().items():
         assert torch.equal(value, teacher[f"backbone.{key}"]), key
     assert "loaded 24/24 backbone tensors" in capsys.readouterr().out

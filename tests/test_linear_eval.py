@@ -11,9 +11,9 @@ import warnings
 import pytest
 import torch
 
+import backbones
 import features
 import linear_eval
-import model
 import optim
 from data import DataError
 
@@ -36,7 +36,7 @@ def weights_file(tmp_path):
     """A ResNet-18 state dict (torchvision layout) whose BatchNorm statistics are not the defaults
     0 / 1, so that any update of them by a forward pass in train() mode shows."""
     torch.manual_seed(0)
-    backbone = model.build_backbone("resnet18")
+    backbone = backbones.build_backbone("resnet18")
     with torch.no_grad():
         for name, buffer in backbone.named_buffers():
             if name.endswith("running_mean"):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import loss
 import plot_log
-import train_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -216,7 +216,7 @@ def test_knn_against_minutes_reads_the_time_of_each_line(tmp_path, run_dir, caps
 
 
 def test_the_collapse_threshold_is_drawn_where_the_run_warns(run_dir, tmp_path, monkeypatch):
-    """The block entropy panels draw train_stats.COLLAPSE_THRESHOLD, below which pretrain.py warns: at
+    """The block entropy panels draw loss.COLLAPSE_THRESHOLD, below which pretrain.py warns: at
     0.5 log 8 = 1.04 nats on one run's figure, at 0.5 on the comparison's fractions."""
     levels = {}
 
@@ -230,7 +230,7 @@ def test_the_collapse_threshold_is_drawn_where_the_run_warns(run_dir, tmp_path, 
     plot_log.draw(series, flags, "t", "one.png")
     plot_log.draw_runs([("a", series, flags), ("b", series, flags)], "compare.png")
     assert levels["one.png"] == pytest.approx([0.5 * LOG_8]) and levels["compare.png"] == pytest.approx([0.5])
-    assert train_stats.COLLAPSE_THRESHOLD == 0.5
+    assert loss.COLLAPSE_THRESHOLD == 0.5
 
 
 def test_a_resume_is_marked_on_every_panel_and_on_the_knn_panel_only_against_epochs(run_dir, monkeypatch):

@@ -11,14 +11,16 @@ import json
 import pytest
 import torch
 
+import backbones
 import loss
-import optim
 import model
+import optim
 import precision
 import pretrain
 from distributed import device_type
 from precision import autocast_dtype, autocast_for, gradient_scaler
-from model import CARPHead, MultiCropWrapper, SmallCNN
+from backbones import SmallCNN
+from model import CARPHead, MultiCropWrapper
 from train_stats import TrainStats
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(device_type() != "cuda",
@@ -40,7 +42,7 @@ def networks(n_prototypes, device, logit_scale=1.0):
             head.mlp[-1].weight.mul_(logit_scale)
         return MultiCropWrapper(SmallCNN(), head)
 
-    memory_format = model.preferred_memory_format("small_cnn", device)  # channels_last, as pretrain.py
+    memory_format = backbones.preferred_memory_format("small_cnn", device)  # channels_last, as pretrain.py
     student = network().to(device, memory_format=memory_format)
     teacher = network().to(device, memory_format=memory_format)
     model.start_teacher(student, teacher)

@@ -19,6 +19,7 @@ import data
 import knn_eval
 import pretrain
 import train_stats
+from cli import DataError
 from distributed import device_type
 from knn import KnnMonitor, knn_classify
 
@@ -223,7 +224,7 @@ def test_head_width_flags_shape_the_projector(tmp_path):
     assert shapes["head.mlp.0.weight"] == (24, 512) and shapes["head.mlp.3.weight"] == (24, 24)
     assert shapes["head.mlp.6.weight"] == (8, 24)
     assert shapes["head.last_layer.parametrizations.weight.original1"] == (32, 8)
-    with pytest.raises(pretrain.DataError, match="--hidden_dim 24 \\(now 2048\\)"):
+    with pytest.raises(DataError, match="--hidden_dim 24 \\(now 2048\\)"):
         pretrain.main(TINY + ["--output_dir", str(tmp_path), "--epochs", "2", "--bottleneck_dim", "8"])
 
 
@@ -265,7 +266,7 @@ def test_a_checkpoint_in_the_layout_before_the_renames_resumes_exactly(tmp_path)
 def test_resuming_with_another_architecture_is_refused(tmp_path):
     """Resuming with a different --out_dim would load mismatched weights: refused, with the flag named."""
     run_main(tmp_path, "--epochs", "1")
-    with pytest.raises(pretrain.DataError, match="--out_dim 32"):
+    with pytest.raises(DataError, match="--out_dim 32"):
         pretrain.main(TINY + ["--output_dir", str(tmp_path), "--epochs", "2", "--out_dim", "64"])
 
 
@@ -492,7 +493,7 @@ def test_the_loader_keeps_its_workers_between_epochs_and_pins_batches_for_a_gpu(
     processes serve two epochs, each in its sampler's order."""
     parser, args = pretrain.get_args(TINY + ["--num_workers", "2", "--output_dir", str(tmp_path)])
     pretrain.check_args(parser, args)
-    sampler, loader, _ = pretrain.data_and_views(args, 0, 1, torch.device("cpu"), torch.contiguous_format)
+    sampler, loader, _ = data.pretraining_data(args, 0, 1, torch.device("cpu"), torch.contiguous_format)
     assert (loader.persistent_workers, loader.pin_memory, loader.drop_last, loader.num_workers) == (True, False, True, 2)
     seeds, workers = [], []
     try:

@@ -14,7 +14,7 @@ from PIL import Image
 import data
 import retrieval_eval as R
 from data import IMAGENET_MEAN, IMAGENET_STD, DataError
-from model import build_backbone
+from backbones import build_backbone
 
 RANDOM = ["--pretrained_weights", "random", "--arch", "resnet18", "--num_workers", "0", "--batch_size_per_gpu", "16"]
 

@@ -11,7 +11,8 @@ import torch.nn as nn
 import optim
 import model
 import pretrain
-from model import CARPHead, MultiCropWrapper, SmallCNN
+from backbones import SmallCNN
+from model import CARPHead, MultiCropWrapper
 
 
 def one_weight(value, grad):

@@ -24,7 +24,8 @@ import checkpointing
 import data
 import pretrain
 import train_stats
-from model import CARPHead, MultiCropWrapper, SmallCNN
+from backbones import SmallCNN
+from model import CARPHead, MultiCropWrapper
 
 EPS = torch.finfo(torch.float32).eps
 K, N_B, IMAGES, BATCH, SIZE, LOCAL_SIZE, M = 32, 8, 16, 4, 16, 8, 1  # M local views: V = 3 student views
