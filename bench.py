@@ -34,8 +34,8 @@
    Not part of the default sections (about a minute on 2 cores).
 5. checkpoint: the size of a pretraining run's checkpoint.pth at the step's sizes and the time of
    one durable write (run_folder.save_checkpoint), into --checkpoint_dir.
-6. precision: the first --precision_epochs epochs of the demo's recipe (pretrain.CPU_RECIPE, its
-   45-epoch schedules) run by pretrain.py in float32, bf16 and fp16 (--use_fp16 true: the scaler
+6. precision: the first --precision_epochs epochs of the 45-epoch CPU recipe (pretrain.CPU_RECIPE_45EP,
+   its schedules) run by pretrain.py in float32, bf16 and fp16 (--use_fp16 true: the scaler
    too, slow on most CPUs), the teacher's k-NN after every epoch: does the paper's precision learn
    as float32 does?
 7-12. gpu, the GPU check (docs/performance.md): the CUDA tests (cuda_tests); the paper's step in
@@ -716,7 +716,8 @@ LEARNING_RECIPES = {
 DRY_PRETRAIN = ("--arch small_cnn --hidden_dim 64 --bottleneck_dim 32 --out_dim 256 --block_size 16 "
                 "--global_crops_size 16 --local_crops_size 8 --local_crops_number 2 --batch_size_per_gpu 8 "
                 "--num_workers 0 --knn_every 1 --epochs 2")
-PRECISION_FLAGS = {"float32": ["--use_fp16", "false"], "fp16": ["--use_fp16", "true"], "bf16": ["--use_bf16", "true"]}
+PRECISION_FLAGS = {"float32": ["--use_fp16", "false", "--use_bf16", "false"], "fp16": ["--use_fp16", "true", "--use_bf16", "false"],
+                   "bf16": ["--use_bf16", "true"]}
 
 
 class Log:
@@ -878,15 +879,15 @@ def read_pretrain_log(path, epochs=None):
             "images_per_s": statistics.median(speeds) if speeds else None, "last_epoch": last_epoch}
 
 
-# ---- 6. precision: the demo's recipe in float32, bf16 and fp16 ----
+# ---- 6. precision: the 45-epoch CPU recipe in float32, bf16 and fp16 ----
 
 def bench_precision(args, log):
-    """The first --precision_epochs epochs of the demo's recipe (pretrain.CPU_RECIPE, its 45-epoch
+    """The first --precision_epochs epochs of the 45-epoch CPU recipe (pretrain.CPU_RECIPE_45EP, its
     schedules) in each of --precisions, the teacher's k-NN after every epoch."""
     with digits_dataset(args) as (dataset_flags, dataset):
         results = {"dataset": dataset, "epochs": args.precision_epochs}
         for name in args.precisions:
-            flags = [*pretrain.CPU_RECIPE.split(), *dataset_flags, "--knn_every", "1", *PRECISION_FLAGS[name]]
+            flags = [*pretrain.CPU_RECIPE_45EP.split(), *dataset_flags, "--knn_every", "1", *PRECISION_FLAGS[name]]
             flags += DRY_PRETRAIN.split() if args.dry_run else []
             results[name] = run_pretrain(flags, os.path.join(args.output_dir, "precision", name), log,
                                          epochs=args.precision_epochs)

@@ -168,8 +168,11 @@ def test_ablation_flags_default_to_the_method_and_keep_default_run_folders():
     # The default folders' names since before the ablation flags and the --block_size rename:
     before = "7bd19953"
     assert args.output_dir == f"runs/imagefolder_resnet50_{before}" and run_folder.flags_digest(flags) == before
+    # Runs of the 45-epoch CPU recipe keep the folder they resume in; the demo's recipe names its own.
+    old_demo = pretrain.get_args(["--recipe", "cpu_small_45ep", "--dataset", "mnist5k"])[1]
+    assert old_demo.output_dir == "runs/mnist5k_small_cnn_43f67548"
     demo = pretrain.get_args(["--recipe", "cpu_small", "--dataset", "mnist5k"])[1]
-    assert demo.output_dir == "runs/mnist5k_small_cnn_43f67548"
+    assert demo.output_dir == "runs/mnist5k_small_cnn_bb4552ce"
     for flag, value in (("fixed_partition", "true"), ("uniformity_weight", "0"), ("momentum_teacher_end", "0.99")):
         _, changed = pretrain.get_args([f"--{flag}", value])
         assert run_folder.flags_digest(run_folder.training_flags(changed)) != before, flag
@@ -177,10 +180,10 @@ def test_ablation_flags_default_to_the_method_and_keep_default_run_folders():
 
 def test_the_readme_ablation_commands_change_only_their_rows_flags():
     """Every `ablate DATASET ROW SEED FLAGS` line of docs/experiments.md parses, and its training flags
-    differ from the method row's (the demo recipe at 10 epochs) exactly in the flags the line gives."""
+    differ from the method row's (the 45-epoch CPU recipe at 10 epochs) exactly in the flags the line gives."""
     lines = re.findall(r"^  ablate \$dataset (\w+) \$seed ?(.*)$", EXPERIMENTS.read_text(), flags=re.MULTILINE)
     assert len(lines) == 10 and lines[0] == ("method", "")
-    base = ["--recipe", "cpu_small", "--dataset", "mnist5k", "--epochs", "10", "--seed", "0"]
+    base = ["--recipe", "cpu_small_45ep", "--dataset", "mnist5k", "--epochs", "10", "--seed", "0"]
     for row, flags in lines[1:]:
         given = {flag.lstrip("-") for flag in flags.split() if flag.startswith("--")}
         assert changed_training_flags(base + flags.split(), base) == given, row
@@ -188,13 +191,13 @@ def test_the_readme_ablation_commands_change_only_their_rows_flags():
 
 def test_the_readme_longer_runs_are_the_demo_recipe_with_only_more_epochs():
     """The loop of longer runs in docs/experiments.md parses for each of its epochs; each run's
-    training flags are those of the demo recipe on its dataset but for --epochs (none at 45, the demo's), and its
+    training flags are those of the 45-epoch CPU recipe on its dataset but for --epochs (none at 45), and its
     10-epoch runs are the `method` rows of the ablations (seed 0), whose numbers it reuses."""
     loop = re.search(r"^for epochs in ([\d ]+); do\n(.*?)^done$", EXPERIMENTS.read_text(), flags=re.MULTILINE | re.DOTALL)
     assert loop and loop.group(1).split() == ["10", "45", "90", "180"]
     commands = [line.split("pretrain.py", 1)[1] for line in loop.group(2).replace("\\\n", " ").splitlines()]
-    recipes = [["--recipe", "cpu_small", "--dataset", "mnist5k"],
-               ["--recipe", "cpu_small", "--dataset", "imagefolder", "--data_path", "data/photo_patches"]]
+    recipes = [["--recipe", "cpu_small_45ep", "--dataset", "mnist5k"],
+               ["--recipe", "cpu_small_45ep", "--dataset", "imagefolder", "--data_path", "data/photo_patches"]]
     assert len(commands) == 2
     for epochs in loop.group(1).split():
         for command, recipe in zip(commands, recipes):
@@ -205,7 +208,7 @@ def test_the_readme_longer_runs_are_the_demo_recipe_with_only_more_epochs():
 
 
 def test_the_readme_no_teacher_runs_at_45_epochs_change_only_the_momentum():
-    """The two no-teacher runs at the demo's length in docs/experiments.md are the demo recipe on their
+    """The two no-teacher runs at 45 epochs in docs/experiments.md are the 45-epoch CPU recipe on their
     datasets with the teacher's momentum at 0 and nothing else changed."""
     commands = [line.split("pretrain.py", 1)[1].split("#")[0].split()
                 for line in EXPERIMENTS.read_text().replace("\\\n", " ").splitlines()
@@ -213,32 +216,37 @@ def test_the_readme_no_teacher_runs_at_45_epochs_change_only_the_momentum():
     assert len(commands) == 2
     for argv in commands:
         args = run_folder.training_flags(pretrain.get_args(argv)[1])
-        recipe = ["--recipe", "cpu_small", "--dataset", args["dataset"]] + (
+        recipe = ["--recipe", "cpu_small_45ep", "--dataset", args["dataset"]] + (
             ["--data_path", args["data_path"]] if args.get("data_path") else [])
         assert changed_training_flags(argv, recipe) == {"momentum_teacher", "momentum_teacher_end"}, argv
         assert args["momentum_teacher"] == args["momentum_teacher_end"] == 0
 
 
-def test_the_momentum_commands_are_the_demo_recipe_in_bf16_at_70_epochs_with_their_rows_flags():
-    """docs/experiments.md's runs of the teacher's momentum: the function's command is the demo recipe
-    on each dataset with only --use_bf16 auto and --epochs 70 changed (and the seed), and every
-    `momentum DATASET ROW SEED FLAGS` line changes the teacher's momentum (and its lr row the lr) and
-    nothing else."""
+def test_the_sweep_commands_are_the_45_epoch_recipe_in_bf16_at_70_epochs_and_its_last_row_is_the_demo_recipe():
+    """docs/experiments.md's sweep of the CPU recipe: the function's command is cpu_small_45ep on each
+    dataset with only --use_bf16 auto and --epochs 70 changed (and the seed); every `sweep DATASET ROW
+    SEED FLAGS` line changes the teacher's momentum, and only its own flags among the teacher's momentum
+    and the learning rate's (--lr, --min_lr); and the row the sweep picked is exactly --recipe cpu_small."""
     text = EXPERIMENTS.read_text()
-    command = re.search(r"^momentum\(\) \{.*?^  python pretrain\.py (.*?)$", text, flags=re.MULTILINE | re.DOTALL).group(1)
+    command = re.search(r"^sweep\(\) \{.*?^  python pretrain\.py (.*?)$", text, flags=re.MULTILINE | re.DOTALL).group(1)
     recipes = {"mnist5k": ["--dataset", "mnist5k"],
                "photo_patches": ["--dataset", "imagefolder", "--data_path", "data/photo_patches"]}
-    lines = re.findall(r"^  momentum \$dataset (\w+) \$seed (.*)$", text, flags=re.MULTILINE)
-    assert len(lines) >= 5 and lines[0] == ("m099_1", "--momentum_teacher 0.99")  # the recipe's own schedule first
+    lines = re.findall(r"^  sweep \$dataset (\w+) \$seed (.*)$", text, flags=re.MULTILINE)
+    assert len(lines) == 9 and lines[0] == ("m099_1", "--momentum_teacher 0.99")  # cpu_small_45ep's own schedule first
+    assert lines[-1][0] == "flat_lr004"
     for dataset, data in recipes.items():
         for seed in ("0", "1"):
-            argv = (command.replace('"runs/momentum/$dataset/${row}_seed$seed"', "runs/x")
+            argv = (command.replace('"runs/sweep/$dataset/${row}_seed$seed"', "runs/x")
                     .replace("$data", " ".join(data)).replace('"$seed"', seed).replace('"$@"', "")).split()
-            recipe = ["--recipe", "cpu_small", *data]
+            recipe = ["--recipe", "cpu_small_45ep", *data]
             assert changed_training_flags(argv, recipe) == {"use_bf16", "epochs"} | ({"seed"} if seed == "1" else set())
-            assert changed_training_flags(argv + lines[0][1].split(), argv) == set()  # 0.99 -> 1: the recipe's
+            assert changed_training_flags(argv + lines[0][1].split(), argv) == set()  # 0.99 -> 1: cpu_small_45ep's
             for row, flags in lines[1:]:
                 changed = changed_training_flags(argv + flags.split(), argv)
+                given = {flag.lstrip("-") for flag in flags.split() if flag.startswith("--")}
                 assert changed & {"momentum_teacher", "momentum_teacher_end"}, row
-                assert changed <= {"momentum_teacher", "momentum_teacher_end", "lr"}, row
-                assert ("lr" in changed) == ("--lr" in flags), row
+                assert changed <= {"momentum_teacher", "momentum_teacher_end", "lr", "min_lr"} and changed <= given, row
+                assert given - changed <= {"momentum_teacher"}, row  # 0.99 given again is no change
+            picked = argv + lines[-1][1].split()
+            demo = ["--recipe", "cpu_small", *data, "--seed", seed]
+            assert changed_training_flags(picked, demo) == set(), (dataset, seed)

@@ -281,7 +281,9 @@ def test_the_readme_demo_and_the_help_run_the_cpu_recipe():
     assert "--recipe cpu_small --dataset mnist5k" in parser.format_help()
     assert f"cpu_small: {pretrain.CPU_RECIPE}" in " ".join(parser.format_help().split())
     _, args = pretrain.get_args(["--recipe", "cpu_small", "--dataset", "mnist5k"])
-    assert (args.arch, args.batched_views, args.optimizer, args.epochs) == ("small_cnn", True, "adamw", 45)
+    assert (args.arch, args.batched_views, args.optimizer, args.epochs, args.use_bf16) == ("small_cnn", True, "adamw", 70, "auto")
+    # --min_lr, not scaled, equals the scaled peak: the learning rate stays at its peak after the warm-up
+    assert args.min_lr == args.lr * args.batch_size_per_gpu / 256 and args.momentum_teacher == args.momentum_teacher_end
 
 
 # ---------------------------------------------------------------- bad input, as a user sees it ----
