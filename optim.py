@@ -71,7 +71,8 @@ def cosine_schedule(base_value, final_value, epochs, steps_per_epoch, warmup_epo
     As DINO's, the cosine's T steps never reach final_value: the last value falls short of it by
     (base_value - final_value) (1 - cos(pi / T)) / 2, about (base_value - final_value) (pi / T)^2 / 4.
     For the teacher momentum 0.99 -> 1 over the 1,395 steps of --recipe cpu_small_45ep the last is
-    1 - 1.3e-8: the EMA never stops."""
+    1 - 1.3e-8: the schedule never reaches 1, though so close to it 1 - m is below float32's
+    resolution and the last steps barely move float32 weights."""
     warmup_steps = warmup_epochs * steps_per_epoch
     warmup = np.linspace(start_warmup_value, base_value, warmup_steps)
     steps = np.arange(max(0, epochs * steps_per_epoch - warmup_steps))

@@ -313,13 +313,14 @@ def train_one_epoch(args, epoch, first_step, student, teacher, optimizer, scaler
     """The optimizer steps of one epoch from `first_step` (a global step: the epoch's first, or the
     next one after a resume within the epoch); returns the epoch's mean statistics (TrainStats).
 
-    Under torchrun a step's collectives are: at every forward pass, DDP's broadcast of the student's
-    BatchNorm buffers from process 0 (DDP's default) and, on GPUs, SyncBatchNorm's batch statistics
-    (student and teacher; the student's in backward too), then the loss's all-reduce of the blocks'
-    sums and, in backward, of their gradient (loss.py says why the step's gradient is exact); at the
-    last forward pass of a step, DDP's all-reduce of the gradients; after the step, the all-reduce of a
-    stop signal (checkpointing.StopRequest). A log line all-reduces its statistics (train_stats.py) and
-    a checkpoint gathers every process's RNG state."""
+    Under torchrun a step's collectives are: at its first forward pass (every one without accumulation:
+    DDP syncs buffers only after a forward pass that synchronised gradients), DDP's broadcast of the
+    student's BatchNorm buffers from process 0; at every forward pass, on GPUs, SyncBatchNorm's batch
+    statistics (student and teacher; the student's in backward too), then the loss's all-reduce of the
+    blocks' sums and, in backward, of their gradient (loss.py says why the step's gradient is exact);
+    at the last forward pass of a step, DDP's all-reduce of the gradients; after the step, the
+    all-reduce of a stop signal (checkpointing.StopRequest). A log line all-reduces its statistics
+    (train_stats.py) and a checkpoint gathers every process's RNG state."""
     lr_schedule, wd_schedule, momentum_schedule = schedules
     accumulation = args.gradient_accumulation_steps
     steps_per_epoch = len(lr_schedule) // args.epochs
