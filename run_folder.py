@@ -202,8 +202,10 @@ METHOD_VALUES = {"fixed_partition": False, "uniformity_weight": 1.0, "momentum_t
 
 def training_flags(args):
     """The flags that decide what a run learns (all but NOT_TRAINING, and the ablation flags at the
-    method's values), N_B under its first name: the name of a default folder stays what it was."""
-    return {{"block_size": "partition_size"}.get(k, k): v for k, v in vars(args).items()
+    method's values), renamed flags under their first names (RENAMED_FLAGS): the name of a default
+    folder stays what it was."""
+    first_names = {new: old for old, new in RENAMED_FLAGS.items()}
+    return {first_names.get(k, k): v for k, v in vars(args).items()
             if k not in NOT_TRAINING and not (k in METHOD_VALUES and v == METHOD_VALUES[k])}
 
 
