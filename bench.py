@@ -716,7 +716,8 @@ LEARNING_RECIPES = {
 DRY_PRETRAIN = ("--arch small_cnn --hidden_dim 64 --bottleneck_dim 32 --out_dim 256 --block_size 16 "
                 "--global_crops_size 16 --local_crops_size 8 --local_crops_number 2 --batch_size_per_gpu 8 "
                 "--num_workers 0 --knn_every 1 --epochs 2")
-PRECISION_FLAGS = {"float32": ["--use_fp16", "false", "--use_bf16", "false"], "fp16": ["--use_fp16", "true", "--use_bf16", "false"],
+PRECISION_FLAGS = {"float32": ["--use_fp16", "false", "--use_bf16", "false"],
+                   "fp16": ["--use_fp16", "true", "--use_bf16", "false"],
                    "bf16": ["--use_bf16", "true"]}
 
 

@@ -57,16 +57,16 @@ paper's 2 + 6. The shared shift grows unless the teacher lags enough (teacher sh
 V^2 / (V^2 + 2V + 4) of the student's: 1/3 with 2 views, 0.76 with 8), which is what multi-crop
 and a slow teacher (momentum 0.99 -> 1) buy.
 
-Everything here is plain tensor code; under torchrun the loss makes two collectives (the whole step's
-are listed in pretrain.train_one_epoch), both in global_mean, the identity when no process group is
-initialised (so the loss runs and tests the same in one process): the forward pass all-reduces the block sums into the global marginal pbar_b, and the
-backward pass all-reduces the gradient of those sums. Both run at every forward pass, micro-steps of
-gradient accumulation included (DDP's no_sync holds back only its own averaging). Why the second
-makes the step exact: every process
-computes the same L_H from the same pbar_b, and DDP averages the parameter gradients over the W
-processes, i.e. divides their sum by W. L_c is a mean over each process's own images, so that
-average is the mean over the global batch. L_H is one term of the global batch: the gradient that
-reaches a process's assignments must be the sum over processes of dL_H / dpbar_b (W times one
+Everything here is plain tensor code; under torchrun the loss makes two collectives (the whole
+step's are listed in pretrain.train_one_epoch), both in global_mean, the identity when no process
+group is initialised (so the loss runs and tests the same in one process): the forward pass
+all-reduces the block sums into the global marginal pbar_b, and the backward pass all-reduces the
+gradient of those sums. Both run at every forward pass, micro-steps of gradient accumulation
+included (DDP's no_sync holds back only its own averaging). Why the second makes the step exact:
+every process computes the same L_H from the same pbar_b, and DDP averages the parameter gradients
+over the W processes, i.e. divides their sum by W. L_c is a mean over each process's own images, so
+that average is the mean over the global batch. L_H is one term of the global batch: the gradient
+that reaches a process's assignments must be the sum over processes of dL_H / dpbar_b (W times one
 process's), so that DDP's division by W leaves it once. Together the W processes take exactly the
 gradient of one process on the concatenated batch (tests/test_distributed.py), given BatchNorm
 layers that normalise over it too: SyncBatchNorm on GPUs; on CPUs each process normalises its own.
@@ -83,11 +83,12 @@ EPS = torch.finfo(torch.float32).eps  # NOTE(paper): eps is float32 machine epsi
 # Collapse: the views of all images assigned to the same few prototypes. It shows in the normalised
 # block entropy, H(pbar_b) / log N_B averaged over the blocks = (log N_B - L_H) / log N_B, from the L_H
 # of every forward pass since the last log line (the pbar_b above: all views, all processes; 1: every
-# prototype of a block used equally by the batch; 0: one prototype takes every view). Below this threshold a block's batch
-# marginal is as concentrated as an even use of N_B ** 0.5 of its N_B prototypes (8 of 64, 23 of 512):
-# the uniformity term has lost. The healthy CPU demo stays above 0.96; its --uniformity_weight 0
-# ablation, which collapses onto 2 to 16 of its 1,024 prototypes, falls to 0.15-0.35. train_stats.py logs
-# it with every log line, warns and logs a `collapse` event below this; plot_log.py draws it.
+# prototype of a block used equally by the batch; 0: one prototype takes every view). Below this
+# threshold a block's batch marginal is as concentrated as an even use of N_B ** 0.5 of its N_B
+# prototypes (8 of 64, 23 of 512): the uniformity term has lost. The healthy CPU demo stays above 0.96;
+# its --uniformity_weight 0 ablation, which collapses onto 2 to 16 of its 1,024 prototypes, falls to
+# 0.15-0.35. train_stats.py logs it with every log line, warns and logs a `collapse` event below this;
+# plot_log.py draws it.
 COLLAPSE_THRESHOLD = 0.5
 
 

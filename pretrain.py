@@ -355,7 +355,8 @@ def train_one_epoch(args, epoch, first_step, student, teacher, optimizer, scaler
         if (step + 1 - epoch * steps_per_epoch) % args.log_every == 0 or step == last_step:
             # Below loss.COLLAPSE_THRESHOLD the line comes with a `collapse` event and a one-line warning
             # (again only after a rise above it); the run goes on. A NaN or infinite loss stops it here.
-            stats.log_interval(epoch=epoch, lr=lr_schedule[step], wd=wd_schedule[step], momentum=momentum_schedule[step])
+            stats.log_interval(epoch=epoch, lr=lr_schedule[step], wd=wd_schedule[step],
+                               momentum=momentum_schedule[step])
         if step < last_step:  # (the epoch's end is main's: summary, monitor, checkpoint)
             if args.checkpoint_every_steps and (step + 1) % args.checkpoint_every_steps == 0:
                 checkpoint.save(step + 1)
